@@ -91,3 +91,28 @@ def test_center_view_and_normalisation():
 def test_view_config_errors(kwargs):
     with pytest.raises(ValueError):
         ViewConfig(**kwargs)
+
+
+def test_digits_shards_are_img2dataset_style_and_split_is_disjoint(tmp_path):
+    import tarfile
+
+    from uta_core.digits import CLASS_NAMES, write_digits_splits
+
+    splits = write_digits_splits(tmp_path, size=16, samples_per_shard=100, limit=300)
+    keys = {}
+    for name, paths in splits.items():
+        keys[name] = set()
+        for path in paths:
+            with tarfile.open(path) as tar:
+                members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+            for member, data in members.items():
+                key, ext = member.split(".")
+                keys[name].add(key)
+                if ext == "txt":
+                    label = int(members[f"{key}.cls"])
+                    assert data.decode() == f"a photo of the digit {CLASS_NAMES[label]}"
+                if ext == "png":
+                    assert decode_image(data).size == (16, 16)
+    assert len(keys["train"]) + len(keys["heldout"]) == 300
+    assert not keys["train"] & keys["heldout"]
+    assert 50 <= len(keys["heldout"]) <= 70

@@ -1,0 +1,80 @@
+"""Search-space YAML: distributions, grid size, strict validation."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from uta_core.search_space import load_search_space
+
+
+@dataclass(kw_only=True)
+class Mask:
+    strategy: str = "random"
+    mask_ratio: float = 0.5
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass(kw_only=True)
+class Train:
+    mask: Mask = field(default_factory=Mask)
+    lr: float = 1e-3
+    steps: int = 10
+
+
+def write(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_crossed_and_fixed(tmp_path):
+    space = load_search_space(write(tmp_path, """
+metric: loss
+mode: min
+num_samples: 2
+fixed: {steps: 5}
+params:
+  mask.strategy: {grid: [random, block]}
+  mask.mask_ratio: {grid: [0.4, 0.5, 0.75]}
+  lr: {loguniform: [1.0e-4, 1.0e-2]}
+"""))
+    assert space.grid_size == 6 and space.num_trials == 12
+    examples = space.example_overrides()
+    assert len(examples) == 6
+    assert examples[0] == ["steps=5", "mask.strategy=random", "mask.mask_ratio=0.4", "lr=0.0001"]
+    space.validate_against(Train, {})
+
+
+@pytest.mark.parametrize("params, match", [
+    ("{lr: {normal: [0, 1]}}", "unknown distribution 'normal'"),
+    ("{lr: {uniform: [1, 0]}}", "low < high"),
+    ("{lr: {loguniform: [0, 1]}}", "low > 0"),
+    ("{lr: {grid: []}}", "non-empty list"),
+    ("{lr: 0.1}", "must be one of"),
+    ("{}", "params is empty"),
+])
+def test_bad_distributions(tmp_path, params, match):
+    with pytest.raises(ValueError, match=match):
+        load_search_space(write(tmp_path, f"params: {params}\n"))
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'metrics'"):
+        load_search_space(write(tmp_path, "metrics: loss\nparams: {lr: {grid: [1]}}\n"))
+
+
+def test_space_that_does_not_fit_the_config_is_refused(tmp_path):
+    bad_key = load_search_space(write(tmp_path, "params: {mask.ratio: {grid: [0.5]}}\n"))
+    with pytest.raises(ValueError, match="unknown config key 'mask.ratio'"):
+        bad_key.validate_against(Train, {})
+    bad_value = load_search_space(write(tmp_path, "params: {mask.mask_ratio: {grid: [0.5, 1.0]}}\n"))
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        bad_value.validate_against(Train, {})
+
+
+def test_fixed_and_params_clash(tmp_path):
+    with pytest.raises(ValueError, match="both in fixed and in params"):
+        load_search_space(write(tmp_path, "fixed: {lr: 1}\nparams: {lr: {grid: [1, 2]}}\n"))
