@@ -45,7 +45,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # a missing or null (optional) section: the override creates it
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
             node = child

@@ -1,0 +1,421 @@
+"""The end-to-end demo: a student that classifies zero-shot without ever seeing a caption.
+
+    ./uta demo                        # the README's main command (python pipelines/demo.py)
+    ./uta demo --fast                 # the CI budget (configs/demo_fast.yaml on top)
+    ./uta demo student.train.max_steps=800 out=outputs/demo2
+
+On real images (scikit-learn's digits, shipped with the package), in one local Ray:
+1. write train / held-out WebDataset shards with captions ("a photo of the digit seven");
+2. train a small CLIP teacher on the train split with its captions (pipelines/contrastive.py);
+3. cache the teacher's projected tokens for the train images (pipelines/cache_teacher.py);
+4. pre-train a UTA student from the cache: train images only, no captions (pipelines/pretrain.py);
+5. zero-shot on the held-out split with the teacher's text tower: the teacher, the UTA
+   student and an untrained student of the same architecture (pipelines/evaluate.py);
+6. print the table, the MLflow runs and the command that opens the MLflow UI.
+
+The sections ``teacher``, ``cache`` and ``student`` of configs/demo.yaml are overrides of
+each pipeline's own default config; the demo sets the paths that connect the stages.
+Every invocation writes a fresh ``<out>/runs/<timestamp>/``; MLflow (``<out>/mlflow.db``)
+keeps the runs of all invocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray
+import torch
+import yaml
+
+from pipelines import cache_teacher, contrastive, evaluate, pretrain
+from pipelines.common import cluster_resources, init_ray
+from pipelines.train_loop import load_state
+from uta_core import tracking
+from uta_core.cache_job import CacheConfig
+from uta_core.config import apply_overrides, from_dict, to_dict
+from uta_core.contrastive import ContrastiveJobConfig, zeroshot_top1
+from uta_core.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
+from uta_core.export import export_student
+from uta_core.pretrain_config import PretrainConfig
+from uta_core.shards import InputConfig
+from uta_core.storage import S3Options
+from uta_core.student import student_from_config
+from uta_core.student_eval import load_classifier
+from uta_core.teacher import Teacher, TeacherConfig
+from uta_core.tracking import TrackingConfig
+from uta_core.train_data import load_eval_set
+
+log = logging.getLogger("uta.demo")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIGS / "demo.yaml"
+FAST_CONFIG = CONFIGS / "demo_fast.yaml"
+STAGE_DEFAULTS = {
+    "teacher": CONFIGS / "contrastive_digits_teacher.yaml",
+    "cache": CONFIGS / "cache_teacher_local.yaml",
+    "student": CONFIGS / "pretrain_local.yaml",
+}
+
+
+# --------------------------------------------------------------------- config
+@dataclass(kw_only=True)
+class DigitsConfig:
+    size: int = 32
+    heldout_fraction: float = 0.2
+    samples_per_shard: int = 256
+    seed: int = 0
+    limit: int | None = None  # cap on images (of 1,797) before the split
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction={self.heldout_fraction} must lie in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class Expectation:
+    """The claim the demo checks and prints a verdict on (it does not change the exit code)."""
+
+    min_ratio: float = 0.95  # UTA student / teacher zero-shot top-1
+    max_control: float = 0.25  # the untrained student stays near chance (10%)
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    out: str = "outputs/demo"
+    ray_cpus: int = 3  # logical CPUs of the local Ray: training workers + one for Ray Data
+    experiment: str = "uta-demo"
+    tracking_uri: str | None = None  # None: sqlite:///<out>/mlflow.db
+    control_seed: int = 1234
+    digits: DigitsConfig = field(default_factory=DigitsConfig)
+    teacher: dict[str, Any] = field(default_factory=dict)  # overrides of contrastive_digits_teacher.yaml
+    cache: dict[str, Any] = field(default_factory=dict)  # overrides of cache_teacher_local.yaml
+    student: dict[str, Any] = field(default_factory=dict)  # overrides of pretrain_local.yaml
+    expect: Expectation = field(default_factory=Expectation)
+
+    def __post_init__(self) -> None:
+        if self.ray_cpus < 2:
+            raise ValueError(f"ray_cpus={self.ray_cpus} must be >= 2: a training worker and a Ray Data task")
+
+
+def load_demo_config(path: Path, fast: bool, overrides: list[str]) -> DemoConfig:
+    data = yaml.safe_load(path.read_text()) or {}
+    if fast:
+        data = deep_merge(data, yaml.safe_load(FAST_CONFIG.read_text()) or {})
+    return from_dict(DemoConfig, apply_overrides(data, overrides))
+
+
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def stage_config(cls: type, stage: str, wiring: Mapping[str, Any], user: Mapping[str, Any]):
+    """A stage's default YAML, then the demo's wiring (paths between stages), then the user's section."""
+    data = yaml.safe_load(STAGE_DEFAULTS[stage].read_text()) or {}
+    try:
+        return from_dict(cls, deep_merge(deep_merge(data, wiring), user))
+    except ValueError as err:
+        raise ValueError(f"{stage}: {err}") from None
+
+
+# --------------------------------------------------------------------- stages
+@dataclass(kw_only=True)
+class Paths:
+    work: Path
+    tracking_uri: str
+    student_run: str = "demo-student"  # the pretrain run.name (its export is <work>/<run.name>/export)
+
+    @property
+    def digits(self) -> Path:
+        return self.work / "digits"
+
+    @property
+    def cache(self) -> Path:
+        return self.work / "cache"
+
+    @property
+    def classifier(self) -> Path:
+        return self.work / "classifier.pt"
+
+    @property
+    def student_export(self) -> Path:
+        return self.work / self.student_run / "export"
+
+
+def _tracking(cfg: DemoConfig, paths: Paths, run_name: str) -> dict[str, Any]:
+    return {"tracking_uri": paths.tracking_uri, "experiment": cfg.experiment, "run_name": run_name}
+
+
+def teacher_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> ContrastiveJobConfig:
+    wiring = {
+        "cluster": {"num_workers": 1, "cpus_per_worker": worker_cpus},
+        "data": {"input": {"paths": [str(paths.digits / "train")]}},
+        "eval": {"input": {"paths": [str(paths.digits / "heldout")]},
+                 "classnames": list(CLASS_NAMES), "templates": list(TEMPLATES)},
+        "run": {"name": "demo-teacher", "storage_path": str(paths.work)},
+        "tracking": _tracking(cfg, paths, "demo-teacher"),
+    }
+    return stage_config(ContrastiveJobConfig, "teacher", wiring, cfg.teacher)
+
+
+def teacher_files(tcfg: ContrastiveJobConfig, paths: Paths) -> tuple[str, str]:
+    model_dir = paths.work / tcfg.run.name / contrastive.MODEL_DIR
+    name = tcfg.model.clip.name
+    return str(model_dir / f"{name}.json"), str(model_dir / f"{name}.pt")
+
+
+def cache_config(cfg: DemoConfig, paths: Paths, arch: str, weights: str) -> CacheConfig:
+    wiring = {
+        "input": {"paths": [str(paths.digits / "train")]},
+        "output": {"path": str(paths.cache)},
+        "teacher": {"arch": arch, "pretrained": weights, "precision": "fp32"},
+        "views": {"size": cfg.digits.size},
+        "tracking": _tracking(cfg, paths, "demo-cache"),
+    }
+    return stage_config(CacheConfig, "cache", wiring, cfg.cache)
+
+
+def student_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> PretrainConfig:
+    wiring = {
+        "cluster": {"num_workers": 1, "cpus_per_worker": worker_cpus},
+        "data": {"teacher_mode": "cache", "cache": str(paths.cache), "input": None},
+        "student": {"img_size": cfg.digits.size},
+        "run": {"name": paths.student_run, "storage_path": str(paths.work)},
+        "eval": {"input": {"paths": [str(paths.digits / "heldout")]}, "classifier_path": str(paths.classifier)},
+        "tracking": _tracking(cfg, paths, "demo-student"),
+    }
+    return stage_config(PretrainConfig, "student", wiring, cfg.student)
+
+
+def write_classifier(cfg: DemoConfig, paths: Paths, arch: str, weights: str) -> None:
+    ecfg = evaluate.EvaluateConfig(
+        teacher=TeacherConfig(arch=arch, pretrained=weights, precision="fp32"),
+        classnames=list(CLASS_NAMES), templates=list(TEMPLATES), output=str(paths.classifier), device="cpu",
+    )
+    evaluate.build_classifier_file(ecfg)
+
+
+def evaluate_all(cfg: DemoConfig, paths: Paths, arch: str, weights: str, scfg: PretrainConfig) -> dict[str, Any]:
+    """Zero-shot top-1 on the held-out split: teacher, UTA student, untrained control."""
+    heldout = InputConfig(paths=[str(paths.digits / "heldout")])
+    teacher = Teacher.from_open_clip(arch, weights)
+    weights_DC = load_classifier(str(paths.classifier))["weights"]
+    pixels, labels = load_eval_set(heldout, S3Options(), teacher.image_size, 100_000)
+    teacher_top1 = zeroshot_top1(teacher.encode_image, weights_DC, pixels, labels, teacher.mean, teacher.std)
+    torch.manual_seed(cfg.control_seed)
+    control_dir = paths.work / "control" / "export"
+    export_student(student_from_config(scfg.student).eval(), control_dir, mean=teacher.mean, std=teacher.std,
+                   extra={"control": "untrained, same architecture"})
+    results = {"teacher": teacher_top1, "images": int(labels.numel()), "classes": len(CLASS_NAMES)}
+    for name, model_dir in (("student", paths.student_export), ("control", control_dir)):
+        ecfg = evaluate.EvaluateConfig(
+            model=str(model_dir), input=heldout, classifier_path=str(paths.classifier), device="cpu",
+            tracking=TrackingConfig(**_tracking(cfg, paths, f"demo-eval-{name}")),
+        )
+        out = evaluate.evaluate(ecfg)
+        results[name] = out["zeroshot_top1"]
+        results[f"{name}_mlflow_run_id"] = out["mlflow_run_id"]
+    return results
+
+
+# --------------------------------------------------------------------- reporting
+def mlflow_history(uri: str, run_id: str | None, key: str) -> list[tuple[int, float]]:
+    if not run_id:
+        return []
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def plot_curves(path: Path, teacher_hist: list[dict], student_loss, student_zs, results: dict) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_t, ax_s = fig.subplots(1, 2)
+    ax_t.plot([h["step"] for h in teacher_hist], [h["loss"] for h in teacher_hist])
+    ax_t.set(title=f"CLIP teacher (captions): zero-shot {results['teacher']:.1%}", xlabel="step",
+             ylabel="contrastive loss")
+    ax_s.plot([s for s, _ in student_loss], [v for _, v in student_loss], label="UTA loss (-cosine)")
+    ax_s.set(title=f"UTA student (images only): zero-shot {results['student']:.1%}", xlabel="step",
+             ylabel="loss")
+    if student_zs:
+        ax_z = ax_s.twinx()
+        ax_z.plot([s for s, _ in student_zs], [v for _, v in student_zs], "o-", color="tab:green",
+                  label="student zero-shot")
+        ax_z.axhline(results["teacher"], color="tab:red", ls="--", label="teacher zero-shot")
+        ax_z.axhline(results["control"], color="tab:gray", ls=":", label="untrained control")
+        ax_z.set(ylabel="zero-shot top-1", ylim=(0, 1))
+        ax_z.legend(loc="center right", fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def print_table(results: dict, times: dict[str, float], paths: Paths, cfg: DemoConfig, files: dict) -> None:
+    chance = 1.0 / results["classes"]
+    ratio = results["ratio"]
+    rows = [
+        ("CLIP teacher (trained on captions)", results["teacher"], ""),
+        ("UTA student (train images only)", results["student"], f"{ratio:.1%} of the teacher"),
+        ("untrained student (control)", results["control"], f"chance is {chance:.0%}"),
+    ]
+    print()
+    print(f"Zero-shot top-1 on {results['images']} held-out digits ({results['classes']} classes), "
+          "classifier = the teacher's text tower on class names x templates")
+    print(f"  {'model':<36} {'top-1':>6}")
+    for name, acc, note in rows:
+        print(f"  {name:<36} {acc:>6.1%}   {note}")
+    ok = ratio >= cfg.expect.min_ratio and results["control"] <= cfg.expect.max_control
+    verdict = "holds" if ok else "does NOT hold in this run"
+    print(f"  claim (student >= {cfg.expect.min_ratio:.0%} of teacher, control <= {cfg.expect.max_control:.0%}): "
+          f"{verdict}")
+    print("Time: " + " | ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    print(f"Outputs: {paths.work}")
+    for name, value in files.items():
+        print(f"  {name:<16} {value}")
+    print(f"MLflow: experiment '{cfg.experiment}' in {paths.tracking_uri} (runs: demo, demo-teacher, "
+          "demo-cache, demo-student, demo-eval-*)")
+    print(f"  open the UI:  mlflow ui --backend-store-uri {paths.tracking_uri}")
+    print(f"  (in the project env: ./uta python -m mlflow ui --backend-store-uri {paths.tracking_uri}),"
+          " then http://127.0.0.1:5000")
+
+
+# --------------------------------------------------------------------- the run
+class StageFailed(RuntimeError):
+    pass
+
+
+def timed(name: str, label: str, times: dict[str, float], fn: Callable[[], Any]) -> Any:
+    print(f"\n[demo] {label}", flush=True)
+    start = time.perf_counter()
+    try:
+        return fn()
+    except Exception as err:  # every stage failure ends the demo with one clear line
+        log.debug("stage %s failed", name, exc_info=True)
+        raise StageFailed(f"stage '{name}' ({label}) failed: {type(err).__name__}: {err}") from err
+    finally:
+        times[name] = time.perf_counter() - start
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    out = Path(cfg.out).expanduser().resolve()
+    work = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    paths = Paths(work=work, tracking_uri=cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}")
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+    started = init_ray(None, cfg.ray_cpus)
+    try:
+        # Training workers get every CPU but one, which Ray Data keeps for reading.
+        worker_cpus = max(1, int(cluster_resources()[0]) - 1)
+        tcfg = teacher_config(cfg, paths, worker_cpus)  # wiring errors surface before anything runs
+        scfg = student_config(cfg, paths, worker_cpus)
+        paths.student_run = scfg.run.name
+        arch, weights = teacher_files(tcfg, paths)
+        work.mkdir(parents=True, exist_ok=False)
+        timed("digits", "1/6 writing digits as WebDataset shards (train / held-out, with captions)", times,
+              lambda: write_digits_splits(paths.digits, size=cfg.digits.size,
+                                          heldout_fraction=cfg.digits.heldout_fraction,
+                                          samples_per_shard=cfg.digits.samples_per_shard,
+                                          seed=cfg.digits.seed, limit=cfg.digits.limit))
+        teacher_report = timed("teacher", "2/6 training a small CLIP teacher on images + captions", times,
+                               lambda: contrastive.run(tcfg))
+
+        def cache_stage():
+            write_classifier(cfg, paths, arch, weights)
+            report = cache_teacher.run(cache_config(cfg, paths, arch, weights))
+            if report["incomplete"]:
+                raise RuntimeError(f"the cache left shards incomplete: {', '.join(report['incomplete'])}")
+
+        timed("cache", "3/6 caching the teacher's projected tokens of the train images", times, cache_stage)
+        student_result = timed("student", "4/6 pre-training the UTA student from the cache (no captions)", times,
+                               lambda: pretrain.run(scfg))
+        results = timed("eval", "5/6 zero-shot on the held-out split: teacher, UTA student, untrained control",
+                        times, lambda: evaluate_all(cfg, paths, arch, weights, scfg))
+    finally:
+        if started:
+            ray.shutdown()
+    times["total"] = time.perf_counter() - start
+    results["ratio"] = results["student"] / max(results["teacher"], 1e-9)
+    student_run_id = load_state(student_result.checkpoint)["position"]["mlflow_run_id"]
+    print("\n[demo] 6/6 results", flush=True)
+    return finish(cfg, paths, teacher_report, student_run_id, results, times, arch, weights)
+
+
+def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, weights) -> dict[str, Any]:
+    """Step 6: curves, results JSON, the demo's own MLflow run, the table."""
+    curves = paths.work / "loss_curves.png"
+    plot_curves(curves, teacher_report["history"], mlflow_history(paths.tracking_uri, student_run_id, "loss"),
+                mlflow_history(paths.tracking_uri, student_run_id, "zeroshot_top1"), results)
+    files = {"teacher": arch, "teacher weights": weights, "student export": str(paths.student_export),
+             "cache": str(paths.cache), "loss curves": str(curves), "results": str(paths.work / "results.json")}
+    summary = {
+        "zeroshot_top1": {k: results[k] for k in ("teacher", "student", "control")},
+        "student_over_teacher": results["ratio"], "heldout_images": results["images"], "seconds": times,
+        "files": files, "config": to_dict(cfg),
+        "mlflow": {"tracking_uri": paths.tracking_uri, "experiment": cfg.experiment,
+                   "teacher_run_id": (teacher_report.get("mlflow") or {}).get("run_id"),
+                   "student_run_id": student_run_id,
+                   "eval_run_ids": {k: results.get(f"{k}_mlflow_run_id") for k in ("student", "control")}},
+    }
+    with tracking.start_run(TrackingConfig(**_tracking(cfg, paths, "demo")), cfg.experiment,
+                            tags={"job": "demo"}) as mlrun:
+        summary["mlflow"]["demo_run_id"] = mlrun.info.run_id if mlrun is not None else None
+        (paths.work / "results.json").write_text(json.dumps(summary, indent=2))
+        tracking.log_config(cfg)
+        tracking.log_metrics({f"zeroshot_top1_{k}": v for k, v in summary["zeroshot_top1"].items()}
+                             | {"student_over_teacher": results["ratio"]}
+                             | {f"seconds_{k}": v for k, v in times.items()})
+        if mlrun is not None:
+            import mlflow
+
+            mlflow.log_artifact(str(curves))
+            mlflow.log_artifact(str(paths.work / "results.json"))
+    print_table(results, times, paths, cfg, files)
+    return summary
+
+
+# --------------------------------------------------------------------- command line
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    parser.add_argument("--fast", action="store_true", help=f"the CI budget: {FAST_CONFIG.name} on top")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted key=value overrides, e.g. student.train.max_steps=800 out=outputs/demo2")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uta").setLevel(logging.INFO)
+    try:
+        cfg = load_demo_config(args.config, args.fast, list(args.overrides))
+        run(cfg)
+    except ValueError as err:  # a config or wiring mistake, before anything ran
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StageFailed as err:
+        traceback.print_exception(err.__cause__)
+        print(f"\ndemo failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

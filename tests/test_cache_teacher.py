@@ -1,0 +1,425 @@
+"""The teacher-feature caching job end to end, on real local Ray, a loopback S3 API and real images.
+
+Every check compares the cache with a plain reference: the views are rebuilt from the
+source images and the recorded crop/flip, and the tokens are recomputed by an
+independently built teacher on the stored pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import FAKE_AWS_ENV
+from helpers import tiny_clip_model, write_model_config
+
+from pipelines.cache_teacher import main, run
+from uta_core.cache_format import (
+    load_manifest,
+    quantize_int8,
+    read_cache_rows,
+    shard_path,
+)
+from uta_core.cache_job import CacheConfig, CacheMismatchError, plan_cache
+from uta_core.config import load_config
+from uta_core.data import ViewParams, decode_image, render_view, to_model_input
+from uta_core.shards import Sample, digits_samples, webdataset_bytes
+from uta_core.storage import StorageError, s3_filesystem
+from uta_core.teacher import Teacher
+
+TEACHER_NAME = "uta-cache-tiny"  # 32 px, patch 4 -> 8x8 grid, D = 32
+NUM_VIEWS = 2
+SECRET = FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"]
+
+
+# --------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    """A tiny open_clip config + weights file; ``reference`` is built independently of the job."""
+    folder = tmp_path_factory.mktemp("teacher")
+    arch = write_model_config(folder, name=TEACHER_NAME)
+    weights = folder / "weights.pt"
+    torch.save(tiny_clip_model(seed=0).state_dict(), weights)
+    other = folder / "other_weights.pt"
+    torch.save(tiny_clip_model(seed=1).state_dict(), other)
+    reference = Teacher.from_model(tiny_clip_model(seed=0), TEACHER_NAME)
+    return SimpleNamespace(arch=str(arch), weights=str(weights), other_weights=str(other), reference=reference)
+
+
+def cache_config(inputs, output, files, *extra, endpoint=None, tracking_uri=None) -> CacheConfig:
+    overrides = [
+        f"input.paths={json.dumps([str(p) for p in inputs])}", f"output.path={output}",
+        f"teacher.arch={files.arch}", f"teacher.pretrained={files.weights}", "teacher.precision=fp32",
+        "views.size=32", f"num_views={NUM_VIEWS}", "ray.batch_size=16", "ray.images_per_block=4",
+        "ray.progress_bars=false",
+        f"tracking.tracking_uri={tracking_uri}" if tracking_uri else "tracking.enabled=false",
+    ]
+    if endpoint:
+        overrides.append(f"s3.endpoint_url={endpoint}")
+    return load_config(CacheConfig, None, overrides + list(extra))
+
+
+def read_shards(fs, root) -> tuple:
+    manifest = load_manifest(fs, root)
+    tables = {name: pq.read_table(shard_path(root, name), filesystem=fs) for name in manifest.shards}
+    return manifest, tables
+
+
+def check_rows(table: pa.Table, samples: dict[str, Sample], reference: Teacher, token_dtype: str) -> None:
+    """Key x view exactly once; pixels = the recorded view of the source; tokens = the teacher's."""
+    pairs = list(zip(table.column("key").to_pylist(), table.column("view").to_pylist()))
+    assert sorted(pairs) == sorted((k, v) for k in samples for v in range(NUM_VIEWS))
+    pixels_BHW3, tokens_BTD = read_cache_rows(table)
+    meta = table.drop_columns(["pixels", "tokens"]).to_pylist()
+    for i, row in enumerate(meta):
+        sample = samples[row["key"]]
+        params = ViewParams(top=row["crop_top"], left=row["crop_left"], height=row["crop_height"],
+                            width=row["crop_width"], flip=row["flip"])
+        np.testing.assert_array_equal(pixels_BHW3[i].numpy(), render_view(decode_image(sample.image), params, 32))
+        assert (row["label"], row["caption"]) == (sample.label, sample.caption)
+    ref_BTD = reference.encode_tokens(to_model_input(pixels_BHW3, reference.mean, reference.std))
+    assert tokens_BTD.shape == ref_BTD.shape == (len(meta), 1 + 64, 32)
+    value_type = table.schema.field("tokens").type.value_type
+    if token_dtype == "float16":
+        assert value_type == pa.float16()
+        scale = ref_BTD.abs().max().item()
+        torch.testing.assert_close(tokens_BTD, ref_BTD, rtol=1e-3, atol=1e-3 * scale)
+    else:
+        assert value_type == pa.uint8()  # the int8 bytes (see CACHE_FORMAT.md)
+        stored = table.column("tokens").combine_chunks().to_numpy_ndarray().view(np.int8).astype(np.int16)
+        assert np.abs(stored - quantize_int8(ref_BTD).numpy()).max() <= 1  # rounding ties may flip
+        cos_BT = torch.nn.functional.cosine_similarity(tokens_BTD, ref_BTD, dim=-1)
+        assert cos_BT.min() > 0.9995
+
+
+def corrupt_shard_samples() -> tuple[list[Sample], list[str]]:
+    """6 digits; one truncated PNG, one non-image, one sample without an image: 3 skipped."""
+    samples = digits_samples(6, size=32, offset=100)
+    samples[1].image = samples[1].image[: len(samples[1].image) // 2]
+    samples[3].image = b"this is not an image"
+    samples[4].image = None  # only .cls/.txt members in the tar
+    return samples, [samples[i].key for i in (1, 3, 4)]
+
+
+def truncated_tar(samples: list[Sample], cut_in_sample: int) -> bytes:
+    """A tar cut inside the image of sample ``cut_in_sample``: earlier samples stay readable."""
+    data = webdataset_bytes(samples)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = tar.getmember(f"{samples[cut_in_sample].key}.png")
+    return data[: member.offset_data + 100]
+
+
+def good(samples: list[Sample], bad_keys=()) -> dict[str, Sample]:
+    return {s.key: s for s in samples if s.key not in bad_keys}
+
+
+# --------------------------------------------------------------------- S3, WebDataset
+@pytest.fixture(scope="module")
+def s3_cache(ray_local, s3_server, s3_client, digits_webdataset, teacher_files, tmp_path_factory):
+    bucket = "cache-e2e"
+    s3_client.create_bucket(Bucket=bucket)
+    expected = {}
+    for path in digits_webdataset.paths:
+        s3_client.put_object(Bucket=bucket, Key=f"wds/{path.name}", Body=path.read_bytes())
+        expected[path.stem] = good(digits_webdataset.samples[path.name])
+    corrupt, bad = corrupt_shard_samples()
+    s3_client.put_object(Bucket=bucket, Key="wds/00003.tar", Body=webdataset_bytes(corrupt))
+    expected["00003"] = good(corrupt, bad)
+    cut = digits_samples(6, size=32, offset=200)
+    s3_client.put_object(Bucket=bucket, Key="wds/00004.tar", Body=truncated_tar(cut, cut_in_sample=3))
+    expected["00004"] = good(cut[:3])
+    tracking_uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    cfg = cache_config([f"s3://{bucket}/wds/*.tar"], f"s3://{bucket}/cache", teacher_files,
+                       endpoint=s3_server, tracking_uri=tracking_uri)
+    report = run(cfg)
+    fs = s3_filesystem(cfg.s3)
+    return SimpleNamespace(cfg=cfg, report=report, fs=fs, root=f"{bucket}/cache", bucket=bucket,
+                           expected=expected, bad_keys=bad, tracking_uri=tracking_uri)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_s3_webdataset_every_key_and_view_once_with_teacher_tokens(s3_cache, teacher_files):
+    report = s3_cache.report
+    assert sorted(report["committed"]) == sorted(s3_cache.expected) and report["incomplete"] == []
+    manifest, tables = read_shards(s3_cache.fs, s3_cache.root)
+    assert manifest.settings.grid == [8, 8] and manifest.settings.token_shape == [65, 32]
+    assert manifest.settings.teacher["fingerprint"] == teacher_files.reference.weights_fingerprint()
+    for name, samples in s3_cache.expected.items():
+        check_rows(tables[name], samples, teacher_files.reference, "float16")
+        assert manifest.shards[name].rows == NUM_VIEWS * len(samples) == tables[name].num_rows
+    images = sum(len(s) for s in s3_cache.expected.values())
+    assert report["summary"]["images"] == images and report["summary"]["views"] == NUM_VIEWS * images
+
+
+@pytest.mark.ray
+def test_s3_corrupt_images_are_skipped_and_counted(s3_cache):
+    manifest = load_manifest(s3_cache.fs, s3_cache.root)
+    corrupt = manifest.shards["00003"]
+    assert (corrupt.images, corrupt.skipped) == (3, 3)
+    assert sorted(e.split(":")[0] for e in corrupt.errors) == sorted(s3_cache.bad_keys)
+    truncated = manifest.shards["00004"]
+    assert truncated.images == 3 and any("truncated" in e for e in truncated.errors)
+    assert all(manifest.shards[n].skipped == 0 for n in ("00000", "00001", "00002"))
+    assert s3_cache.report["summary"]["skipped"] == 3
+
+
+@pytest.mark.ray
+def test_s3_manifest_checksums_match_objects_and_hold_no_credentials(s3_cache, s3_client):
+    manifest = load_manifest(s3_cache.fs, s3_cache.root)
+    for name, record in manifest.shards.items():
+        body = s3_client.get_object(Bucket=s3_cache.bucket, Key=f"cache/shards/{name}.parquet")["Body"].read()
+        assert (hashlib.sha256(body).hexdigest(), len(body)) == (record.sha256, record.bytes)
+    text = s3_client.get_object(Bucket=s3_cache.bucket, Key="cache/manifest.json")["Body"].read().decode()
+    assert SECRET not in text and FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"] not in text
+    leftovers = s3_client.list_objects_v2(Bucket=s3_cache.bucket, Prefix="cache/_tmp/").get("KeyCount", 0)
+    assert leftovers == 0
+
+
+@pytest.mark.ray
+def test_s3_run_is_tracked_in_mlflow_without_secrets(s3_cache):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=s3_cache.tracking_uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "uta-cache"]
+    (mlrun,) = client.search_runs([exp.experiment_id])
+    params, metrics = mlrun.data.params, mlrun.data.metrics
+    assert params["output.token_dtype"] == "float16" and params["s3.endpoint_url"] == s3_cache.cfg.s3.endpoint_url
+    assert metrics["images"] == s3_cache.report["summary"]["images"] and metrics["images_per_s"] > 0
+    assert all(SECRET not in str(v) for v in params.values())
+    manifest_path = client.download_artifacts(mlrun.info.run_id, "manifest.json")
+    assert json.loads(Path(manifest_path).read_text())["settings_hash"] == load_manifest(
+        s3_cache.fs, s3_cache.root).settings_hash
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_read_parquet_gives_fixed_shape_token_arrays(s3_cache, ray_local):
+    ds = ray_local.data.read_parquet(f"{s3_cache.root}/shards", filesystem=s3_cache.fs)
+    batch = next(iter(ds.iter_batches(batch_size=8, batch_format="numpy")))
+    assert batch["tokens"].shape == (8, 65, 32) and batch["tokens"].dtype == np.float16
+    pixels_BHW3, tokens_BTD = read_cache_rows(batch)
+    assert pixels_BHW3.shape == (8, 32, 32, 3) and pixels_BHW3.dtype == torch.uint8
+    assert tokens_BTD.dtype == torch.float32
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_s3_rerun_redoes_only_the_deleted_shard(s3_cache, s3_client, teacher_files):
+    """Runs last among the S3 tests: it changes the cache."""
+    before = load_manifest(s3_cache.fs, s3_cache.root)
+    s3_client.delete_object(Bucket=s3_cache.bucket, Key="cache/shards/00001.parquet")
+    report = run(s3_cache.cfg)
+    assert report["committed"] == ["00001"] and report["redone"] == ["00001"]
+    assert sorted(report["already_done"]) == sorted(set(s3_cache.expected) - {"00001"})
+    after, tables = read_shards(s3_cache.fs, s3_cache.root)
+    for name in set(s3_cache.expected) - {"00001"}:
+        assert after.shards[name] == before.shards[name]  # untouched: same commit time and checksum
+    assert after.shards["00001"].committed_at > before.shards["00001"].committed_at
+    check_rows(tables["00001"], s3_cache.expected["00001"], teacher_files.reference, "float16")
+
+
+# --------------------------------------------------------------------- local disk
+@pytest.fixture(scope="module")
+def local_cache(ray_local, digits_webdataset, teacher_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "cache"
+    cfg = cache_config([digits_webdataset.root / "*.tar"], out, teacher_files, "output.token_dtype=int8")
+    return SimpleNamespace(cfg=cfg, out=out, report=run(cfg))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_local_webdataset_int8_tokens(local_cache, digits_webdataset, teacher_files):
+    assert sorted(local_cache.report["committed"]) == ["00000", "00001", "00002"]
+    fs = pafs.LocalFileSystem()
+    manifest, tables = read_shards(fs, str(local_cache.out))
+    assert manifest.settings.token_dtype == "int8"
+    for path in digits_webdataset.paths:
+        check_rows(tables[path.stem], good(digits_webdataset.samples[path.name]), teacher_files.reference, "int8")
+    assert not (local_cache.out / "_tmp").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_ray_read_parquet_of_int8_cache_restores_unit_tokens(local_cache, ray_local):
+    ds = ray_local.data.read_parquet(str(local_cache.out / "shards"))
+    batch = next(iter(ds.iter_batches(batch_size=8, batch_format="numpy")))
+    assert batch["tokens"].shape == (8, 65, 32) and batch["tokens"].dtype == np.uint8  # int8 bytes
+    _, tokens_BTD = read_cache_rows(batch)
+    torch.testing.assert_close(tokens_BTD.norm(dim=-1), torch.ones(8, 65))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_local_rerun_with_everything_committed_does_nothing(local_cache):
+    before = snapshot(local_cache.out)
+    report = run(local_cache.cfg)
+    assert report["committed"] == [] and sorted(report["already_done"]) == ["00000", "00001", "00002"]
+    assert snapshot(local_cache.out) == before
+
+
+@pytest.mark.parametrize(
+    "override, changed",
+    [("num_views=3", "views.num_views: 2 -> 3"),
+     ("output.token_dtype=float16", "token_dtype: 'int8' -> 'float16'"),
+     ("views.seed=1", "views.seed: 0 -> 1"),
+     ("other_weights", "teacher.fingerprint")],
+)
+@pytest.mark.ray
+def test_rerun_with_other_settings_is_refused_and_writes_nothing(local_cache, teacher_files, override, changed):
+    before = snapshot(local_cache.out)
+    extra = f"teacher.pretrained={teacher_files.other_weights}" if override == "other_weights" else override
+    cfg = cache_config(local_cache.cfg.input.paths, local_cache.out, teacher_files, "output.token_dtype=int8", extra)
+    with pytest.raises(CacheMismatchError, match="other settings") as err:
+        plan_cache(cfg)
+    assert changed in str(err.value)
+    assert snapshot(local_cache.out) == before
+
+
+# --------------------------------------------------------------------- image folder
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_image_folder_labels_from_class_folders(ray_local, teacher_files, tmp_path):
+    root = tmp_path / "folder"
+    expected: dict[str, dict[str, Sample]] = {}
+    class_names = [f"digit_{d}" for d in range(3)]
+    for sample in digits_samples(12, size=32):
+        if sample.label >= 3:
+            continue
+        cls = class_names[sample.label]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        (root / cls / f"{sample.key}.png").write_bytes(sample.image)
+        sample.key = f"{cls}/{sample.key}"  # keys are relative paths without extension
+        sample.caption = None
+        expected.setdefault(cls, {})[sample.key] = sample
+    (root / "digit_1" / "broken.png").write_bytes(b"\x89PNG truncated")
+    out = tmp_path / "cache"
+    report = run(cache_config([root], out, teacher_files))
+    assert sorted(report["committed"]) == class_names
+    manifest, tables = read_shards(pafs.LocalFileSystem(), str(out))
+    assert manifest.class_names == class_names
+    for cls, samples in expected.items():
+        check_rows(tables[cls], samples, teacher_files.reference, "float16")
+    assert manifest.shards["digit_1"].skipped == 1 and "broken" in manifest.shards["digit_1"].errors[0]
+    assert report["summary"]["skipped"] == 1
+
+
+# --------------------------------------------------------------------- fail fast
+def _run_main(tmp_path, teacher_files, *overrides) -> int:
+    return main([
+        f"teacher.arch={teacher_files.arch}", f"teacher.pretrained={teacher_files.weights}",
+        "views.size=32", "ray.progress_bars=false", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ])
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("missing/*.tar", "does not exist"), ("missing.tar", "does not exist"), ("empty/*.tar", "matched no files"),
+])
+def test_missing_local_input_fails_fast_and_writes_nothing(tmp_path, teacher_files, capsys, pattern, message):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "cache"
+    code = _run_main(tmp_path, teacher_files, f"input.paths={tmp_path / pattern}", f"output.path={out}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and str(tmp_path) in err[0]
+    assert not out.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_missing_buckets_fail_fast_and_write_nothing(s3_server, s3_client, digits_webdataset, teacher_files,
+                                                    tmp_path, capsys):
+    buckets = {b["Name"] for b in s3_client.list_buckets()["Buckets"]}
+    objects = {b: s3_client.list_objects_v2(Bucket=b).get("KeyCount", 0) for b in buckets}
+    cases = [
+        (["input.paths=s3://no-such-input-bucket/wds/*.tar", f"output.path={tmp_path / 'cache'}"], "no-such-input-bucket"),
+        ([f"input.paths={digits_webdataset.root}", "output.path=s3://no-such-output-bucket/cache"], "no-such-output-bucket"),
+    ]
+    for overrides, bucket in cases:
+        code = _run_main(tmp_path, teacher_files, *overrides, f"s3.endpoint_url={s3_server}")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"S3 bucket '{bucket}' does not exist" in err[0]
+    assert {b["Name"] for b in s3_client.list_buckets()["Buckets"]} == buckets
+    assert {b: s3_client.list_objects_v2(Bucket=b).get("KeyCount", 0) for b in buckets} == objects
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture(scope="module")
+def s3_server_with_auth(aws_test_env):
+    """A moto server that checks credentials (the fake ones are unknown to it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_refused_credentials_fail_fast_with_one_clear_message(s3_server_with_auth, digits_webdataset,
+                                                             teacher_files, tmp_path, capsys):
+    for overrides in (["input.paths=s3://some-bucket/wds/*.tar", f"output.path={tmp_path / 'cache'}"],
+                      [f"input.paths={digits_webdataset.root}", "output.path=s3://some-bucket/cache"]):
+        code = _run_main(tmp_path, teacher_files, *overrides, f"s3.endpoint_url={s3_server_with_auth}")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1
+        assert "access to s3://some-bucket was denied" in err[0] and "AWS credentials" in err[0]
+        assert SECRET not in err[0] and FAKE_AWS_ENV["AWS_ACCESS_KEY_ID"] not in err[0]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unreachable_endpoint_fails_fast(aws_test_env, teacher_files, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cfg = cache_config(["s3://bucket/wds/*.tar"], tmp_path / "cache", teacher_files,
+                       endpoint=f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="cannot reach http://127.0.0.1"):
+        plan_cache(cfg)
+    assert time.monotonic() - start < 30
+
+
+# --------------------------------------------------------------------- command line
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_smoke_test_command(ray_local, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["--smoke-test", "ray.progress_bars=false"]) == 0
+    out = capsys.readouterr().out
+    assert "shards committed / already done / incomplete  2 / 0 / 0" in out
+    (workdir,) = tmp_path.glob("uta-cache-smoke-*")
+    manifest = load_manifest(pafs.LocalFileSystem(), str(workdir / "cache"))
+    assert sum(r.rows for r in manifest.shards.values()) == 2 * 12 * NUM_VIEWS
+
+
+def test_default_command_without_input_explains_what_is_missing(capsys):
+    assert main([]) == 2
+    assert "input.paths=" in capsys.readouterr().err

@@ -1,0 +1,493 @@
+"""cluster/: every manifest parses and holds what cluster/README.md says it holds.
+
+Static checks (seconds): YAML parses, RayJob entrypoints name real scripts and configs,
+the one project image everywhere, GPUs only on workers, IAM roles instead of keys, spot
+GPU workers, autoscaling bounds, the launcher config passes Ray's own validation, the
+shell scripts parse, the README names every file. One `ray`-marked test starts the local
+cluster with cluster/local/start.sh and submits jobs to it with and without the token.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+README = CLUSTER / "README.md"
+KNOWN_PIPELINES = {"cache_teacher", "pretrain", "sweep", "evaluate", "contrastive"}
+GPU = "nvidia.com/gpu"
+SECRET_PATTERNS = [
+    re.compile(r"aws_access_key_id", re.I),
+    re.compile(r"aws_secret_access_key", re.I),
+    re.compile(r"aws_session_token", re.I),
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),  # the shape of an AWS access key id
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def yaml_files() -> list[Path]:
+    return sorted([*CLUSTER.rglob("*.yaml"), *(ROOT / "configs" / "cluster").glob("*.yaml")])
+
+
+def load_docs(path: Path) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{rel(path)} holds no YAML document"
+    return docs
+
+
+def k8s_objects() -> list[tuple[Path, dict]]:
+    return [
+        (path, doc)
+        for folder in ("kuberay", "mlflow")
+        for path in sorted((CLUSTER / folder).glob("*.yaml"))
+        for doc in load_docs(path)
+    ]
+
+
+def objects_of(kind: str) -> list[tuple[Path, dict]]:
+    return [(path, doc) for path, doc in k8s_objects() if doc["kind"] == kind]
+
+
+def ray_cluster_specs() -> list[tuple[str, dict]]:
+    """(label, RayClusterSpec) of the RayCluster and of every RayJob."""
+    specs = [(f"{rel(p)}:RayCluster", d["spec"]) for p, d in objects_of("RayCluster")]
+    specs += [(f"{rel(p)}:RayJob", d["spec"]["rayClusterSpec"]) for p, d in objects_of("RayJob")]
+    return specs
+
+
+def pod_specs(obj: dict) -> list[dict]:
+    kind, spec = obj["kind"], obj.get("spec", {})
+    if kind == "RayCluster":
+        return cluster_pod_specs(spec)
+    if kind == "RayJob":
+        return cluster_pod_specs(spec["rayClusterSpec"])
+    if kind == "Deployment":
+        return [spec["template"]["spec"]]
+    return []
+
+
+def cluster_pod_specs(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+
+
+def gpus(container: dict) -> int:
+    res = container.get("resources", {})
+    return max(int(res.get("limits", {}).get(GPU, 0)), int(res.get("requests", {}).get(GPU, 0)))
+
+
+def project_version() -> str:
+    # The same line cluster/docker/build.sh reads (tomllib would need Python >= 3.11).
+    (version,) = re.findall(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M)
+    return version
+
+
+def project_image() -> str:
+    return f"uta-pipelines:{project_version()}"
+
+
+def ray_pin() -> str:
+    pins = re.findall(r'"ray\[[^\]]*\]==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert len(pins) == 1, "pyproject.toml must pin ray exactly once as ray[...]==X.Y.Z"
+    return pins[0]
+
+
+def docker_workdir() -> str:
+    workdirs = re.findall(r"^WORKDIR\s+(\S+)", (CLUSTER / "docker" / "Dockerfile").read_text(), re.M)
+    assert len(workdirs) == 1
+    return workdirs[0]
+
+
+def mlflow_service_uri() -> str:
+    (_, svc), = objects_of("Service")
+    return f"http://{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
+
+
+def rayjobs() -> list[tuple[Path, dict]]:
+    jobs = objects_of("RayJob")
+    assert {p.name for p, _ in jobs} >= {"rayjob-pretrain.yaml", "rayjob-cache-teacher.yaml"}
+    return jobs
+
+
+def rayjob_params() -> list:
+    return [pytest.param(path, job, id=path.name) for path, job in rayjobs()]
+
+
+def spec_params() -> list:
+    return [pytest.param(label, spec, id=label.split("/")[-1]) for label, spec in ray_cluster_specs()]
+
+
+def entrypoint(job: dict) -> tuple[str, str, list[str]]:
+    """(script, config, overrides) of `python pipelines/X.py --config configs/Y.yaml k=v ...`."""
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:1] == ["python"] and len(argv) >= 4 and argv[2] == "--config", (
+        f"entrypoint {job['spec']['entrypoint']!r} is not `python pipelines/<name>.py --config <yaml> [k=v ...]`"
+    )
+    assert all("=" in a and not a.startswith("-") for a in argv[4:]), f"overrides must be key=value: {argv[4:]}"
+    return argv[1], argv[3], argv[4:]
+
+
+def aws() -> dict:
+    (cfg,) = load_docs(CLUSTER / "aws" / "cluster.yaml")
+    return cfg
+
+
+# ----------------------------------------------------------------------- parse / files
+@pytest.mark.parametrize("path", yaml_files(), ids=rel)
+def test_every_yaml_parses_into_mappings(path):
+    for doc in load_docs(path):
+        assert isinstance(doc, dict), f"{rel(path)}: every document must be a mapping"
+
+
+def test_k8s_objects_are_the_expected_kinds():
+    kinds = sorted(d["kind"] for _, d in k8s_objects())
+    assert kinds == sorted(["RayCluster", "RayJob", "RayJob", "ServiceAccount", "ServiceAccount", "Deployment", "Service"])
+    for path, doc in k8s_objects():
+        assert doc["apiVersion"] == {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "Deployment": "apps/v1"}.get(
+            doc["kind"], "v1"
+        ), f"{rel(path)}: {doc['kind']} has apiVersion {doc['apiVersion']}"
+
+
+def test_readme_mentions_every_cluster_file_and_config():
+    text = README.read_text()
+    files = [p for p in CLUSTER.rglob("*") if p.is_file() and p != README and "__pycache__" not in p.parts]
+    files += list((ROOT / "configs" / "cluster").glob("*.yaml"))
+    missing = [rel(p) for p in files if rel(p) not in text]
+    assert not missing, f"cluster/README.md does not mention {missing}"
+
+
+def test_readme_covers_every_pipeline_on_every_target():
+    text = README.read_text()
+    for name in ("cache_teacher", "pretrain", "sweep", "evaluate"):
+        # Once in the pipeline table, once per target that submits with `ray job submit`.
+        assert text.count(f"python pipelines/{name}.py") >= 4, f"README lacks a command for pipelines/{name}.py"
+    for section in ("## Target 1: one machine", "## Target 2: Kubernetes (KubeRay)", "## Target 3: AWS"):
+        assert section in text
+
+
+# --------------------------------------------------------------------------- RayJobs
+@pytest.mark.parametrize("path, job", rayjob_params())
+def test_rayjob_entrypoint_names_existing_script_and_config(path, job):
+    script, config, _ = entrypoint(job)
+    assert re.fullmatch(r"pipelines/(\w+)\.py", script) and Path(script).stem in KNOWN_PIPELINES, script
+    assert (ROOT / script).is_file(), f"{rel(path)} runs {script}, which does not exist"
+    assert config.startswith("configs/") and (ROOT / config).is_file(), f"{rel(path)}: config {config} does not exist"
+    assert f"python {script} --config {config}" in README.read_text(), f"README does not show {rel(path)}'s entrypoint"
+
+
+@pytest.mark.parametrize("path, job", rayjob_params())
+def test_rayjob_runtime_env_and_lifecycle(path, job):
+    spec = job["spec"]
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    # The code baked into the image is the working dir, so relative entrypoint paths resolve.
+    assert runtime_env["working_dir"] == docker_workdir()
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == mlflow_service_uri()
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert "clusterSelector" not in spec, "a RayJob with its own rayClusterSpec must not also select a cluster"
+
+
+def test_rayjob_clusters_start_with_the_gpus_their_configs_use():
+    for path, job in rayjobs():
+        script, config, _ = entrypoint(job)
+        cfg = yaml.safe_load((ROOT / config).read_text())
+        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        start_gpus = sum(g["minReplicas"] * gpus(c) for g in groups for c in g["template"]["spec"]["containers"])
+        assert all(g["replicas"] == g["minReplicas"] for g in groups), f"{rel(path)}: start at full size"
+        if Path(script).stem == "pretrain" and cfg["cluster"]["use_gpu"]:
+            assert start_gpus >= cfg["cluster"]["num_workers"], f"{rel(path)}: fewer GPUs than training workers"
+        if Path(script).stem == "cache_teacher":
+            assert start_gpus >= 1 and cfg["ray"]["device"] in ("cuda", "auto")
+            assert cfg["ray"].get("num_actors") in (None, *range(1, start_gpus + 1))
+
+
+def test_cluster_configs_load_into_the_pipeline_dataclasses():
+    from uta_core.cache_job import CacheConfig
+    from uta_core.config import load_config
+    from uta_core.pretrain_config import PretrainConfig
+
+    pre = load_config(PretrainConfig, ROOT / "configs/cluster/pretrain.yaml")
+    cache = load_config(CacheConfig, ROOT / "configs/cluster/cache_teacher.yaml")
+    assert pre.data.teacher_mode == "cache" and pre.data.cache == cache.output.path
+    assert (pre.teacher.arch, pre.teacher.pretrained) == (cache.teacher.arch, cache.teacher.pretrained) == ("ViT-L-14", "openai")
+    assert pre.student.img_size == cache.views.size
+    for uri in (pre.run.storage_path, pre.data.cache, cache.output.path, *cache.input.paths):
+        assert uri.startswith("s3://"), uri
+
+
+# ------------------------------------------------------------------ Ray cluster specs
+def test_every_ray_cluster_spec_is_checked():
+    labels = [label for label, _ in ray_cluster_specs()]
+    assert len(labels) == 3, labels
+
+
+@pytest.mark.parametrize("label, spec", spec_params())
+def test_head_has_no_gpu_and_workers_request_gpus(label, spec):
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"].get("num-gpus", "0") == "0", label
+    assert all(gpus(c) == 0 for c in head["template"]["spec"]["containers"]), f"{label}: the head requests a GPU"
+    gpu_groups = [g for g in spec["workerGroupSpecs"] if any(gpus(c) >= 1 for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups, f"{label}: no worker group requests {GPU}"
+    for group in gpu_groups:
+        for c in group["template"]["spec"]["containers"]:
+            limits = c["resources"]["limits"]
+            assert int(limits.get(GPU, 0)) >= 1, f"{label}: {GPU} must be in limits (Kubernetes schedules on limits)"
+        tolerations = group["template"]["spec"].get("tolerations", [])
+        assert any(t.get("key") == GPU for t in tolerations), f"{label}: GPU pods must tolerate the {GPU} taint"
+
+
+@pytest.mark.parametrize("label, spec", spec_params())
+def test_ray_version_auth_dashboard_and_replica_bounds(label, spec):
+    assert spec["rayVersion"] == ray_pin(), f"{label}: rayVersion {spec['rayVersion']} != pyproject pin {ray_pin()}"
+    assert spec["authOptions"]["mode"] == "token", f"{label}: token auth must be on"
+    # In a pod the dashboard must listen on the pod IP (README: "Auth and dashboard").
+    assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    for group in spec["workerGroupSpecs"]:
+        lo, n, hi = group["minReplicas"], group["replicas"], group["maxReplicas"]
+        assert 0 <= lo <= n <= hi and hi >= 1, f"{label}/{group['groupName']}: replicas {lo} <= {n} <= {hi} fails"
+
+
+def test_long_lived_cluster_autoscales_from_zero():
+    ((_, rc),) = objects_of("RayCluster")
+    spec = rc["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    assert any(g["minReplicas"] < g["maxReplicas"] for g in spec["workerGroupSpecs"])
+
+
+def test_every_container_runs_the_one_project_image():
+    image = project_image()
+    seen = 0
+    for path, obj in k8s_objects():
+        for pod in pod_specs(obj):
+            for c in pod["containers"] + pod.get("initContainers", []):
+                assert c["image"] == image, f"{rel(path)}: {c['name']} runs {c['image']}, not {image}"
+                seen += 1
+    assert seen >= 7  # 3 heads, 3 GPU groups, MLflow
+
+
+def test_dockerfile_and_build_script_define_that_image():
+    dockerfile = (CLUSTER / "docker" / "Dockerfile").read_text()
+    (version,) = re.findall(r"^ARG RAY_VERSION=(\S+)", dockerfile, re.M)
+    assert version == ray_pin(), f"Dockerfile builds on Ray {version}, pyproject pins {ray_pin()}"
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py311-gpu$", dockerfile, re.M)
+    build = (CLUSTER / "docker" / "build.sh").read_text()
+    assert 'image="uta-pipelines:$version"' in build and "pyproject.toml" in build
+    out = subprocess.run(
+        ["sed", "-n", 's/^version = "\\(.*\\)"$/\\1/p', str(ROOT / "pyproject.toml")], capture_output=True, text=True
+    ).stdout.split()
+    assert out == [project_version()], "build.sh's sed does not find the project version"
+
+
+def test_ray_pods_use_the_irsa_service_account():
+    sas = {d["metadata"]["name"]: d for _, d in objects_of("ServiceAccount")}
+    for sa in sas.values():
+        assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+    for path, obj in [*objects_of("RayCluster"), *objects_of("RayJob"), *objects_of("Deployment")]:
+        for pod in pod_specs(obj):
+            assert pod.get("serviceAccountName") in sas, f"{rel(path)}: pod without an IRSA service account"
+
+
+def test_long_lived_cluster_points_every_container_at_mlflow():
+    ((_, rc),) = objects_of("RayCluster")
+    for pod in pod_specs(rc):
+        for c in pod["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("MLFLOW_TRACKING_URI") == mlflow_service_uri(), c["name"]
+
+
+# ---------------------------------------------------------------------------- MLflow
+def test_mlflow_server_takes_db_from_a_secret_and_artifacts_from_s3():
+    ((_, dep),) = objects_of("Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert "value" not in env["MLFLOW_BACKEND_STORE_URI"], "the DB URL (with its password) must come from a Secret"
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"]
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
+    assert not objects_of("Secret"), "Secrets are created by hand (README), never committed"
+    script = c["command"][-1]
+    assert script.startswith(docker_workdir() + "/") and (ROOT / script.removeprefix(docker_workdir() + "/")).is_file()
+
+
+def test_mlflow_allowed_hosts_admit_the_uri_jobs_use():
+    ((_, dep),) = objects_of("Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    allowed = [h.strip() for e in c["env"] if e["name"] == "MLFLOW_SERVER_ALLOWED_HOSTS" for h in e["value"].split(",")]
+    host = urlparse(mlflow_service_uri()).netloc  # the Host header a client sends
+    # MLflow's own rule: exact match, or fnmatch when the entry has a '*'.
+    assert any(fnmatch.fnmatch(host, a) if "*" in a else host == a for a in allowed), (host, allowed)
+    assert any(fnmatch.fnmatch("localhost:5000", a) for a in allowed if "*" in a), "port-forward UI access"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "MLFLOW_BACKEND_STORE_URI is not set"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://u:pw@db/m"}, "MLFLOW_ARTIFACTS_DESTINATION is not set"),
+        ({"MLFLOW_BACKEND_STORE_URI": "sqlite:///mlflow.db", "MLFLOW_ARTIFACTS_DESTINATION": "s3://b/p"}, "postgresql://"),
+        ({"MLFLOW_BACKEND_STORE_URI": "postgresql://u:pw@db/m", "MLFLOW_ARTIFACTS_DESTINATION": "/tmp/a"}, "s3://"),
+    ],
+)
+def test_mlflow_server_script_refuses_missing_or_wrong_settings(env, message):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run(
+        ["bash", str(CLUSTER / "mlflow" / "server.sh")], env={**base, **env}, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "pw@" not in proc.stderr + proc.stdout, "server.sh must never print the database password"
+
+
+# ------------------------------------------------------------------------------- AWS
+def test_aws_config_passes_the_launchers_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(aws()))
+
+
+def test_aws_every_node_type_uses_an_instance_profile():
+    for name, node in aws()["available_node_types"].items():
+        profile = node["node_config"]["IamInstanceProfile"]
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", profile.get("Arn", "")), name
+
+
+def test_no_aws_keys_anywhere_in_cluster_files():
+    files = [p for p in [*CLUSTER.rglob("*"), *(ROOT / "configs" / "cluster").glob("*")] if p.is_file()]
+    for path in files:
+        text = path.read_text()
+        for pattern in SECRET_PATTERNS:
+            assert not pattern.search(text), f"{rel(path)} contains {pattern.pattern!r}: use IAM roles, not keys"
+
+
+def test_aws_gpu_workers_are_spot_and_the_head_is_a_cpu_node():
+    cfg = aws()
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert "InstanceMarketOptions" not in head["node_config"], "a spot head takes the whole cluster down with it"
+    assert not re.match(r"(g|p)\d", head["node_config"]["InstanceType"]), "the head must be a CPU instance"
+    assert "GPU" not in head["resources"]
+    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
+    assert workers
+    for name, node in workers.items():
+        assert re.match(r"(g|p)\d", node["node_config"]["InstanceType"]), f"{name} is not a GPU instance type"
+        assert node["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot", name
+        assert 0 <= node["min_workers"] <= node["max_workers"] <= cfg["max_workers"], name
+    assert cfg["provider"]["type"] == "aws" and cfg["provider"]["cache_stopped_nodes"] is False
+
+
+def test_aws_start_commands_use_token_auth_and_a_loopback_dashboard():
+    cfg = aws()
+    head = " ".join(cfg["head_start_ray_commands"])
+    worker = " ".join(cfg["worker_start_ray_commands"])
+    assert "ray start --head" in head and "--dashboard-host=127.0.0.1" in head and "--num-cpus=0" in head
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "ray start --address=$RAY_HEAD_IP:6379" in worker
+    for cmd in (head, worker):
+        assert "RAY_AUTH_MODE=token" in cmd and "--disable-usage-stats" in cmd
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token", "every node needs the same token"
+    assert cfg["file_mounts"]["~/uta"] == "."
+
+
+def test_aws_setup_installs_the_project_and_sets_the_region():
+    cfg = aws()
+    setup = "\n".join(cfg["setup_commands"])
+    assert re.search(r"pip install .*-e ~/uta\b", setup)
+    region = cfg["provider"]["region"]
+    assert f"AWS_DEFAULT_REGION={region}" in setup and cfg["provider"]["availability_zone"].startswith(region)
+
+
+# ----------------------------------------------------------------------- shell scripts
+SCRIPTS = sorted(CLUSTER.rglob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=rel)
+def test_shell_scripts_parse_and_are_strict(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
+    assert os.access(script, os.X_OK), f"{rel(script)} is not executable"
+
+
+def test_local_start_binds_the_dashboard_to_loopback_with_token_auth():
+    script = CLUSTER / "local" / "start.sh"
+    lines = re.sub(r"\\\n\s*", " ", script.read_text()).splitlines()
+    (start,) = [ln for ln in lines if re.match(r"\s*(nohup\s+)?ray start ", ln)]
+    argv = shlex.split(start.replace('"${gpu_args[@]}"', ""))
+    assert "--head" in argv and "--block" in argv and "--disable-usage-stats" in argv
+    assert argv[argv.index("--dashboard-host") + 1] == "127.0.0.1"
+    assert "--num-cpus" in argv
+    text = script.read_text()
+    assert "export RAY_AUTH_MODE=token" in text and "0.0.0.0" not in text
+    assert "ray job submit --address http://127.0.0.1:" in text, "start.sh must print the submit command"
+
+
+def test_local_stop_never_runs_ray_stop():
+    text = (CLUSTER / "local" / "stop.sh").read_text()
+    code = "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#"))
+    assert "ray stop" not in code and "kill -TERM" in code, "stop only the cluster start.sh recorded"
+
+
+# ------------------------------------------------------- the local cluster, for real
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
+    if shutil.which("ray") is None:
+        pytest.skip("the ray CLI is not on PATH")
+    token = tmp_path / "token"
+    token.write_text("uta-test-" + os.urandom(16).hex())
+    dash = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+        "RAY_AUTH_TOKEN_PATH": str(token),  # never touch the user's ~/.ray/auth_token
+        "UTA_RAY_STATE_DIR": str(tmp_path / "state"),
+        "UTA_RAY_PORT": str(_free_port()),
+        "UTA_RAY_DASHBOARD_PORT": str(dash),
+        "UTA_RAY_CLIENT_PORT": str(_free_port()),
+        "UTA_RAY_NUM_CPUS": "2",
+    }
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "job.py").write_text(
+        "import ray\nray.init()\nprint('answer', ray.get(ray.remote(lambda: 6 * 7).remote()))\n"
+    )
+
+    def run(*cmd: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=240)
+
+    def submit(**extra: str) -> subprocess.CompletedProcess:
+        address = f"http://127.0.0.1:{dash}"
+        return run("ray", "job", "submit", "--address", address, "--working-dir", str(work), "--",
+                   "python", "job.py", **extra)  # fmt: skip
+
+    started = run("bash", str(CLUSTER / "local" / "start.sh"))
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert f"http://127.0.0.1:{dash}" in started.stdout and "export RAY_AUTH_MODE=token" in started.stdout
+        if shutil.which("ss"):
+            listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+            assert f"127.0.0.1:{dash} " in listening and f"0.0.0.0:{dash} " not in listening
+        bare = submit()
+        assert bare.returncode != 0 and "Unauthorized" in bare.stdout + bare.stderr
+        with_token = submit(RAY_AUTH_MODE="token")
+        assert with_token.returncode == 0 and "answer 42" in with_token.stdout, with_token.stdout + with_token.stderr
+    finally:
+        stopped = run("bash", str(CLUSTER / "local" / "stop.sh"))
+    assert stopped.returncode == 0, stopped.stderr
+    assert not (tmp_path / "state" / "ray-head.pid").exists()

@@ -1,0 +1,328 @@
+"""The pre-training job end to end on a real local Ray: 2 CPU workers, both teacher modes,
+resume, online/cache equivalence of the loss, and `ray job submit` against `ray start --head`.
+
+Tiny settings: 32 px digits views, patch 4 (8x8 grid), a nano student, a tiny open_clip
+teacher whose weights live in a file (so the cache job, the workers and the references
+all load the same teacher).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import FAKE_AWS_ENV
+from helpers import tiny_clip_model, write_model_config
+
+from pipelines import evaluate
+from pipelines.cache_teacher import run as run_cache
+from pipelines.pretrain import DEFAULT_CONFIG, main, make_plan
+from pipelines.train_loop import build_teacher
+from uta_core.cache_format import open_cache
+from uta_core.cache_job import CacheConfig
+from uta_core.config import load_config
+from uta_core.digits import CLASS_NAMES, write_digits_splits
+from uta_core.export import load_student
+from uta_core.masking import make_mask_generator
+from uta_core.pretrain_config import PretrainConfig
+from uta_core.shards import InputConfig, discover, iter_samples
+from uta_core.storage import S3Options, filesystem_for, read_bytes
+from uta_core.student import build_student
+from uta_core.train import ObjectiveConfig, StudentForward, draw_keep, lr_at, step_loss
+from uta_core.train_data import TeacherTargets, cache_rows, online_rows, sample_id
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_NAME = "uta-pretrain-tiny"  # 32 px, patch 4 -> 8x8 grid, D = 32
+NUM_VIEWS = 2  # cached views per image
+
+
+# --------------------------------------------------------------------- shared workspace
+@pytest.fixture(scope="module")
+def ws(ray_local, tmp_path_factory):
+    """Digits shards, teacher files, a teacher cache (by the cache job) and a classifier file."""
+    root = tmp_path_factory.mktemp("pretrain")
+    write_digits_splits(root / "digits", size=32, heldout_fraction=0.25, samples_per_shard=32, limit=160)
+    arch = write_model_config(root, name=TEACHER_NAME)
+    weights = root / "teacher.pt"
+    torch.save(tiny_clip_model(seed=0).state_dict(), weights)
+    cache = root / "cache"
+    run_cache(load_config(CacheConfig, None, [
+        f"input.paths={root / 'digits' / 'train'}", f"output.path={cache}", f"teacher.arch={arch}",
+        f"teacher.pretrained={weights}", "teacher.precision=fp32", "views.size=32", f"num_views={NUM_VIEWS}",
+        "ray.batch_size=32", "ray.progress_bars=false", "tracking.enabled=false",
+    ]))
+    classifier = root / "classifier.pt"
+    assert evaluate.main(["build-classifier", f"teacher.arch={arch}", f"teacher.pretrained={weights}",
+                          f"classnames=[{', '.join(CLASS_NAMES)}]", "templates=['a photo of the digit {}.']",
+                          f"output={classifier}"]) == 0
+    train_cfg = InputConfig(paths=[str(root / "digits" / "train")])
+    inputs = discover(train_cfg, S3Options())
+    train_keys = [s.key for shard in inputs.shards for s in iter_samples(inputs.fs, shard, train_cfg)]
+    assert len(train_keys) == 120  # 160 digits, a quarter held out
+    return SimpleNamespace(root=root, train=root / "digits" / "train", heldout=root / "digits" / "heldout",
+                           arch=str(arch), weights=str(weights), cache=cache, classifier=classifier,
+                           train_keys=train_keys, mlflow=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def overrides(ws, name: str, mode: str, *extra: str) -> list[str]:
+    base = [
+        f"run.name={name}", f"run.storage_path={ws.root / 'runs'}", "run.log_every=1", "run.checkpoint_every=100",
+        f"data.teacher_mode={mode}", "data.views.size=32", "data.num_views=1",
+        "student.variant=nano", "student.img_size=32", "student.patch_size=4", "student.out_dim=32",
+        "train.micro_batch=8", "train.warmup_steps=1", "optim.lr=2e-3",
+        "cluster.num_workers=2", "cluster.cpus_per_worker=0.5",
+        f"eval.input.paths={ws.heldout}", f"eval.classifier_path={ws.classifier}", "eval.max_images=40",
+        f"tracking.tracking_uri={ws.mlflow}",
+    ]
+    if mode == "online":
+        base += [f"data.input.paths={ws.train}", f"teacher.arch={ws.arch}", f"teacher.pretrained={ws.weights}",
+                 "teacher.precision=fp32"]
+    else:
+        # A teacher that cannot be built: cache mode must never try.
+        base += [f"data.cache={ws.cache}", "teacher.arch=no-such-open-clip-model"]
+    return ["--config", str(DEFAULT_CONFIG), *base, *extra]
+
+
+def mlflow_run(ws, name: str):
+    client = mlflow.tracking.MlflowClient(ws.mlflow)
+    exp = client.get_experiment_by_name("uta-pretrain")
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`uta.run_name` = '{name}'")
+    return client, run
+
+
+def read(uri: str, endpoint: str | None = None) -> bytes:
+    fs, path = filesystem_for(uri, S3Options(endpoint_url=endpoint))
+    data = read_bytes(fs, path)
+    assert data is not None, f"{uri} does not exist"
+    return data
+
+
+def state(ws, name: str, step: int, storage: str | None = None, endpoint: str | None = None) -> dict:
+    uri = f"{storage or ws.root / 'runs'}/{name}/checkpoint_{step:07d}/state.pt"
+    return torch.load(io.BytesIO(read(uri, endpoint)), weights_only=False)
+
+
+def seen_ids(ws, name: str, rank: int, storage: str | None = None, endpoint: str | None = None) -> list[int]:
+    uri = f"{storage or ws.root / 'runs'}/{name}/samples/rank{rank}-epoch0000.txt"
+    return [int(x) for x in read(uri, endpoint).decode().split()]
+
+
+# --------------------------------------------------------------------- two workers, both modes, resume
+@pytest.mark.timeout(500)
+def test_online_two_workers_stop_resume_learn_on_disjoint_data_and_track_everything(ws):
+    # 120 images / 2 ranks = 60 rows each -> 7 micro-batches of 8: 7 steps = one epoch.
+    args = overrides(ws, "online", "online", "train.max_steps=7", "run.record_samples=true",
+                     "run.checkpoint_every=2", "run.max_failures=0")
+    assert main(args + ["fail_at_step=3"]) == 1  # stopped after step 3; the last checkpoint is step 2
+    run_dir = ws.root / "runs" / "online"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_0000002"]
+    assert state(ws, "online", 2)["position"]["step"] == 2
+
+    assert main(args) == 0  # the same run name again: it resumes
+    final = state(ws, "online", 7)
+    assert final["position"]["step"] == 7 and final["scheduler"]["last_epoch"] == 7
+    # AdamW counts its own steps: 7 only if the optimiser state saved at step 2 was loaded.
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {7}
+    client, run = mlflow_run(ws, "online")  # one MLflow run, continued
+    assert run.data.tags["uta.resumed_from_step"] == "2" and run.info.status == "FINISHED"
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: (m.step, m.timestamp))
+    assert [m.step for m in history] == [1, 2, 3, 3, 4, 5, 6, 7]  # step 3 before the stop and after the resume
+    assert history[-1].value < history[0].value - 0.1, [m.value for m in history]
+    for m in client.get_metric_history(run.info.run_id, "lr"):  # the schedule the optimiser used
+        assert m.value == pytest.approx(lr_at(m.step - 1, base_lr=2e-3, min_lr=1e-5, warmup_steps=1, total_steps=7))
+
+    # The resumed attempt skipped the 2 micro-batches per rank of steps 1-2 and trained 5 steps x 8 rows.
+    rank0, rank1 = set(seen_ids(ws, "online", 0)), set(seen_ids(ws, "online", 1))
+    assert len(rank0) == len(rank1) == 40 and not rank0 & rank1
+    assert rank0 | rank1 <= {sample_id(k, 0) for k in ws.train_keys}
+
+    params = run.data.params
+    assert params["student.variant"] == "nano" and params["data.teacher_mode"] == "online"
+    assert params["plan.total_steps"] == "7" and params["plan.steps_per_epoch"] == "7"
+    assert not any(FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"] in v for v in params.values())
+    for key in ("loss", "lr", "images_per_s", "tokens_per_s", "zeroshot_top1", "zeroshot_top5"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"masking_probability.png", "loss_curve.png", "config.yaml", "student"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "student")} >= {
+        "student/model.safetensors", "student/config.json", "student/head.safetensors"}
+
+    # The export is the final checkpoint's student.
+    final = state(ws, "online", 7)
+    exported, meta = load_student(ws.root / "runs" / "online" / "export")
+    for k, v in exported.state_dict().items():
+        if k != "mask_token":  # MIM-only, not part of an export
+            torch.testing.assert_close(v, final["student"][k], msg=k)
+    assert meta["step"] == 7 and final["position"]["step"] == 7
+
+
+@pytest.mark.timeout(400)
+def test_cache_on_s3_two_workers_learn_without_a_teacher_and_survive_a_worker_failure(
+    ws, s3_server, s3_client, s3_bucket
+):
+    # Cache, checkpoints, samples and export all on S3 (moto); no teacher can be built here.
+    for path in ws.cache.rglob("*"):
+        if path.is_file():
+            s3_client.put_object(Bucket=s3_bucket, Key=f"cache/{path.relative_to(ws.cache)}", Body=path.read_bytes())
+    storage = f"s3://{s3_bucket}/runs"
+    # Rank 0 dies after step 3 (checkpoint at 2); FailureConfig(max_failures=1) restarts the group.
+    args = overrides(ws, "cache", "cache", "train.max_steps=6", "run.record_samples=true",
+                     "run.checkpoint_every=2", "run.max_failures=1", "fail_at_step=3",
+                     f"data.cache=s3://{s3_bucket}/cache", f"run.storage_path={storage}",
+                     f"s3.endpoint_url={s3_server}")
+    assert main(args) == 0
+    client, run = mlflow_run(ws, "cache")
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2, 3, 3, 4, 5, 6]  # step 3 again after the restart
+    assert history[-1].value < history[0].value - 0.1, [m.value for m in history]
+    assert run.data.tags["uta.resumed_from_step"] == "2" and run.info.status == "FINISHED"
+    final = state(ws, "cache", 6, storage, s3_server)  # AdamW counts its steps: 6 only if step 2's state came back
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {6}
+    # 2 views x 120 images = 240 rows: 15 steps an epoch, so all 6 steps stay inside epoch 0; the
+    # restarted attempt skips the 2 x 8 rows per rank it had trained on before the checkpoint.
+    assert run.data.params["plan.steps_per_epoch"] == "15"
+    assert run.data.params["plan.teacher.arch"] == ws.arch  # provenance: the cache's teacher, not the config's
+    rank0 = set(seen_ids(ws, "cache", 0, storage, s3_server))
+    rank1 = set(seen_ids(ws, "cache", 1, storage, s3_server))
+    assert len(rank0) == len(rank1) == 32 and not rank0 & rank1
+    assert rank0 | rank1 <= {sample_id(k, v) for k in ws.train_keys for v in range(NUM_VIEWS)}
+    assert "zeroshot_top1" in run.data.metrics
+    # The classifier file is what made zero-shot possible: evaluate.py agrees on the S3 export.
+    out = evaluate.evaluate(load_config(evaluate.EvaluateConfig, None, [
+        f"model={storage}/cache", f"input.paths={ws.heldout}", f"classifier_path={ws.classifier}",
+        "max_images=40", "tracking.enabled=false", f"s3.endpoint_url={s3_server}"]))
+    assert out["step"] == 6 and out["zeroshot_top1"] == pytest.approx(run.data.metrics["zeroshot_top1"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("student.patch_size=8", "8x8 grid but the student's grid is 4x4"),
+    ("student.out_dim=64", "set student.out_dim=32"),
+])
+def test_cache_mode_refuses_a_cache_that_does_not_fit_the_student(ws, capsys, extra, message):
+    assert main(overrides(ws, "refused", "cache", extra)) == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- driver-side planning
+def test_plan_gives_every_rank_whole_steps_and_refuses_too_little_data(ws):
+    args = overrides(ws, "plan", "online", "train.global_batch=32", "train.epochs=2", "train.warmup_epochs=1")[2:]
+    cfg = load_config(PretrainConfig, DEFAULT_CONFIG, args)
+    plan = make_plan(cfg, rows=120, mean=None, std=None)
+    # 60 rows a rank -> 7 micro-batches of 8 -> 3 steps of 2 accumulated micro-batches (x 2 ranks = 32 rows).
+    assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (2, 3, 6, 3)
+    assert plan.teacher["arch"] == ws.arch
+    with pytest.raises(ValueError, match="fewer than one step"):
+        make_plan(cfg, rows=40, mean=None, std=None)
+
+
+def test_online_mode_refuses_a_teacher_grid_or_dim_that_does_not_fit_before_any_worker(ws, capsys):
+    assert main(overrides(ws, "refused", "online", "student.patch_size=8")) == 2
+    assert "set student.patch_size=4" in capsys.readouterr().err
+    assert main(overrides(ws, "refused", "online", "student.out_dim=16")) == 2
+    assert "set student.out_dim=32" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------- online == cache
+@pytest.mark.parametrize("objective", ["uta", "fd", "mim"])
+def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
+    cfg = load_config(PretrainConfig, DEFAULT_CONFIG, overrides(ws, "x", "online")[2:])
+    # Cache rows, as the cache-mode dataset maps them.
+    fs, _, manifest, paths = open_cache(str(ws.cache))
+    table = pq.read_table(paths[0], filesystem=fs, columns=["key", "view", "pixels", "tokens", "label"])
+    cached = cache_rows({c: table.column(c).to_numpy(zero_copy_only=False) if c != "tokens"
+                         else table.column(c).combine_chunks().to_numpy_ndarray() for c in table.column_names})
+    # Online rows of the same source shard, with the cache's views.
+    shard = discover(cfg.data.input, cfg.s3).shards[0]
+    assert manifest.shards[Path(paths[0]).stem].source == shard.uri
+    online = [b for b in online_rows(shard, cfg.data.input, cfg.data.views, NUM_VIEWS, cfg.s3)]
+    online = {k: np.concatenate([b[k] for b in online]) for k in online[0]}
+    order = {int(i): n for n, i in enumerate(online["sample_id"])}
+    pick = [order[int(i)] for i in cached["sample_id"][:12]]
+    np.testing.assert_array_equal(online["image"][pick], cached["image"][:12])  # the same pixels
+
+    teacher = build_teacher(cfg, torch.device("cpu"))  # what an online worker builds
+    device = torch.device("cpu")
+    images_on, teacher_on = TeacherTargets(teacher.mean, teacher.std, teacher)(
+        {"image": torch.from_numpy(online["image"][pick])}, device)
+    mean, std = manifest.settings.teacher["mean"], manifest.settings.teacher["std"]
+    images_ca, teacher_ca = TeacherTargets(tuple(mean), tuple(std))(
+        {"image": torch.from_numpy(cached["image"][:12]), "tokens": torch.from_numpy(cached["tokens"][:12])}, device)
+    torch.testing.assert_close(images_on, images_ca, rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    student = build_student("nano", img_size=32, patch_size=4, out_dim=32).eval()
+    obj = ObjectiveConfig(name=objective)
+    keep = draw_keep(make_mask_generator("block_reversed", (8, 8), 0.5), 12, seed=0, rank=0, step=0)
+    with torch.no_grad():
+        loss_on = step_loss(StudentForward(student, obj), images_on, teacher_on, keep, obj).item()
+        loss_ca = step_loss(StudentForward(student, obj), images_ca, teacher_ca, keep, obj).item()
+    assert loss_on == pytest.approx(loss_ca, abs=1e-3)  # fp16 storage of the tokens
+    other = torch.roll(teacher_ca, 1, dims=0)  # and the check can tell batches apart
+    with torch.no_grad():
+        assert abs(step_loss(StudentForward(student, obj), images_ca, other, keep, obj).item() - loss_on) > 1e-3
+
+
+# --------------------------------------------------------------------- ray job submit
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_runs_the_smoke_job_to_completion(tmp_path):
+    """`ray start --head` (cluster/local/start.sh: token auth on) + `ray job submit --working-dir .`."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    token = tmp_path / "token"
+    token.write_text("uta-test-" + os.urandom(16).hex())
+    dash = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_TOKEN_PATH": str(token),  # never the user's ~/.ray/auth_token
+        "UTA_RAY_STATE_DIR": str(tmp_path / "state"), "UTA_RAY_PORT": str(free_port()),
+        "UTA_RAY_DASHBOARD_PORT": str(dash), "UTA_RAY_CLIENT_PORT": str(free_port()),
+        "UTA_RAY_NUM_CPUS": "4",  # 2 workers x 0.5 CPU + room for Ray Data on 2 cores
+    }
+    out = tmp_path / "out"
+
+    def sh(*cmd: str, timeout: int = 240, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+    started = sh("bash", "cluster/local/start.sh")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        address = f"http://127.0.0.1:{dash}"
+        denied = sh("ray", "job", "list", "--address", address)  # token auth is on: no token, no entry
+        assert denied.returncode != 0
+        job = sh("ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+                 "python", "pipelines/pretrain.py", "--smoke-test", f"run.storage_path={out / 'runs'}",
+                 f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", timeout=540, RAY_AUTH_MODE="token")
+        logs = job.stdout + job.stderr
+        assert job.returncode == 0, logs[-4000:]
+        assert "succeeded" in logs, logs[-2000:]
+    finally:
+        stopped = sh("bash", "cluster/local/stop.sh")
+        for workdir in re.findall(r"smoke test in (/\S+uta-pretrain-smoke-\w+)", locals().get("logs", "")):
+            shutil.rmtree(workdir, ignore_errors=True)  # the job's generated digits + teacher config
+    assert stopped.returncode == 0, stopped.stderr
+    assert (out / "runs" / "smoke" / "checkpoint_0000006" / "state.pt").is_file()
+    student, meta = load_student(out / "runs" / "smoke" / "export")
+    assert meta["step"] == 6 and student.grid == (8, 8)
+    run = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").search_runs(
+        [mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}").get_experiment_by_name("uta-pretrain")
+         .experiment_id])[0]
+    assert run.info.status == "FINISHED" and "zeroshot_top1" in run.data.metrics

@@ -1,0 +1,362 @@
+"""Where bytes live: local paths or ``s3://bucket/prefix``, behind one pyarrow FileSystem.
+
+Paths handed to pyarrow are scheme-less (``bucket/key`` on S3, absolute on local disk);
+URIs shown to users keep the ``s3://`` scheme. S3 goes through
+``pyarrow.fs.S3FileSystem(endpoint_override=...)`` and, for server-side copies, a boto3
+client with ``endpoint_url``; the endpoint is explicit because pyarrow ignores the
+``AWS_ENDPOINT_URL*`` variables. Credentials always come from the standard AWS chain
+(environment, profile, instance role) and never pass through this module's arguments,
+so nothing here can write them to a log, a manifest or MLflow.
+
+Every storage failure a user can cause (missing path, missing bucket, refused
+credentials, unreachable endpoint) surfaces as one ``StorageError`` naming the URI and
+what to check.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Access key ids are not secret, but keep them out of messages anyway.
+_KEY_ID = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{12,}\b")
+_REQUEST_ID = re.compile(r"\s*\(Request ID: [^)]*\)")
+_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied",
+           "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403")
+_UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "EndpointConnectionError",
+                "Could not resolve host", "timed out")
+_CREDENTIAL_HELP = (
+    "check the AWS credentials (standard chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+    "AWS_PROFILE or ~/.aws, or an instance/pod role) and that they may access this bucket"
+)
+
+
+class StorageError(ValueError):
+    """A path, bucket, credential or endpoint problem, explained in one sentence."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Options:
+    """How to reach S3; credentials are deliberately absent (standard AWS chain only)."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO / moto; None = AWS
+    region: str | None = None  # None: pyarrow/boto3 default (us-east-1 with a custom endpoint)
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 60.0
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        url = self.endpoint_url
+        if url is not None and not re.match(r"^https?://[^/@\s]+/?$", url):
+            raise ValueError(
+                f"endpoint_url={url!r} must look like http(s)://host[:port] without a path or "
+                "user:password (credentials come from the AWS chain, never from the URL)"
+            )
+        if self.connect_timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError("connect_timeout_s and request_timeout_s must be positive seconds")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+
+# --------------------------------------------------------------------- filesystems
+def is_s3(uri: str) -> bool:
+    return uri.startswith(S3_SCHEME)
+
+
+@functools.lru_cache(maxsize=8)
+def s3_filesystem(options: S3Options) -> pafs.S3FileSystem:
+    kwargs = {}
+    if options.endpoint_url is not None:
+        scheme, _, host = options.endpoint_url.rstrip("/").partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    region = options.region or ("us-east-1" if options.endpoint_url else None)
+    if region is not None:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(
+        connect_timeout=options.connect_timeout_s,
+        request_timeout=options.request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
+        **kwargs,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def boto3_client(options: S3Options):
+    """boto3 S3 client for what pyarrow lacks (multipart server-side copy of > 5 GB objects)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=options.connect_timeout_s,
+        read_timeout=options.request_timeout_s,
+        retries={"max_attempts": options.max_attempts, "mode": "standard"},
+    )
+    region = options.region or ("us-east-1" if options.endpoint_url else None)
+    return boto3.client("s3", endpoint_url=options.endpoint_url, region_name=region, config=config)
+
+
+def filesystem_for(uri: str, s3: S3Options) -> tuple[pafs.FileSystem, str]:
+    """``s3://bucket/prefix`` or a local path -> (filesystem, scheme-less path)."""
+    if is_s3(uri):
+        path = uri[len(S3_SCHEME):].strip("/")
+        if not path:
+            raise StorageError(f"{uri!r} names no bucket; use s3://bucket/prefix")
+        return s3_filesystem(s3), path
+    if "://" in uri:
+        raise StorageError(f"{uri!r}: only local paths and s3:// URIs are supported")
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    return S3_SCHEME + path if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def join(*parts: str) -> str:
+    """Join scheme-less path parts with '/' (both filesystems accept it)."""
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts) if p)
+
+
+# --------------------------------------------------------------------- errors
+def _short(err: BaseException) -> str:
+    text = _REQUEST_ID.sub("", str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+    return _KEY_ID.sub("<key id>", text)
+
+
+def translate_error(err: BaseException, uri: str, s3: S3Options | None = None) -> StorageError:
+    """One clear ``StorageError`` for a pyarrow/boto3 failure on ``uri`` (secrets never included)."""
+    text = str(err) + " " + type(err).__name__
+    endpoint = (s3.endpoint_url if s3 else None) or "the default AWS endpoint"
+    if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return StorageError(f"no AWS credentials were found for {uri}: {_CREDENTIAL_HELP}")
+    if any(marker in text for marker in _DENIED):
+        return StorageError(f"access to {uri} was denied ({_short(err)}): {_CREDENTIAL_HELP}")
+    if any(marker in text for marker in _UNREACHABLE):
+        return StorageError(
+            f"cannot reach {endpoint} for {uri} ({_short(err)}): check s3.endpoint_url and the network"
+        )
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
+        return StorageError(f"the bucket of {uri} does not exist; check the bucket name and s3.endpoint_url")
+    return StorageError(f"storage error on {uri}: {_short(err)}")
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str, s3: S3Options) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as err:
+        raise translate_error(err, uri, s3) from None
+
+
+def check_bucket(fs: pafs.FileSystem, path: str, s3: S3Options) -> None:
+    """On S3, fail fast when the bucket is missing or the credentials are refused."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return
+    bucket = path.split("/", 1)[0]
+    uri = S3_SCHEME + bucket
+    if _info(fs, bucket, uri, s3).type == pafs.FileType.NotFound:
+        raise StorageError(
+            f"S3 bucket {bucket!r} does not exist (at {s3.endpoint_url or 'AWS'}); "
+            "check the bucket name and s3.endpoint_url"
+        )
+
+
+# --------------------------------------------------------------------- listing
+def expand(patterns: Iterable[str], s3: S3Options) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+    """Paths, globs (``*``, ``?``, ``[..]``, ``**``) or s3:// URIs -> existing files/dirs, sorted.
+
+    A missing path, an empty glob or a missing bucket is a ``StorageError``.
+    """
+    patterns = list(patterns)
+    if not patterns:
+        raise StorageError("no input paths given")
+    kinds = {is_s3(p) for p in patterns}
+    if len(kinds) > 1:
+        raise StorageError("input paths mix s3:// URIs and local paths; use one kind per job")
+    found: dict[str, pafs.FileInfo] = {}
+    fs = None
+    for pattern in patterns:
+        fs, path = filesystem_for(pattern, s3)
+        check_bucket(fs, path, s3)
+        for info in _expand_one(fs, path, pattern, s3):
+            found.setdefault(info.path, info)
+    return fs, [found[p] for p in sorted(found)]
+
+
+def _expand_one(fs: pafs.FileSystem, path: str, uri: str, s3: S3Options) -> list[pafs.FileInfo]:
+    parts = path.split("/")
+    first_glob = next((i for i, part in enumerate(parts) if _GLOB_CHARS.search(part)), None)
+    if first_glob is None:
+        info = _info(fs, path, uri, s3)
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"input path {uri} does not exist; check input.paths")
+        return [info]
+    base = "/".join(parts[:first_glob]) or "/"
+    if _info(fs, base, uri, s3).type != pafs.FileType.Directory:
+        raise StorageError(f"input pattern {uri}: the folder {to_uri(fs, base)} does not exist")
+    regex = glob_regex(path)
+    infos = list_dir(fs, base, recursive=True, uri=uri, s3=s3)
+    matched = [info for info in infos if regex.fullmatch(info.path)]
+    if not matched:
+        raise StorageError(f"input pattern {uri} matched no files; check input.paths")
+    return matched
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """Shell-style glob as a regex: ``*``/``?`` stay inside one path part, ``**`` crosses parts."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : end].replace("\\", "\\\\")
+                out.append(f"[{'^' + body[1:] if body.startswith('!') else body}]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
+def list_dir(
+    fs: pafs.FileSystem, path: str, *, recursive: bool, uri: str | None = None, s3: S3Options | None = None
+) -> list[pafs.FileInfo]:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    except OSError as err:
+        raise translate_error(err, uri or to_uri(fs, path), s3) from None
+    return sorted(infos, key=lambda info: info.path)
+
+
+# --------------------------------------------------------------------- reading / writing
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """Whole file, or None when it does not exist."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path, compression=None) as f:
+        return f.read()
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Readers see the old file or the new one, never a partial one."""
+    if isinstance(fs, pafs.S3FileSystem):  # an S3 PUT only becomes visible when complete
+        with fs.open_output_stream(path, compression=None) as f:
+            f.write(data)
+        return
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_parent(fs: pafs.FileSystem, path: str) -> None:
+    if not isinstance(fs, pafs.S3FileSystem):  # S3 has no folders to create
+        fs.create_dir(os.path.dirname(path), recursive=True)
+
+
+def delete_file(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_dir(fs: pafs.FileSystem, path: str) -> None:
+    """Remove ``path`` and everything under it (no-op when it does not exist).
+
+    Not ``delete_dir_contents``: on S3 that leaves a ``path/`` marker object behind.
+    """
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def commit_file(fs: pafs.FileSystem, tmp: str, final: str, s3: S3Options) -> None:
+    """Move a finished temporary file to its final name atomically.
+
+    Local: rename (atomic on one filesystem). S3: a server-side copy (an object becomes
+    visible only when complete; boto3's managed copy also handles objects over 5 GB,
+    where pyarrow's single CopyObject fails), then the temporary object is deleted.
+    """
+    if not isinstance(fs, pafs.S3FileSystem):
+        make_parent(fs, final)
+        fs.move(tmp, final)
+        return
+    src_bucket, src_key = tmp.split("/", 1)
+    dst_bucket, dst_key = final.split("/", 1)
+    client = boto3_client(s3)
+    try:
+        client.copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key)
+        # Not fs.delete_file: pyarrow then writes a "folder" marker object for the parent.
+        client.delete_object(Bucket=src_bucket, Key=src_key)
+    except Exception as err:  # botocore raises several unrelated types
+        raise translate_error(err, S3_SCHEME + final, s3) from None
+
+
+class HashingSink:
+    """A write-only file object that forwards to ``stream`` and keeps sha256 + byte count.
+
+    Lets ``pyarrow.parquet.ParquetWriter`` write straight to S3 or disk while the checksum
+    is computed on the fly (no second read of a multi-GB object).
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+        self.closed = False
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self._sha.update(view)
+        self._stream.write(view)
+        self.bytes += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.bytes
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+            self.closed = True
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+
+def open_hashing_sink(fs: pafs.FileSystem, path: str) -> HashingSink:
+    make_parent(fs, path)
+    return HashingSink(fs.open_output_stream(path, compression=None))

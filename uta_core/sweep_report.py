@@ -1,0 +1,59 @@
+"""Sweep results as a table and a picture: metric against mask ratio, one line per strategy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RATIO_KEY, STRATEGY_KEY = "mask.mask_ratio", "mask.strategy"
+
+
+def results_table(trials: list[dict[str, Any]], param_keys: list[str], metric: str) -> pd.DataFrame:
+    """One row per trial: id, status, its parameters, the last and best metric, steps done.
+
+    Each trial is ``{"trial_id", "status", "config": {...}, "last": {...}, "history": [ {...}, ... ]}``.
+    """
+    rows = []
+    for t in trials:
+        values = [h[metric] for h in t["history"] if metric in h and _finite(h[metric])]
+        rows.append({
+            "trial_id": t["trial_id"],
+            "status": t["status"],
+            **{k: t["config"].get(k) for k in param_keys},
+            metric: t["last"].get(metric),
+            f"best_{metric}": max(values) if values else None,
+            "step": t["last"].get("step"),
+            "evaluations": len(values),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_metric_vs_ratio(table: pd.DataFrame, metric: str, path: str | Path) -> Path | None:
+    """Line plot of ``metric`` against mask ratio per strategy; None if the sweep varies neither."""
+    if RATIO_KEY not in table or table[metric].isna().all():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
+    groups = table.groupby(STRATEGY_KEY) if STRATEGY_KEY in table else [("all", table)]
+    for strategy, rows in groups:
+        mean = rows.groupby(RATIO_KEY)[metric].mean().sort_index()
+        ax.plot(mean.index, mean.values, marker="o", label=str(strategy))
+    ax.set_xlabel("mask ratio")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(title="strategy")
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

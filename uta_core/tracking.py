@@ -1,0 +1,118 @@
+"""MLflow helpers shared by the pipelines: one place decides the URI, the run, what is logged.
+
+The tracking URI is ``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/mlflow.db`` (MLflow 3 refuses the old ``./mlruns`` file store). For a
+SQLite backend, artefacts of new experiments go next to the database
+(``<db folder>/mlartifacts``) instead of the current directory. Parameters pass through
+``redact_params``: keys that look secret are dropped and ``user:password@`` in URLs is
+masked, so credentials never reach MLflow. Log from rank 0 / the driver only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from uta_core.config import flatten, to_dict
+
+_SECRET_KEY = re.compile(r"(secret|passw|credential|access_key|session_token|api_key|auth|private)", re.I)
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_MAX_PARAM_CHARS = 6000  # MLflow's limit for a parameter value
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str | None = None  # None: the pipeline's own (e.g. uta-cache)
+    run_name: str | None = None
+    parent_run_id: str | None = None  # nest this run under another (a sweep's trials under the sweep)
+
+    def __post_init__(self) -> None:
+        if self.experiment == "":
+            raise ValueError("experiment must be a non-empty MLflow experiment name (or null)")
+        if self.tracking_uri is not None and _URL_USERINFO.search(self.tracking_uri):
+            raise ValueError(
+                "tracking_uri must not embed user:password; use MLFLOW_TRACKING_USERNAME/PASSWORD"
+            )
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str, experiment: str) -> str | None:
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return (db.parent / "mlartifacts" / experiment).as_uri()
+
+
+def is_secret_key(name: str) -> bool:
+    return bool(_SECRET_KEY.search(name))
+
+
+def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Flat params -> MLflow-safe strings, without secret-looking keys or URL credentials."""
+    out = {}
+    for key, value in params.items():
+        if is_secret_key(key):
+            continue
+        text = _URL_USERINFO.sub("***@", str(value))
+        out[key] = text[:_MAX_PARAM_CHARS]
+    return out
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: TrackingConfig, default_experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[Any]:
+    """``with start_run(cfg, "uta-cache") as run:`` -> an active MLflow run, or None when tracking is off."""
+    if not cfg.enabled:
+        yield None
+        return
+    import mlflow
+
+    uri = resolve_tracking_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    name = cfg.experiment or default_experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    else:
+        experiment_id = experiment.experiment_id
+    tags = dict(tags or {})
+    if cfg.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.parent_run_id  # MLflow's own nesting tag
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name, tags=tags) as run:
+        yield run
+
+
+def log_config(cfg: Any) -> None:
+    """Log a dataclass config as flattened, redacted params (no-op without an active run)."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_params(redact_params(flatten(to_dict(cfg))))
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def log_json(data: Mapping[str, Any], artifact_file: str) -> None:
+    """Log a dict as a JSON artefact (e.g. a cache manifest)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_dict(dict(data), artifact_file)
