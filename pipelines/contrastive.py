@@ -376,7 +376,7 @@ def run(cfg: ContrastiveJobConfig) -> dict:
 
 def fit_and_evaluate(cfg: ContrastiveJobConfig, mlflow_run: dict | None) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch: noise
-    ds = build_dataset(cfg, cfg.data.views.size)
+    ds = build_dataset(cfg, cfg.data.decode_size or cfg.data.views.size)
     total, warmup = resolve_steps(cfg, ds)
     log.info("%s: %d steps (%d warm-up) of %d images x %d workers, init=%s", cfg.run.name, total,
              warmup, cfg.train.micro_batch, cfg.cluster.num_workers, cfg.model.init)

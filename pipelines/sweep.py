@@ -85,6 +85,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], sweep: dict[str, 
 def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune's trainable: build this trial's datasets and TorchTrainer, report evaluations to Tune."""
     cfg = pretrain.resolve(trial_config(base, params, sweep))
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress view
     if cfg.data.teacher_mode == "cache":
         ds, rows, mean, std = pretrain.cache_dataset(cfg)
     else:
@@ -215,7 +216,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
     check_cache_fits(space, base)
     base_cfg = pretrain.resolve(from_dict(PretrainConfig, base))
     storage = args.storage_path if is_s3(args.storage_path) else str(Path(args.storage_path).resolve())
-    started = init_ray(base_cfg.cluster.address, pretrain.local_num_cpus(base_cfg))
+    # A new local Ray gets room for two trials: a trial that ASHA stops can hold its worker for a
+    # while as it is torn down, and the next trial's data pipeline must still find a CPU.
+    started = init_ray(base_cfg.cluster.address, 2 * pretrain.local_num_cpus(base_cfg))
     try:
         experiment = EXPERIMENT  # the trials' runs are nested under the sweep's run, in its experiment
         parent_cfg = dataclasses.replace(base_cfg.tracking, experiment=experiment)

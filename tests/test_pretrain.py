@@ -217,14 +217,15 @@ def test_cache_mode_refuses_a_cache_that_does_not_fit_the_student(ws, capsys, ex
 
 # --------------------------------------------------------------------- driver-side planning
 def test_plan_gives_every_rank_whole_steps_and_refuses_too_little_data(ws):
-    args = overrides(ws, "plan", "online", "train.global_batch=32", "train.epochs=2", "train.warmup_epochs=1")[2:]
+    args = overrides(ws, "plan", "online", "train.global_batch=32", "train.epochs=2", "train.warmup_epochs=1",
+                     "train.warmup_steps=null")[2:]
     cfg = load_config(PretrainConfig, DEFAULT_CONFIG, args)
     plan = make_plan(cfg, rows=120, mean=None, std=None)
     # 60 rows a rank -> 7 micro-batches of 8 -> 3 steps of 2 accumulated micro-batches (x 2 ranks = 32 rows).
     assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (2, 3, 6, 3)
     assert plan.teacher["arch"] == ws.arch
     with pytest.raises(ValueError, match="fewer than one step"):
-        make_plan(cfg, rows=40, mean=None, std=None)
+        make_plan(cfg, rows=30, mean=None, std=None)  # 15 rows a rank: one micro-batch, not 2
 
 
 def test_online_mode_refuses_a_teacher_grid_or_dim_that_does_not_fit_before_any_worker(ws, capsys):

@@ -47,8 +47,8 @@ from uta_core.storage import S3Options, filesystem_for
 from uta_core.student import UTAStudent
 from uta_core.teacher import TeacherConfig
 from uta_core.tracking import TrackingConfig
-from uta_core.zeroshot import classify, topk_accuracy
 from uta_core.train import OptimConfig, TrainConfig
+from uta_core.zeroshot import classify, topk_accuracy
 
 STAGE2_TEMPERATURE = 0.01  # the paper's fixed temperature for stage 2
 MAX_LOGIT_SCALE = 100.0  # open_clip clamps a learnable scale here (temperature >= 0.01)
@@ -327,7 +327,10 @@ def caption_rows(shard: InputShard, input_cfg: InputConfig, s3: S3Options, size:
 
 
 def augment(pixels_BHW3: np.ndarray, views: ViewConfig, rng: np.random.Generator) -> np.ndarray:
-    """A fresh RandomResizedCrop (+ flip) of every image, as the cache job's views: uint8 (B, S, S, 3)."""
+    """A fresh RandomResizedCrop (+ flip) of every decoded image, as the cache job draws views.
+
+    uint8 (B, H, W, 3) at ``data.decode_size`` -> uint8 (B, S, S, 3) at ``views.size``.
+    """
     out = []
     for pixels_HW3 in pixels_BHW3:
         img = Image.fromarray(pixels_HW3)
@@ -372,12 +375,17 @@ class ContrastiveLossConfig:
 @dataclass(kw_only=True)
 class ContrastiveDataConfig:
     input: InputConfig  # image-caption shards (WebDataset key.txt, or a parquet caption column)
-    views: ViewConfig = field(default_factory=lambda: ViewConfig(size=32, scale=(0.8, 1.0), hflip=False))
+    views: ViewConfig = field(default_factory=lambda: ViewConfig(size=32, scale=(1.0, 1.0), hflip=False))
+    # Images are decoded once per epoch to a centre square of this side, and the training
+    # crops are cut from it: above views.size, crops keep more detail. None = views.size.
+    decode_size: int | None = None
     shuffle_buffer: int = 1024  # rows mixed per worker (local shuffle); 0 keeps the shard order
 
     def __post_init__(self) -> None:
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 turns shuffling off)")
+        if self.decode_size is not None and self.decode_size < self.views.size:
+            raise ValueError(f"decode_size={self.decode_size} must be >= views.size={self.views.size} (or null)")
 
 
 @dataclass(kw_only=True)

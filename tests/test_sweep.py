@@ -1,0 +1,73 @@
+"""A 4-trial masking sweep on a real local Ray from one teacher cache; then a rerun resumes."""
+
+import csv
+
+import pytest
+
+from pipelines import sweep
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, ray_local):
+    """Digits, a cache and a classifier from a tiny teacher; then the teacher's config is deleted,
+    so a trial that tried to build a teacher would fail."""
+    workdir = tmp_path_factory.mktemp("sweep")
+    overrides = sweep.smoke_overrides(workdir)
+    (workdir / "uta-smoke-tiny.json").unlink()
+    # FIFO: on the 2-CPU test cluster, a trial stopped early by ASHA can hold its worker while it is
+    # torn down and starve the next trial's data pipeline (ASHA runs in `--smoke-test` on a larger Ray).
+    space = workdir / "smoke_fifo.yaml"
+    text = (sweep.ROOT / "tune_spaces" / "smoke.yaml").read_text()
+    space.write_text(text.replace("type: asha", "type: fifo"))
+    args = sweep.parse_args(["--space", str(space), "--name", "smoke", "--storage-path", str(workdir / "sweeps"),
+                             "--max-concurrent", "1"])
+    return workdir, args, overrides
+
+
+def mlflow_client(workdir):
+    import mlflow
+
+    return mlflow.tracking.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def mlflow_runs(workdir):
+    client = mlflow_client(workdir)
+    experiment = client.get_experiment_by_name(sweep.EXPERIMENT)
+    return client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.timeout(1200)
+def test_sweep_runs_every_trial_from_the_cache_and_tracks_them(smoke):
+    workdir, args, overrides = smoke
+    results_csv = sweep.run(args, overrides)
+
+    rows = list(csv.DictReader(results_csv.open()))
+    assert len(rows) == 4  # 2 strategies x 2 ratios
+    assert {(r["mask.strategy"], float(r["mask.mask_ratio"])) for r in rows} == {
+        (s, m) for s in ("random", "block_reversed") for m in (0.4, 0.6)
+    }
+    assert all(r["status"] == "DONE" for r in rows)  # finished or stopped by ASHA, none failed
+    assert all(float(r["loss"]) < 0 for r in rows)  # trained: cosine alignment above zero
+
+    runs = mlflow_runs(workdir)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 4
+    assert all("loss" in c.data.metrics for c in children)
+    assert {c.data.params["mask.strategy"] for c in children} == {"random", "block_reversed"}
+    parent_artifacts = {a.path for a in mlflow_client(workdir).list_artifacts(parents[0].info.run_id)}
+    assert {"results.csv", "metric_vs_mask_ratio.png", "best_trial_config.yaml"} <= parent_artifacts
+
+
+@pytest.mark.timeout(600)
+def test_rerun_with_the_same_name_resumes_without_redoing_trials(smoke):
+    workdir, args, overrides = smoke
+    before = {r.info.run_id for r in mlflow_runs(workdir)}
+    results_csv = sweep.run(args, overrides)
+    after = {r.info.run_id for r in mlflow_runs(workdir)}
+    assert len(list(csv.DictReader(results_csv.open()))) == 4
+    # Only the sweep's own (parent) run is new: no trial ran again.
+    assert len(after - before) == 1
+
