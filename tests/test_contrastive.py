@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 import open_clip
 import pytest
 import torch
@@ -280,3 +282,16 @@ def test_stage2_from_a_uta_export_keeps_the_temperature_at_001(scratch_run, digi
         assert not torch.allclose(tuned(images)[:, 0], student(images)[:, 0])  # it did train
     text = torch.load(f"{out['model']}/text.pt", weights_only=True)
     assert "text_projection" in text and not any(k.startswith("visual.") for k in text)
+
+
+def test_augment_identity_view_keeps_pixels_and_crops_resize_to_the_view_size():
+    from uta_core.contrastive import augment
+    from uta_core.data import ViewConfig
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    same = augment(pixels, ViewConfig(size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False), rng)
+    np.testing.assert_array_equal(same, pixels)  # the demo teacher's setting: no hidden resampling
+    big = rng.integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)
+    crops = augment(big, ViewConfig(size=32, scale=(0.3, 0.6), hflip=True), rng)
+    assert crops.shape == (2, 32, 32, 3) and crops.dtype == np.uint8
