@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +35,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 import pyarrow as pa
 import ray
 
-from pipelines.common import cluster_resources, init_ray
+from pipelines.common import cluster_resources, init_ray, job_parser, start_job, user_error
 from uta_core import tracking
 from uta_core.cache_job import (
     CacheConfig,
@@ -197,34 +196,22 @@ def smoke_overrides(workdir: Path, shards: int = 2, per_shard: int = 12) -> list
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="cache a few digits shards with a tiny random-init teacher in a temp folder")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output.token_dtype=int8")
-    return parser.parse_args(argv)
+    smoke_help = "cache a few digits shards with a tiny random-init teacher in a temp folder"
+    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "output.token_dtype=int8").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uta").setLevel(logging.INFO)
-    overrides = list(args.overrides)
-    if args.smoke_test:
-        workdir = Path(tempfile.mkdtemp(prefix="uta-cache-smoke-"))
-        overrides = smoke_overrides(workdir) + overrides
-        print(f"smoke test in {workdir}")
+    overrides = start_job(args, smoke_overrides, "cache")
     try:  # user errors (config, paths, buckets, credentials, settings mismatch): one line, no trace
         cfg = load_config(CacheConfig, args.config, overrides)
         plan = plan_cache(cfg)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     try:
         report = execute(plan)
     except (StorageError, ResourceError) as err:  # e.g. an output that is not writable
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     print_report(report)
     return 1 if report["incomplete"] else 0
 

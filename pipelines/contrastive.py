@@ -40,7 +40,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from pipelines.common import init_ray
+from pipelines.common import init_ray, job_parser, start_job, user_error
 from pipelines.train_loop import STATE_FILE, load_state, report
 from uta_core import tracking
 from uta_core.config import from_dict, load_config, to_dict
@@ -433,32 +433,20 @@ def print_report(report: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="train a tiny CLIP for a few steps on generated digits in a temp folder")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=300")
-    return parser.parse_args(argv)
+    smoke_help = "train a tiny CLIP for a few steps on generated digits in a temp folder"
+    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "train.max_steps=300").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uta").setLevel(logging.INFO)
-    overrides = list(args.overrides)
-    if args.smoke_test:
-        workdir = Path(tempfile.mkdtemp(prefix="uta-contrastive-smoke-"))
-        overrides = smoke_overrides(workdir) + overrides
-        print(f"smoke test in {workdir}")
+    overrides = start_job(args, smoke_overrides, "contrastive")
     try:  # user errors (config, paths, mismatched towers): one line, no trace
         cfg = load_config(ContrastiveJobConfig, args.config, overrides)
         report = run(cfg)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     except ray.train.TrainingFailedError as err:
-        print(f"error: training failed: {err}", file=sys.stderr)
-        return 1
+        return user_error(f"training failed: {err}", code=1)
     print_report(report)
     return 0
 

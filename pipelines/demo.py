@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from pipelines import cache_teacher, contrastive, evaluate, pretrain
-from pipelines.common import cluster_resources, init_ray
+from pipelines.common import cluster_resources, init_ray, setup_logging, user_error
 from pipelines.train_loop import load_state
 from uta_core import tracking
 from uta_core.cache_job import CacheConfig
@@ -402,14 +402,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uta").setLevel(logging.INFO)
+    setup_logging()
     try:
         cfg = load_demo_config(args.config, args.fast, list(args.overrides))
         run(cfg)
     except ValueError as err:  # a config or wiring mistake, before anything ran
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     except StageFailed as err:
         traceback.print_exception(err.__cause__)
         print(f"\ndemo failed: {err}", file=sys.stderr)

@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 
 import torch
 
+from pipelines.common import setup_logging, user_error
 from uta_core import tracking
 from uta_core.config import from_dict, load_config
 from uta_core.export import UTA_CONFIG, load_student
@@ -167,13 +168,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         cfg = load_config(EvaluateConfig, args.config, args.overrides)
         result = build_classifier_file(cfg) if args.command == "build-classifier" else evaluate(cfg)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     print(json.dumps(result, indent=1, default=str))
     return 0
 

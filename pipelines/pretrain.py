@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
@@ -35,7 +34,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from pipelines.common import init_ray
+from pipelines.common import init_ray, job_parser, start_job, user_error
 from pipelines.train_loop import TRAIN_DATASET, LoopPlan, train_loop_per_worker
 from uta_core import tracking
 from uta_core.cache_format import open_cache
@@ -256,12 +255,8 @@ def smoke_overrides(workdir: Path) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="train a nano student for a few steps on generated digits with a tiny random teacher")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
-    return parser.parse_args(argv)
+    smoke_help = "train a nano student for a few steps on generated digits with a tiny random teacher"
+    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "optim.lr=1e-3").parse_args(argv)
 
 
 def print_summary(result: ray.train.Result) -> None:
@@ -276,22 +271,14 @@ def print_summary(result: ray.train.Result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uta").setLevel(logging.INFO)
-    overrides = list(args.overrides)
-    if args.smoke_test:
-        workdir = Path(tempfile.mkdtemp(prefix="uta-pretrain-smoke-"))
-        overrides = smoke_overrides(workdir) + overrides
-        print(f"smoke test in {workdir}")
+    overrides = start_job(args, smoke_overrides, "pretrain")
     try:  # user errors (config, paths, cache mismatch): one line, no trace
         cfg = load_config(PretrainConfig, args.config, overrides)
         result = run(cfg)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     except ray.train.TrainingFailedError as err:
-        print(f"error: training failed: {err}", file=sys.stderr)
-        return 1
+        return user_error(f"training failed: {err}", code=1)
     print_summary(result)
     return 0
 

@@ -32,7 +32,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines import pretrain
-from pipelines.common import init_ray
+from pipelines.common import init_ray, setup_logging, user_error
 from uta_core import tracking
 from uta_core.cache_format import open_cache
 from uta_core.config import apply_overrides, from_dict
@@ -155,7 +155,7 @@ def log_results(results: tune.ResultGrid, space: SearchSpace, out_dir: Path) -> 
          "last": r.metrics or {}, "history": r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else []}
         for r in results
     ]
-    table = results_table(trials, list(space.params), space.metric)
+    table = results_table(trials, list(space.params), space.metric, space.mode)
     csv = out_dir / "results.csv"
     table.to_csv(csv, index=False)
     print(table.to_string(index=False))
@@ -238,8 +238,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uta").setLevel(logging.INFO)
+    setup_logging()
     overrides = list(args.overrides)
     try:
         if args.smoke_test:
@@ -250,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = smoke_overrides(workdir) + overrides
         csv = run(args, overrides)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     print(f"results: {csv}")
     return 0
 

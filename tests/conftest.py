@@ -3,7 +3,7 @@
 - ``aws_test_env``: fake AWS credentials in the environment for the session (restored at
   the end). ``ray_local`` depends on it because Ray workers inherit the environment of
   the process that starts Ray: workers reading the moto bucket need the variables too.
-- ``ray_local``: ``ray.init(num_cpus=2)`` once per session (reused if already running).
+- ``ray_local``: a 2-CPU local Ray (``start_local_ray``) once per session (reused if already running).
 - ``s3_server``: moto's ``ThreadedMotoServer`` on 127.0.0.1 with a free port -> endpoint URL;
   ``s3_client`` a boto3 client for it; ``s3_bucket`` a fresh bucket per test.
 - ``digits_webdataset``: scikit-learn's digits (real, labelled images) written as
@@ -45,10 +45,11 @@ def aws_test_env():
 def ray_local(aws_test_env):
     import ray
 
+    from pipelines.common import start_local_ray
+
     started = not ray.is_initialized()
     if started:
-        # "local": never attach to a `ray start` cluster that happens to run on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+        start_local_ray(num_cpus=2, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     if started:

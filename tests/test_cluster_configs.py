@@ -491,3 +491,18 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
         stopped = run("bash", str(CLUSTER / "local" / "stop.sh"))
     assert stopped.returncode == 0, stopped.stderr
     assert not (tmp_path / "state" / "ray-head.pid").exists()
+
+
+def test_every_ray_start_shortens_the_stale_resource_request_expiry():
+    """Each way this project starts Ray sets what pipelines/common.py sets for a local Ray."""
+    from pipelines.common import RAY_PROCESS_ENV
+
+    ((key, value),) = RAY_PROCESS_ENV.items()
+    dockerfile = (CLUSTER / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"^ENV {key}={value}$", dockerfile, re.M), "the image (KubeRay pods, MLflow) lacks it"
+    start = (CLUSTER / "local" / "start.sh").read_text()
+    assert f'export {key}="${{{key}:-{value}}}"' in start
+    aws = yaml.safe_load((CLUSTER / "aws" / "cluster.yaml").read_text())
+    for section in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in aws[section] if "ray start" in c]
+        assert starts and all(f"{key}={value} ray start" in c for c in starts), section

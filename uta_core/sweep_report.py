@@ -11,8 +11,10 @@ import pandas as pd
 RATIO_KEY, STRATEGY_KEY = "mask.mask_ratio", "mask.strategy"
 
 
-def results_table(trials: list[dict[str, Any]], param_keys: list[str], metric: str) -> pd.DataFrame:
-    """One row per trial: id, status, its parameters, the last and best metric, steps done.
+def results_table(
+    trials: list[dict[str, Any]], param_keys: list[str], metric: str, mode: str = "max"
+) -> pd.DataFrame:
+    """One row per trial: id, status, its parameters, the last and best metric (``mode``: max or min), steps done.
 
     Each trial is ``{"trial_id", "status", "config": {...}, "last": {...}, "history": [ {...}, ... ]}``.
     """
@@ -24,7 +26,7 @@ def results_table(trials: list[dict[str, Any]], param_keys: list[str], metric: s
             "status": t["status"],
             **{k: t["config"].get(k) for k in param_keys},
             metric: t["last"].get(metric),
-            f"best_{metric}": max(values) if values else None,
+            f"best_{metric}": (max if mode == "max" else min)(values) if values else None,
             "step": t["last"].get("step"),
             "evaluations": len(values),
         })

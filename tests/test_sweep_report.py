@@ -1,0 +1,28 @@
+"""The sweep's results table and plot (pure pandas / matplotlib, no Ray)."""
+
+from uta_core.sweep_report import plot_metric_vs_ratio, results_table
+
+
+def trial(tid, strategy, ratio, values):
+    history = [{"loss": v, "step": 2 * (i + 1)} for i, v in enumerate(values)]
+    return {"trial_id": tid, "status": "DONE", "config": {"mask.strategy": strategy, "mask.mask_ratio": ratio},
+            "last": history[-1], "history": history}
+
+
+TRIALS = [trial("a", "random", 0.4, [-0.2, -0.5, -0.4]), trial("b", "block", 0.6, [-0.1, -0.3])]
+
+
+def test_best_follows_the_mode():
+    keys = ["mask.strategy", "mask.mask_ratio"]
+    lower = results_table(TRIALS, keys, "loss", mode="min")
+    assert list(lower["best_loss"]) == [-0.5, -0.3]
+    assert list(lower["loss"]) == [-0.4, -0.3]  # the last report
+    assert list(lower["evaluations"]) == [3, 2]
+    higher = results_table(TRIALS, keys, "loss", mode="max")
+    assert list(higher["best_loss"]) == [-0.2, -0.1]
+
+
+def test_plot_has_one_line_per_strategy(tmp_path):
+    table = results_table(TRIALS, ["mask.strategy", "mask.mask_ratio"], "loss", mode="min")
+    path = plot_metric_vs_ratio(table, "loss", tmp_path / "plot.png")
+    assert path is not None and path.stat().st_size > 0
