@@ -216,8 +216,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
     check_cache_fits(space, base)
     base_cfg = pretrain.resolve(from_dict(PretrainConfig, base))
     storage = args.storage_path if is_s3(args.storage_path) else str(Path(args.storage_path).resolve())
-    # A new local Ray gets room for two trials: a trial that ASHA stops can hold its worker for a
-    # while as it is torn down, and the next trial's data pipeline must still find a CPU.
+    # A new local Ray gets room for two trials at once, each with its workers and its Ray Data CPUs.
     started = init_ray(base_cfg.cluster.address, 2 * pretrain.local_num_cpus(base_cfg))
     try:
         experiment = EXPERIMENT  # the trials' runs are nested under the sweep's run, in its experiment
