@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+import ray.train
 
 log = logging.getLogger("uta.ray")
 
@@ -102,6 +103,24 @@ def start_job(args: argparse.Namespace, smoke_overrides: Callable[[Path], list[s
         print(f"smoke test in {workdir}")
         overrides = smoke_overrides(workdir) + overrides
     return overrides
+
+
+def run_training_job(
+    config_cls: type, args: argparse.Namespace, overrides: list[str], run: Callable, report: Callable
+) -> int:
+    """Load the config, run the job, print its report. Exit codes: 0 done; 2 a user error
+    (config, paths, mismatched inputs: one line, no traceback); 1 training failed."""
+    from uta_core.config import load_config
+
+    try:
+        cfg = load_config(config_cls, args.config, overrides)
+        result = run(cfg)
+    except ValueError as err:
+        return user_error(err)
+    except ray.train.TrainingFailedError as err:
+        return user_error(f"training failed: {err}", code=1)
+    report(result)
+    return 0
 
 
 def user_error(message: object, code: int = 2) -> int:

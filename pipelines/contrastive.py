@@ -40,10 +40,10 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from pipelines.common import init_ray, job_parser, start_job, user_error
+from pipelines.common import init_ray, job_parser, run_training_job, start_job
 from pipelines.train_loop import STATE_FILE, load_state, report
 from uta_core import tracking
-from uta_core.config import from_dict, load_config, to_dict
+from uta_core.config import from_dict, to_dict
 from uta_core.contrastive import (
     ClipForward,
     ContrastiveJobConfig,
@@ -440,15 +440,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = start_job(args, smoke_overrides, "contrastive")
-    try:  # user errors (config, paths, mismatched towers): one line, no trace
-        cfg = load_config(ContrastiveJobConfig, args.config, overrides)
-        report = run(cfg)
-    except ValueError as err:
-        return user_error(err)
-    except ray.train.TrainingFailedError as err:
-        return user_error(f"training failed: {err}", code=1)
-    print_report(report)
-    return 0
+    return run_training_job(ContrastiveJobConfig, args, overrides, run, print_report)
 
 
 if __name__ == "__main__":

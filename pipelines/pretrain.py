@@ -34,11 +34,11 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
-from pipelines.common import init_ray, job_parser, start_job, user_error
+from pipelines.common import init_ray, job_parser, run_training_job, start_job
 from pipelines.train_loop import TRAIN_DATASET, LoopPlan, train_loop_per_worker
 from uta_core import tracking
 from uta_core.cache_format import open_cache
-from uta_core.config import from_dict, load_config, to_dict
+from uta_core.config import from_dict, to_dict
 from uta_core.pretrain_config import PretrainConfig
 from uta_core.shards import InputShard, discover
 from uta_core.storage import S3_SCHEME, filesystem_for, is_s3, join, s3_filesystem, write_bytes_atomic
@@ -272,15 +272,7 @@ def print_summary(result: ray.train.Result) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = start_job(args, smoke_overrides, "pretrain")
-    try:  # user errors (config, paths, cache mismatch): one line, no trace
-        cfg = load_config(PretrainConfig, args.config, overrides)
-        result = run(cfg)
-    except ValueError as err:
-        return user_error(err)
-    except ray.train.TrainingFailedError as err:
-        return user_error(f"training failed: {err}", code=1)
-    print_summary(result)
-    return 0
+    return run_training_job(PretrainConfig, args, overrides, run, print_summary)
 
 
 if __name__ == "__main__":
