@@ -98,11 +98,15 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
 def check_cache_fits(space: SearchSpace, base: dict[str, Any]) -> None:
     """In cache mode, every grid point must fit the cache's grid / dim / views: refuse before any trial."""
     space.validate_against(PretrainConfig, base)
+    manifests = {}  # one read per cache (a grid of 20 points shares one, often on S3)
     for overrides in space.example_overrides():
         cfg = from_dict(PretrainConfig, apply_overrides(base, overrides))
         if cfg.data.teacher_mode != "cache":
             continue
-        _, _, manifest, _ = open_cache(cfg.data.cache, cfg.s3)
+        key = (cfg.data.cache, cfg.s3)
+        if key not in manifests:
+            manifests[key] = open_cache(cfg.data.cache, cfg.s3)[2]
+        manifest = manifests[key]
         try:
             pretrain.check_cache(manifest, cfg, cfg.data.cache)
         except ValueError as err:

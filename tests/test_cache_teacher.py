@@ -30,6 +30,7 @@ from conftest import FAKE_AWS_ENV
 from helpers import tiny_clip_model, write_model_config
 
 from pipelines.cache_teacher import main, run
+from pipelines.common import free_port
 from uta_core.cache_format import (
     load_manifest,
     quantize_int8,
@@ -365,9 +366,7 @@ def test_missing_buckets_fail_fast_and_write_nothing(s3_server, s3_client, digit
 @pytest.fixture(scope="module")
 def s3_server_with_auth(aws_test_env):
     """A moto server that checks credentials (the fake ones are unknown to it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -396,9 +395,7 @@ def test_refused_credentials_fail_fast_with_one_clear_message(s3_server_with_aut
 
 
 def test_unreachable_endpoint_fails_fast(aws_test_env, teacher_files, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     cfg = cache_config(["s3://bucket/wds/*.tar"], tmp_path / "cache", teacher_files,
                        endpoint=f"http://127.0.0.1:{port}")
     start = time.monotonic()

@@ -14,13 +14,14 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import yaml
+
+from pipelines.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -440,26 +441,20 @@ def test_local_stop_never_runs_ray_stop():
 
 
 # ------------------------------------------------------- the local cluster, for real
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
     if shutil.which("ray") is None:
         pytest.skip("the ray CLI is not on PATH")
     token = tmp_path / "token"
     token.write_text("uta-test-" + os.urandom(16).hex())
-    dash = _free_port()
+    dash = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
         "RAY_AUTH_TOKEN_PATH": str(token),  # never touch the user's ~/.ray/auth_token
         "UTA_RAY_STATE_DIR": str(tmp_path / "state"),
-        "UTA_RAY_PORT": str(_free_port()),
+        "UTA_RAY_PORT": str(free_port()),
         "UTA_RAY_DASHBOARD_PORT": str(dash),
-        "UTA_RAY_CLIENT_PORT": str(_free_port()),
+        "UTA_RAY_CLIENT_PORT": str(free_port()),
         "UTA_RAY_NUM_CPUS": "2",
     }
     work = tmp_path / "job"

@@ -280,12 +280,7 @@ def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
 @pytest.mark.timeout(600)
 def test_ray_job_submit_runs_the_smoke_job_to_completion(tmp_path):
     """`ray start --head` (cluster/local/start.sh: token auth on) + `ray job submit --working-dir .`."""
-    import socket
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from pipelines.common import free_port
 
     token = tmp_path / "token"
     token.write_text("uta-test-" + os.urandom(16).hex())
