@@ -39,7 +39,7 @@ from uta_core.config import apply_overrides, from_dict
 from uta_core.pretrain_config import PretrainConfig
 from uta_core.search_space import ParamSpec, SearchSpace, load_search_space
 from uta_core.storage import is_s3, join
-from uta_core.sweep_report import plot_metric_vs_ratio, results_table
+from uta_core.sweep_report import plot_metric_vs_ratio, results_table, trial_status
 
 log = logging.getLogger("uta.sweep")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,15 +48,46 @@ EXPERIMENT = "uta-sweep"
 
 class EvalReportCallback(TuneReportCallback):
     """Forward to Tune only the reports that carry the sweep metric (the evaluation steps),
-    so ASHA compares trials on evaluations and Tune's strict metric check holds."""
+    so ASHA compares trials on evaluations and Tune's strict metric check holds. Each carries
+    ``total_steps``, so a trial the scheduler stops can be told from one that finished."""
 
-    def __init__(self, metric: str):
+    def __init__(self, metric: str, total_steps: int):
         super().__init__()
         self._metric = metric
+        self._total_steps = total_steps
 
     def after_report(self, run_context, metrics, checkpoint):
         if self._metric in metrics[0]:
+            metrics = [{**metrics[0], "total_steps": self._total_steps}, *metrics[1:]]
             super().after_report(run_context, metrics, checkpoint)
+
+
+class CloseTrialRuns(tune.Callback):
+    """On the sweep's driver: end the MLflow run of a trial whose process was killed.
+
+    Tune stops a trial (ASHA) by ending its actor, so the trial cannot end its own MLflow run;
+    without this it would show as RUNNING forever. Stopped trials end KILLED with the tag
+    ``uta.stopped_early=true``, failed ones FAILED; a finished trial has ended its run itself."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str):
+        self._uri, self._experiment, self._name = tracking_uri, experiment, sweep_name
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial_status(False, trial.last_result or {}) == "STOPPED":
+            self._close(trial, "KILLED", {"uta.stopped_early": "true"})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED", {})
+
+    def _close(self, trial, status: str, tags: dict[str, str]) -> None:
+        try:
+            run_name = f"{self._name}-{trial.trial_id}"
+            closed = tracking.close_running_runs(self._uri, self._experiment, run_name, status, tags)
+        except Exception as err:  # bookkeeping must never end a sweep
+            log.warning("could not end the MLflow run of trial %s: %s", trial.trial_id, err)
+        else:
+            if closed:
+                log.info("trial %s: MLflow run ended as %s", trial.trial_id, status)
 
 
 def tune_distribution(spec: ParamSpec) -> Any:
@@ -92,7 +123,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
         (ds, rows), mean, std = pretrain.online_dataset(cfg), None, None
     plan = pretrain.make_plan(cfg, rows, mean, std)
     pretrain.save_resolved_config(cfg, plan)
-    pretrain.build_trainer(cfg, ds, plan, callbacks=[EvalReportCallback(sweep["metric"])]).fit()
+    pretrain.build_trainer(cfg, ds, plan, callbacks=[EvalReportCallback(sweep["metric"], plan.total_steps)]).fit()
 
 
 def check_cache_fits(space: SearchSpace, base: dict[str, Any]) -> None:
@@ -139,14 +170,17 @@ def make_tuner(space: SearchSpace, base: dict[str, Any], sweep: dict[str, Any], 
     if space.scheduler.type == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
             time_attr="training_iteration", grace_period=space.scheduler.grace_period,
-            reduction_factor=space.scheduler.reduction_factor, max_t=10**6,
+            reduction_factor=space.scheduler.reduction_factor, max_t=space.scheduler.max_t or 10**6,
         )
+    callbacks = []
+    if sweep["parent_run_id"]:
+        callbacks.append(CloseTrialRuns(base["tracking"]["tracking_uri"], sweep["experiment"], sweep["name"]))
     return tune.Tuner(
         trainable,
         param_space={key: tune_distribution(spec) for key, spec in space.params.items()},
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, scheduler=scheduler,
                                     num_samples=space.num_samples, max_concurrent_trials=max_concurrent),
-        run_config=tune.RunConfig(name=sweep["name"], storage_path=sweep["storage_path"]),
+        run_config=tune.RunConfig(name=sweep["name"], storage_path=sweep["storage_path"], callbacks=callbacks),
     )
 
 
@@ -155,7 +189,7 @@ def log_results(results: tune.ResultGrid, space: SearchSpace, out_dir: Path) -> 
     import mlflow
 
     trials = [
-        {"trial_id": (r.metrics or {}).get("trial_id", r.path.rsplit("/", 1)[-1]), "status": "ERROR" if r.error else "DONE", "config": r.config,
+        {"trial_id": (r.metrics or {}).get("trial_id", r.path.rsplit("/", 1)[-1]), "status": trial_status(bool(r.error), r.metrics or {}), "config": r.config,
          "last": r.metrics or {}, "history": r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else []}
         for r in results
     ]

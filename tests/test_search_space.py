@@ -78,3 +78,10 @@ def test_space_that_does_not_fit_the_config_is_refused(tmp_path):
 def test_fixed_and_params_clash(tmp_path):
     with pytest.raises(ValueError, match="both in fixed and in params"):
         load_search_space(write(tmp_path, "fixed: {lr: 1}\nparams: {lr: {grid: [1, 2]}}\n"))
+
+
+def test_scheduler_max_t_below_grace_period_is_refused(tmp_path):
+    space = load_search_space(write(tmp_path, "scheduler: {max_t: 4}\nparams: {lr: {grid: [1]}}\n"))
+    assert space.scheduler.max_t == 4
+    with pytest.raises(ValueError, match=r"max_t must be >= grace_period \(2\)"):
+        load_search_space(write(tmp_path, "scheduler: {grace_period: 2, max_t: 1}\nparams: {lr: {grid: [1]}}\n"))

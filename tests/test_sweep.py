@@ -3,6 +3,7 @@
 import csv
 
 import pytest
+import yaml
 
 from pipelines import sweep
 
@@ -12,12 +13,19 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, ray_local):
     """Digits, a cache and a classifier from a tiny teacher; then the teacher's config is deleted,
-    so a trial that tried to build a teacher would fail."""
+    so a trial that tried to build a teacher would fail.
+
+    The space is tune_spaces/smoke.yaml (ASHA on the loss) with ASHA's ``max_t`` at 2 reports:
+    ASHA then stops every trial at its second report, the same way it stops a losing trial, but
+    without depending on which trial happens to lose. One trial at a time on the 2-CPU test Ray,
+    so each trial after the first starts right after ASHA stopped one."""
     workdir = tmp_path_factory.mktemp("sweep")
     overrides = sweep.smoke_overrides(workdir) + ["student.variant=tiny"]
     (workdir / "uta-smoke-tiny.json").unlink()
-    # tune_spaces/smoke.yaml as it ships (ASHA on the loss), one trial at a time on the 2-CPU test Ray.
-    args = sweep.parse_args(["--space", str(sweep.ROOT / "tune_spaces" / "smoke.yaml"), "--name", "smoke",
+    space = yaml.safe_load((sweep.ROOT / "tune_spaces" / "smoke.yaml").read_text())
+    space["scheduler"]["max_t"] = 2
+    (workdir / "space.yaml").write_text(yaml.safe_dump(space))
+    args = sweep.parse_args(["--space", str(workdir / "space.yaml"), "--name", "smoke",
                              "--storage-path", str(workdir / "sweeps"), "--max-concurrent", "1"])
     return workdir, args, overrides
 
@@ -44,18 +52,18 @@ def test_sweep_runs_every_trial_from_the_cache_and_tracks_them(smoke):
     assert {(r["mask.strategy"], float(r["mask.mask_ratio"])) for r in rows} == {
         (s, m) for s in ("random", "block_reversed") for m in (0.4, 0.6)
     }
-    assert all(r["status"] == "DONE" for r in rows)  # finished or stopped by ASHA, none failed
+    # ASHA stopped every trial before its last step (4), none failed; the trials after a stopped
+    # one still got CPUs for their data (its placement group is released: common.start_local_ray).
+    assert all(r["status"] == "STOPPED" and int(r["step"]) < 4 for r in rows), rows
     assert all(float(r["loss"]) < 0 for r in rows)  # trained: cosine alignment above zero
-    # ASHA stopped a trial that was not the last: the trials after it still got CPUs for their
-    # data (a stopped trial's placement group is released; see pipelines/common.start_local_ray).
-    by_id = sorted(rows, key=lambda r: r["trial_id"])
-    assert any(int(r["step"]) < 4 for r in by_id[:-1]), by_id
 
     runs = mlflow_runs(workdir)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 4
     assert all("loss" in c.data.metrics for c in children)
+    # A stopped trial cannot end its own run: the sweep ends it, KILLED and tagged, not RUNNING forever.
+    assert all(c.info.status == "KILLED" and c.data.tags.get("uta.stopped_early") == "true" for c in children)
     assert {c.data.params["mask.strategy"] for c in children} == {"random", "block_reversed"}
     parent_artifacts = {a.path for a in mlflow_client(workdir).list_artifacts(parents[0].info.run_id)}
     assert {"results.csv", "metric_vs_mask_ratio.png", "best_trial_config.yaml"} <= parent_artifacts

@@ -1,6 +1,6 @@
 """The sweep's results table and plot (pure pandas / matplotlib, no Ray)."""
 
-from uta_core.sweep_report import plot_metric_vs_ratio, results_table
+from uta_core.sweep_report import plot_metric_vs_ratio, results_table, trial_status
 
 
 def trial(tid, strategy, ratio, values):
@@ -26,3 +26,10 @@ def test_plot_has_one_line_per_strategy(tmp_path):
     table = results_table(TRIALS, ["mask.strategy", "mask.mask_ratio"], "loss", mode="min")
     path = plot_metric_vs_ratio(table, "loss", tmp_path / "plot.png")
     assert path is not None and path.stat().st_size > 0
+
+
+def test_status_tells_a_stopped_trial_from_a_finished_one():
+    assert trial_status(False, {"step": 2, "total_steps": 4}) == "STOPPED"
+    assert trial_status(False, {"step": 4, "total_steps": 4}) == "DONE"
+    assert trial_status(False, {"step": 2}) == "DONE"  # no step budget reported: nothing to compare
+    assert trial_status(True, {"step": 2, "total_steps": 4}) == "ERROR"

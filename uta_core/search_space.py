@@ -3,7 +3,7 @@
     metric: zeroshot_top1          # a metric the training job reports
     mode: max
     num_samples: 1                 # repeats of the grid (x random draws for distributions)
-    scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
+    scheduler: {type: asha, grace_period: 2, reduction_factor: 2}  # max_t: cap in reports
     fixed:                         # dotted overrides shared by every trial
       train.max_steps: 200
     params:                        # dotted config keys -> one distribution each
@@ -56,12 +56,15 @@ class SchedulerConfig:
     type: Literal["asha", "fifo"] = "asha"
     grace_period: int = 1  # in reports (evaluations) before a trial can be stopped
     reduction_factor: int = 2
+    max_t: int | None = None  # stop every trial after this many reports (a budget cap); None: no cap
 
     def __post_init__(self) -> None:
         if self.grace_period < 1:
             raise ValueError(f"grace_period must be >= 1, got {self.grace_period}")
         if self.reduction_factor < 2:
             raise ValueError(f"reduction_factor must be >= 2, got {self.reduction_factor}")
+        if self.max_t is not None and self.max_t < self.grace_period:
+            raise ValueError(f"max_t must be >= grace_period ({self.grace_period}), got {self.max_t}")
 
 
 @dataclass(kw_only=True)

@@ -11,6 +11,14 @@ import pandas as pd
 RATIO_KEY, STRATEGY_KEY = "mask.mask_ratio", "mask.strategy"
 
 
+def trial_status(error: bool, last: dict[str, Any]) -> str:
+    """ERROR (raised), STOPPED (ended by the scheduler before its last step) or DONE."""
+    if error:
+        return "ERROR"
+    step, total = last.get("step"), last.get("total_steps")
+    return "STOPPED" if step is not None and total is not None and step < total else "DONE"
+
+
 def results_table(
     trials: list[dict[str, Any]], param_keys: list[str], metric: str, mode: str = "max"
 ) -> pd.DataFrame:

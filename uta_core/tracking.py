@@ -116,3 +116,28 @@ def log_json(data: Mapping[str, Any], artifact_file: str) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_dict(dict(data), artifact_file)
+
+
+
+def close_running_runs(
+    tracking_uri: str, experiment: str, run_name: str, status: str, tags: Mapping[str, str] | None = None
+) -> int:
+    """End the still-RUNNING runs named ``run_name`` in ``experiment`` with ``status`` (KILLED, FAILED).
+
+    A process that is killed (a sweep trial stopped early, a crashed worker) cannot end its own
+    run, which would otherwise show as running forever. Returns how many runs were ended.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    running = client.search_runs(
+        [found.experiment_id], filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'"
+    )
+    for run in running:
+        for key, value in (tags or {}).items():
+            client.set_tag(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, status=status)
+    return len(running)
