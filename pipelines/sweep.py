@@ -63,31 +63,34 @@ class EvalReportCallback(TuneReportCallback):
 
 
 class CloseTrialRuns(tune.Callback):
-    """On the sweep's driver: end the MLflow run of a trial whose process was killed.
+    """On the sweep's driver: record how each trial ended on its MLflow run.
 
     Tune stops a trial (ASHA) by ending its actor, so the trial cannot end its own MLflow run;
-    without this it would show as RUNNING forever. Stopped trials end KILLED with the tag
-    ``uta.stopped_early=true``, failed ones FAILED; a finished trial has ended its run itself."""
+    without this it would show as RUNNING forever. Every trial's run gets the tag
+    ``uta.trial_status`` (DONE, STOPPED, ERROR: as in results.csv); a stopped trial's run still
+    running is ended KILLED, a failed one FAILED. The stop is asynchronous: a trial that reaches
+    its last step before its actor ends finishes its run itself (FINISHED, tagged STOPPED)."""
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str):
         self._uri, self._experiment, self._name = tracking_uri, experiment, sweep_name
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if trial_status(False, trial.last_result or {}) == "STOPPED":
-            self._close(trial, "KILLED", {"uta.stopped_early": "true"})
+        status = trial_status(False, trial.last_result or {})
+        self._record(trial, status, "KILLED" if status == "STOPPED" else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED", {})
+        self._record(trial, "ERROR", "FAILED")
 
-    def _close(self, trial, status: str, tags: dict[str, str]) -> None:
+    def _record(self, trial, status: str, end_running_as: str) -> None:
+        run_name = f"{self._name}-{trial.trial_id}"
         try:
-            run_name = f"{self._name}-{trial.trial_id}"
-            closed = tracking.close_running_runs(self._uri, self._experiment, run_name, status, tags)
+            ended = tracking.end_killed_runs(self._uri, self._experiment, run_name, end_running_as,
+                                             {"uta.trial_status": status})
         except Exception as err:  # bookkeeping must never end a sweep
-            log.warning("could not end the MLflow run of trial %s: %s", trial.trial_id, err)
+            log.warning("could not update the MLflow run of trial %s: %s", trial.trial_id, err)
         else:
-            if closed:
-                log.info("trial %s: MLflow run ended as %s", trial.trial_id, status)
+            if ended:
+                log.info("trial %s (%s): its MLflow run ended as %s", trial.trial_id, status, end_running_as)
 
 
 def tune_distribution(spec: ParamSpec) -> Any:

@@ -62,8 +62,10 @@ def test_sweep_runs_every_trial_from_the_cache_and_tracks_them(smoke):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 4
     assert all("loss" in c.data.metrics for c in children)
-    # A stopped trial cannot end its own run: the sweep ends it, KILLED and tagged, not RUNNING forever.
-    assert all(c.info.status == "KILLED" and c.data.tags.get("uta.stopped_early") == "true" for c in children)
+    # A stopped trial cannot end its own run: the sweep tags it and ends it KILLED, not RUNNING
+    # forever (FINISHED if it reached its last step before its actor ended: the stop is asynchronous).
+    assert all(c.data.tags.get("uta.trial_status") == "STOPPED" for c in children)
+    assert all(c.info.status in ("KILLED", "FINISHED") for c in children), [c.info.status for c in children]
     assert {c.data.params["mask.strategy"] for c in children} == {"random", "block_reversed"}
     parent_artifacts = {a.path for a in mlflow_client(workdir).list_artifacts(parents[0].info.run_id)}
     assert {"results.csv", "metric_vs_mask_ratio.png", "best_trial_config.yaml"} <= parent_artifacts

@@ -119,13 +119,13 @@ def log_json(data: Mapping[str, Any], artifact_file: str) -> None:
 
 
 
-def close_running_runs(
-    tracking_uri: str, experiment: str, run_name: str, status: str, tags: Mapping[str, str] | None = None
-) -> int:
-    """End the still-RUNNING runs named ``run_name`` in ``experiment`` with ``status`` (KILLED, FAILED).
+
+def end_killed_runs(tracking_uri: str, experiment: str, run_name: str, status: str, tags: Mapping[str, str]) -> int:
+    """Tag the runs named ``run_name`` in ``experiment``; end those still RUNNING with ``status``.
 
     A process that is killed (a sweep trial stopped early, a crashed worker) cannot end its own
-    run, which would otherwise show as running forever. Returns how many runs were ended.
+    run, which would otherwise show as running forever. One that outruns the kill and ends its
+    run itself keeps its own status (FINISHED). Returns how many runs were ended here.
     """
     from mlflow.tracking import MlflowClient
 
@@ -133,11 +133,11 @@ def close_running_runs(
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return 0
-    running = client.search_runs(
-        [found.experiment_id], filter_string=f"attributes.run_name = '{run_name}' and attributes.status = 'RUNNING'"
-    )
-    for run in running:
-        for key, value in (tags or {}).items():
+    ended = 0
+    for run in client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{run_name}'"):
+        for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
-        client.set_terminated(run.info.run_id, status=status)
-    return len(running)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+            ended += 1
+    return ended
