@@ -32,7 +32,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines import pretrain
-from pipelines.common import init_ray, setup_logging, user_error
+from pipelines.common import init_ray, start_job, user_error
 from uta_core import tracking
 from uta_core.cache_format import open_cache
 from uta_core.config import apply_overrides, from_dict
@@ -82,7 +82,7 @@ class CloseTrialRuns(tune.Callback):
         self._record(trial, "ERROR", "FAILED")
 
     def _record(self, trial, status: str, end_running_as: str) -> None:
-        run_name = f"{self._name}-{trial.trial_id}"
+        run_name = trial_run_name(self._name, trial.trial_id)
         try:
             ended = tracking.end_killed_runs(self._uri, self._experiment, run_name, end_running_as,
                                              {"uta.trial_status": status})
@@ -104,15 +104,20 @@ def tune_distribution(spec: ParamSpec) -> Any:
     }[spec.kind]()
 
 
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """A trial's run name, in Ray Train's storage and in MLflow: how the driver finds its run."""
+    return f"{sweep_name}-{trial_id}"
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any], sweep: dict[str, Any]) -> PretrainConfig:
     """The pre-training config of one trial: base + this trial's parameters + its run identity."""
     overrides = [f"{k}={_yaml(v)}" for k, v in params.items()]
     cfg = from_dict(PretrainConfig, apply_overrides(base, overrides))
-    trial_id = tune.get_context().get_trial_id()
-    run = dataclasses.replace(cfg.run, name=f"{sweep['name']}-{trial_id}", storage_path=sweep["trials_path"])
+    name = trial_run_name(sweep["name"], tune.get_context().get_trial_id())
+    run = dataclasses.replace(cfg.run, name=name, storage_path=sweep["trials_path"])
     # Children live in the parent's experiment: MLflow nests runs within one experiment only.
     trk = dataclasses.replace(cfg.tracking, parent_run_id=sweep["parent_run_id"], experiment=sweep["experiment"],
-                              run_name=f"{sweep['name']}-{trial_id}")
+                              run_name=name)
     return dataclasses.replace(cfg, run=run, tracking=trk)
 
 
@@ -278,16 +283,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
-    overrides = list(args.overrides)
+
+    def smoke_test(workdir: Path) -> list[str]:
+        args.space = ROOT / "tune_spaces" / "smoke.yaml"
+        args.storage_path = str(workdir / "sweeps")
+        return smoke_overrides(workdir)
+
     try:
-        if args.smoke_test:
-            workdir = Path(tempfile.mkdtemp(prefix="uta-sweep-smoke-"))
-            print(f"smoke test in {workdir}")
-            args.space = ROOT / "tune_spaces" / "smoke.yaml"
-            args.storage_path = str(workdir / "sweeps")
-            overrides = smoke_overrides(workdir) + overrides
-        csv = run(args, overrides)
+        csv = run(args, start_job(args, smoke_test, "sweep"))
     except ValueError as err:
         return user_error(err)
     print(f"results: {csv}")

@@ -118,8 +118,6 @@ def log_json(data: Mapping[str, Any], artifact_file: str) -> None:
         mlflow.log_dict(dict(data), artifact_file)
 
 
-
-
 def end_killed_runs(tracking_uri: str, experiment: str, run_name: str, status: str, tags: Mapping[str, str]) -> int:
     """Tag the runs named ``run_name`` in ``experiment``; end those still RUNNING with ``status``.
 
