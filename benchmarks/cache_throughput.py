@@ -35,14 +35,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.cache_teacher import execute
-from pipelines.common import init_ray
-from uta_core.cache_format import open_cache, read_cache_rows
-from uta_core.cache_job import CacheConfig, build_teacher, plan_cache
+from pipelines.lib.ray_setup import init_ray
+from uta_core.cache.format import open_cache, read_cache_rows
+from uta_core.cache.plan import CacheConfig, build_teacher, plan_cache
 from uta_core.config import load_config
-from uta_core.data import to_model_input
-from uta_core.loss import gather_kept, uta_loss
-from uta_core.masking import make_mask_generator
-from uta_core.shards import Sample, webdataset_bytes
+from uta_core.data.views import to_model_input
+from uta_core.objectives.alignment import gather_kept, uta_loss
+from uta_core.objectives.masking import make_mask_generator
+from uta_core.data.digits import webdataset_bytes
+from uta_core.data.shards import Sample
 
 SMALL_TEACHER = {
     "embed_dim": 512,

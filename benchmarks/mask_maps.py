@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from uta_core.masking import (  # noqa: E402
+from uta_core.objectives.masking import (  # noqa: E402
     STRATEGIES,
     MaskGenerator,
     centre_border_means,

@@ -11,7 +11,7 @@ Everything is measured in one run on this machine with random-init weights (timi
    (``iter_torch_batches``), in rounds alternating with the plain loop on an in-memory batch
    in the same worker process (same threads, same load); and separately what one
    ``ray.train.report`` costs (the job reports only at checkpoints and evaluations).
-The analytic FLOPs ratio (``uta_core.flops``) is printed next to the measured one.
+The analytic FLOPs ratio (``uta_core.models.flops``) is printed next to the measured one.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from uta_core.cache_format import tokens_to_storage
-from uta_core.data import to_model_input
-from uta_core.flops import step_flops, student_shape, teacher_shape
-from uta_core.masking import make_mask_generator
-from uta_core.student import build_student
-from uta_core.teacher import Teacher
-from uta_core.train import (
+from uta_core.cache.format import tokens_to_storage
+from uta_core.data.views import to_model_input
+from uta_core.models.flops import step_flops, student_shape, teacher_shape
+from uta_core.objectives.masking import make_mask_generator
+from uta_core.models.student import build_student
+from uta_core.models.teacher import Teacher
+from uta_core.optim import (
     ObjectiveConfig,
     OptimConfig,
     StudentForward,
@@ -44,7 +44,7 @@ from uta_core.train import (
     prepare_student,
     train_step,
 )
-from uta_core.train_data import TeacherTargets
+from uta_core.data.rows import TeacherTargets
 
 OBJECTIVE = ObjectiveConfig(name="uta")
 OPTIM = OptimConfig()

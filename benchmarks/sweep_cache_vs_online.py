@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines import cache_teacher, sweep
-from uta_core.digits import write_digits_splits
-from uta_core.flops import ViTShape, step_flops, student_shape
+from uta_core.data.digits import write_digits_splits
+from uta_core.models.flops import ViTShape, step_flops, student_shape
 
 
 def teacher_arch(args) -> dict:

@@ -39,23 +39,27 @@ import ray
 import torch
 import yaml
 
-from pipelines import cache_teacher, contrastive, evaluate, pretrain
-from pipelines.common import cluster_resources, init_ray, setup_logging, user_error
-from pipelines.train_loop import load_state
+from pipelines.lib.cache import job as cache_job
+from pipelines.lib.cache.config import CacheConfig
+from pipelines.lib.cli import setup_logging, user_error
+from pipelines.lib.contrastive import job as contrastive_job
+from pipelines.lib.contrastive.config import ContrastiveJobConfig
+from pipelines.lib.evaluate import job as evaluate_job
+from pipelines.lib.pretrain import job as pretrain_job
+from pipelines.lib.pretrain.config import PretrainConfig
+from pipelines.lib.ray_setup import cluster_resources, init_ray
+from pipelines.lib.train.rank0 import EXPORT_DIR
 from uta_core import tracking
-from uta_core.cache_job import CacheConfig
 from uta_core.config import apply_overrides, from_dict, to_dict
-from uta_core.contrastive import ContrastiveJobConfig, zeroshot_top1
-from uta_core.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
-from uta_core.export import export_student
-from uta_core.pretrain_config import PretrainConfig
-from uta_core.shards import InputConfig
-from uta_core.storage import S3Options
-from uta_core.student import student_from_config
-from uta_core.student_eval import load_classifier
-from uta_core.teacher import Teacher, TeacherConfig
+from uta_core.data.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
+from uta_core.data.rows import load_eval_set
+from uta_core.data.shards import InputConfig
+from uta_core.data.storage import S3Options
+from uta_core.eval.evaluator import load_classifier, zeroshot_accuracy
+from uta_core.models.export import export_student
+from uta_core.models.student import UTAStudent
+from uta_core.models.teacher import Teacher, TeacherConfig
 from uta_core.tracking import TrackingConfig
-from uta_core.train_data import load_eval_set
 
 log = logging.getLogger("uta.demo")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -175,7 +179,7 @@ def teacher_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> Contrasti
 
 
 def teacher_files(tcfg: ContrastiveJobConfig, paths: Paths) -> tuple[str, str]:
-    model_dir = paths.work / tcfg.run.name / contrastive.MODEL_DIR
+    model_dir = paths.work / tcfg.run.name / EXPORT_DIR
     name = tcfg.model.clip.name
     return str(model_dir / f"{name}.json"), str(model_dir / f"{name}.pt")
 
@@ -204,11 +208,11 @@ def student_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> PretrainC
 
 
 def write_classifier(cfg: DemoConfig, paths: Paths, arch: str, weights: str) -> None:
-    ecfg = evaluate.EvaluateConfig(
+    ecfg = evaluate_job.EvaluateConfig(
         teacher=TeacherConfig(arch=arch, pretrained=weights, precision="fp32"),
         classnames=list(CLASS_NAMES), templates=list(TEMPLATES), output=str(paths.classifier), device="cpu",
     )
-    evaluate.build_classifier_file(ecfg)
+    evaluate_job.build_classifier_file(ecfg)
 
 
 def evaluate_all(cfg: DemoConfig, paths: Paths, arch: str, weights: str, scfg: PretrainConfig) -> dict[str, Any]:
@@ -217,18 +221,19 @@ def evaluate_all(cfg: DemoConfig, paths: Paths, arch: str, weights: str, scfg: P
     teacher = Teacher.from_open_clip(arch, weights)
     weights_DC = load_classifier(str(paths.classifier))["weights"]
     pixels, labels = load_eval_set(heldout, S3Options(), teacher.image_size, 100_000)
-    teacher_top1 = zeroshot_top1(teacher.encode_image, weights_DC, pixels, labels, teacher.mean, teacher.std)
+    teacher_top1 = zeroshot_accuracy(teacher.encode_image, pixels, labels, weights_DC, teacher.mean,
+                                     teacher.std)["zeroshot_top1"]
     torch.manual_seed(cfg.control_seed)
     control_dir = paths.work / "control" / "export"
-    export_student(student_from_config(scfg.student).eval(), control_dir, mean=teacher.mean, std=teacher.std,
+    export_student(UTAStudent(scfg.student).eval(), control_dir, mean=teacher.mean, std=teacher.std,
                    extra={"control": "untrained, same architecture"})
     results = {"teacher": teacher_top1, "images": int(labels.numel()), "classes": len(CLASS_NAMES)}
     for name, model_dir in (("student", paths.student_export), ("control", control_dir)):
-        ecfg = evaluate.EvaluateConfig(
+        ecfg = evaluate_job.EvaluateConfig(
             model=str(model_dir), input=heldout, classifier_path=str(paths.classifier), device="cpu",
             tracking=TrackingConfig(**_tracking(cfg, paths, f"demo-eval-{name}")),
         )
-        out = evaluate.evaluate(ecfg)
+        out = evaluate_job.evaluate(ecfg)
         results[name] = out["zeroshot_top1"]
         results[f"{name}_mlflow_run_id"] = out["mlflow_run_id"]
     return results
@@ -243,14 +248,14 @@ def mlflow_history(uri: str, run_id: str | None, key: str) -> list[tuple[int, fl
     return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def plot_curves(path: Path, teacher_hist: list[dict], student_loss, student_zs, results: dict) -> None:
+def plot_curves(path: Path, teacher_loss, student_loss, student_zs, results: dict) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.4), layout="constrained")
     FigureCanvasAgg(fig)
     ax_t, ax_s = fig.subplots(1, 2)
-    ax_t.plot([h["step"] for h in teacher_hist], [h["loss"] for h in teacher_hist])
+    ax_t.plot([s for s, _ in teacher_loss], [v for _, v in teacher_loss])
     ax_t.set(title=f"CLIP teacher (captions): zero-shot {results['teacher']:.1%}", xlabel="step",
              ylabel="contrastive loss")
     ax_s.plot([s for s, _ in student_loss], [v for _, v in student_loss], label="UTA loss (-cosine)")
@@ -334,17 +339,17 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                                           samples_per_shard=cfg.digits.samples_per_shard,
                                           seed=cfg.digits.seed, limit=cfg.digits.limit))
         teacher_report = timed("teacher", "2/6 training a small CLIP teacher on images + captions", times,
-                               lambda: contrastive.run(tcfg))
+                               lambda: contrastive_job.run(tcfg))
 
         def cache_stage():
             write_classifier(cfg, paths, arch, weights)
-            report = cache_teacher.run(cache_config(cfg, paths, arch, weights))
+            report = cache_job.run(cache_config(cfg, paths, arch, weights))
             if report["incomplete"]:
                 raise RuntimeError(f"the cache left shards incomplete: {', '.join(report['incomplete'])}")
 
         timed("cache", "3/6 caching the teacher's projected tokens of the train images", times, cache_stage)
         student_result = timed("student", "4/6 pre-training the UTA student from the cache (no captions)", times,
-                               lambda: pretrain.run(scfg))
+                               lambda: pretrain_job.run(scfg))
         results = timed("eval", "5/6 zero-shot on the held-out split: teacher, UTA student, untrained control",
                         times, lambda: evaluate_all(cfg, paths, arch, weights, scfg))
     finally:
@@ -352,7 +357,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             ray.shutdown()
     times["total"] = time.perf_counter() - start
     results["ratio"] = results["student"] / max(results["teacher"], 1e-9)
-    student_run_id = load_state(student_result.checkpoint)["position"]["mlflow_run_id"]
+    student_run_id = student_result["mlflow_run_id"]
     print("\n[demo] 6/6 results", flush=True)
     return finish(cfg, paths, teacher_report, student_run_id, results, times, arch, weights)
 
@@ -360,7 +365,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, weights) -> dict[str, Any]:
     """Step 6: curves, results JSON, the demo's own MLflow run, the table."""
     curves = paths.work / "loss_curves.png"
-    plot_curves(curves, teacher_report["history"], mlflow_history(paths.tracking_uri, student_run_id, "loss"),
+    plot_curves(curves, mlflow_history(paths.tracking_uri, teacher_report["mlflow_run_id"], "loss"),
+                mlflow_history(paths.tracking_uri, student_run_id, "loss"),
                 mlflow_history(paths.tracking_uri, student_run_id, "zeroshot_top1"), results)
     files = {"teacher": arch, "teacher weights": weights, "student export": str(paths.student_export),
              "cache": str(paths.cache), "loss curves": str(curves), "results": str(paths.work / "results.json")}
@@ -369,7 +375,7 @@ def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, wei
         "student_over_teacher": results["ratio"], "heldout_images": results["images"], "seconds": times,
         "files": files, "config": to_dict(cfg),
         "mlflow": {"tracking_uri": paths.tracking_uri, "experiment": cfg.experiment,
-                   "teacher_run_id": (teacher_report.get("mlflow") or {}).get("run_id"),
+                   "teacher_run_id": teacher_report["mlflow_run_id"],
                    "student_run_id": student_run_id,
                    "eval_run_ids": {k: results.get(f"{k}_mlflow_run_id") for k in ("student", "control")}},
     }

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from uta_core.shards import Sample, digits_samples, webdataset_bytes
+from uta_core.data.digits import digits_samples, webdataset_bytes
+from uta_core.data.shards import Sample
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "UTATESTKEYID0000",
@@ -45,7 +46,7 @@ def aws_test_env():
 def ray_local(aws_test_env):
     import ray
 
-    from pipelines.common import start_local_ray
+    from pipelines.lib.ray_setup import start_local_ray
 
     started = not ray.is_initialized()
     if started:

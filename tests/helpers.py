@@ -9,7 +9,9 @@ from typing import Any
 import open_clip
 import torch
 
-from uta_core.teacher import Teacher
+from uta_core.models.clip import tiny_clip_config as _library_tiny_config
+from uta_core.models.teacher import Teacher
+from uta_core.objectives.masking import MaskConfig, MaskGenerator
 
 TINY_ARCH = "uta-test-tiny"
 
@@ -17,15 +19,14 @@ TINY_ARCH = "uta-test-tiny"
 def tiny_clip_config(
     embed_dim: int = 32, image_size: int = 32, patch_size: int = 4, **vision: Any
 ) -> dict[str, Any]:
-    """An open_clip model config (the JSON schema of ``open_clip/model_configs``)."""
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {
-            "image_size": image_size, "patch_size": patch_size,
-            "width": 64, "layers": 2, "head_width": 16, **vision,
-        },
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
+    """The library's tiny open_clip model config, with extra ``vision_cfg`` keys for refusal tests."""
+    cfg = _library_tiny_config(embed_dim=embed_dim, image_size=image_size, patch_size=patch_size)
+    cfg["vision_cfg"].update(vision)
+    return cfg
+
+
+def mask_gen(strategy: str, grid: tuple[int, int], mask_ratio: float, **options: Any) -> MaskGenerator:
+    return MaskGenerator(MaskConfig(strategy=strategy, mask_ratio=mask_ratio, **options), grid)
 
 
 def tiny_clip_model(seed: int = 0, **cfg: Any) -> open_clip.CLIP:
@@ -37,7 +38,7 @@ def tiny_clip_teacher(
     embed_dim: int = 32, image_size: int = 32, patch_size: int = 4, seed: int = 0
 ) -> Teacher:
     model = tiny_clip_model(seed, embed_dim=embed_dim, image_size=image_size, patch_size=patch_size)
-    return Teacher.from_model(model, TINY_ARCH)
+    return Teacher(model, arch=TINY_ARCH)
 
 
 def write_model_config(directory: Path, name: str = TINY_ARCH, **cfg: Any) -> Path:

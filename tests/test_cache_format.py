@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from uta_core.cache_format import (
+from uta_core.cache.format import (
     TOKENS_PARQUET_ENCODING,
     CacheSettings,
     Manifest,

@@ -10,10 +10,13 @@ import torch
 from conftest import write_digits_webdataset
 from helpers import tiny_clip_model, write_model_config
 
-from uta_core.cache_format import load_manifest, shard_path, tmp_path
-from uta_core.cache_job import CacheConfig, ShardCommitter, TokenEncoder, ViewTask, begin, plan_cache, shard_view_tables
+from uta_core.cache.format import load_manifest, shard_path, tmp_path
+from pipelines.lib.cache.config import CacheConfig
+from uta_core.cache.commit import ShardCommitter
+from uta_core.cache.plan import begin, plan_cache
+from uta_core.cache.rows import TokenEncoder, ViewTask, shard_view_tables
 from uta_core.config import load_config
-from uta_core.shards import digits_samples, webdataset_bytes
+from uta_core.data.digits import digits_samples, webdataset_bytes
 
 FS = pafs.LocalFileSystem()
 
@@ -44,7 +47,7 @@ def config(setup, out) -> CacheConfig:
 def encoded_tables(plan):
     """Every shard's view tables, through the teacher, as the Ray pipeline would produce them."""
     encoder = TokenEncoder(plan.cfg, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
-    task = ViewTask.from_plan(plan)
+    task = ViewTask.from_plan(plan, images_per_block=plan.cfg.ray.images_per_block)
     return {name: [encoder(t) for t in shard_view_tables(task, name, shard)] for name, shard in plan.pending.items()}
 
 

@@ -29,20 +29,23 @@ import torch
 from conftest import FAKE_AWS_ENV
 from helpers import tiny_clip_model, write_model_config
 
-from pipelines.cache_teacher import main, run
-from pipelines.common import free_port
-from uta_core.cache_format import (
+from pipelines.cache_teacher import main
+from pipelines.lib.cache.config import CacheConfig
+from pipelines.lib.cache.job import run
+from pipelines.lib.ray_setup import free_port
+from uta_core.cache.format import (
     load_manifest,
     quantize_int8,
     read_cache_rows,
     shard_path,
 )
-from uta_core.cache_job import CacheConfig, CacheMismatchError, plan_cache
+from uta_core.cache.plan import CacheMismatchError, plan_cache
 from uta_core.config import load_config
-from uta_core.data import ViewParams, decode_image, render_view, to_model_input
-from uta_core.shards import Sample, digits_samples, webdataset_bytes
-from uta_core.storage import StorageError, s3_filesystem
-from uta_core.teacher import Teacher
+from uta_core.data.views import ViewParams, decode_image, render_view, to_model_input
+from uta_core.data.digits import digits_samples, webdataset_bytes
+from uta_core.data.shards import Sample
+from uta_core.data.storage import StorageError, s3_filesystem
+from uta_core.models.teacher import Teacher
 
 TEACHER_NAME = "uta-cache-tiny"  # 32 px, patch 4 -> 8x8 grid, D = 32
 NUM_VIEWS = 2
@@ -59,7 +62,7 @@ def teacher_files(tmp_path_factory):
     torch.save(tiny_clip_model(seed=0).state_dict(), weights)
     other = folder / "other_weights.pt"
     torch.save(tiny_clip_model(seed=1).state_dict(), other)
-    reference = Teacher.from_model(tiny_clip_model(seed=0), TEACHER_NAME)
+    reference = Teacher(tiny_clip_model(seed=0), arch=TEACHER_NAME)
     return SimpleNamespace(arch=str(arch), weights=str(weights), other_weights=str(other), reference=reference)
 
 

@@ -21,12 +21,35 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from pipelines.common import free_port
+from pipelines.lib.ray_setup import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 README = CLUSTER / "README.md"
 KNOWN_PIPELINES = {"cache_teacher", "pretrain", "sweep", "evaluate", "contrastive"}
+
+
+def _pretrain_config():
+    from pipelines.lib.pretrain.config import PretrainConfig
+
+    return PretrainConfig
+
+
+def _cache_config():
+    from pipelines.lib.cache.config import CacheConfig
+
+    return CacheConfig
+
+
+def _contrastive_config():
+    from pipelines.lib.contrastive.config import ContrastiveJobConfig
+
+    return ContrastiveJobConfig
+
+
+# The config class each pipeline loads its --config into (the sweep's base config is pre-training's).
+CONFIG_CLASSES = {"pretrain": _pretrain_config, "sweep": _pretrain_config, "cache_teacher": _cache_config,
+                  "contrastive": _contrastive_config}
 GPU = "nvidia.com/gpu"
 SECRET_PATTERNS = [
     re.compile(r"aws_access_key_id", re.I),
@@ -163,21 +186,41 @@ def test_k8s_objects_are_the_expected_kinds():
         ), f"{rel(path)}: {doc['kind']} has apiVersion {doc['apiVersion']}"
 
 
-def test_readme_mentions_every_cluster_file_and_config():
-    text = README.read_text()
-    files = [p for p in CLUSTER.rglob("*") if p.is_file() and p != README and "__pycache__" not in p.parts]
-    files += list((ROOT / "configs" / "cluster").glob("*.yaml"))
-    missing = [rel(p) for p in files if rel(p) not in text]
-    assert not missing, f"cluster/README.md does not mention {missing}"
+DOC_COMMAND = re.compile(r"python (pipelines/[a-z_]+\.py)(?: [\w-]+)*?(?: --config (\S+\.yaml))?")
 
 
-def test_readme_covers_every_pipeline_on_every_target():
-    text = README.read_text()
-    for name in ("cache_teacher", "pretrain", "sweep", "evaluate"):
-        # Once in the pipeline table, once per target that submits with `ray job submit`.
-        assert text.count(f"python pipelines/{name}.py") >= 4, f"README lacks a command for pipelines/{name}.py"
-    for section in ("## Target 1: one machine", "## Target 2: Kubernetes (KubeRay)", "## Target 3: AWS"):
-        assert section in text
+def _doc_commands() -> list[tuple[str, str, str | None]]:
+    out = []
+    for doc in (README, ROOT / "README.md"):
+        out += [(rel(doc), script, config) for script, config in DOC_COMMAND.findall(doc.read_text())]
+    return out
+
+
+def _unknown_keys(cls: type, data: dict, prefix: str = "") -> list[str]:
+    """Keys of ``data`` that ``cls`` (a config dataclass) does not have, recursively."""
+    import dataclasses
+    import typing
+
+    hints, out = typing.get_type_hints(cls), []
+    for key, value in data.items():
+        if key not in hints:
+            out.append(prefix + key)
+            continue
+        inner = [a for a in typing.get_args(hints[key]) or (hints[key],) if dataclasses.is_dataclass(a)]
+        if inner and isinstance(value, dict):
+            out += _unknown_keys(inner[0], value, f"{prefix}{key}.")
+    return out
+
+
+def test_every_command_the_readmes_show_names_an_existing_pipeline_and_a_config_of_its_keys():
+    commands = _doc_commands()
+    assert {Path(s).stem for _, s, _ in commands} >= {"cache_teacher", "pretrain", "sweep", "evaluate"}
+    for doc, script, config in commands:
+        assert (ROOT / script).is_file(), f"{doc} runs {script}, which does not exist"
+        if config and Path(script).stem in CONFIG_CLASSES:
+            assert (ROOT / config).is_file(), f"{doc}: {script} --config {config}: no such file"
+            data = yaml.safe_load((ROOT / config).read_text()) or {}
+            assert not _unknown_keys(CONFIG_CLASSES[Path(script).stem](), data), (doc, config)
 
 
 # --------------------------------------------------------------------------- RayJobs
@@ -187,7 +230,9 @@ def test_rayjob_entrypoint_names_existing_script_and_config(path, job):
     assert re.fullmatch(r"pipelines/(\w+)\.py", script) and Path(script).stem in KNOWN_PIPELINES, script
     assert (ROOT / script).is_file(), f"{rel(path)} runs {script}, which does not exist"
     assert config.startswith("configs/") and (ROOT / config).is_file(), f"{rel(path)}: config {config} does not exist"
-    assert f"python {script} --config {config}" in README.read_text(), f"README does not show {rel(path)}'s entrypoint"
+    from uta_core.config import load_config
+
+    load_config(CONFIG_CLASSES[Path(script).stem](), ROOT / config)
 
 
 @pytest.mark.parametrize("path, job", rayjob_params())
@@ -216,9 +261,9 @@ def test_rayjob_clusters_start_with_the_gpus_their_configs_use():
 
 
 def test_cluster_configs_load_into_the_pipeline_dataclasses():
-    from uta_core.cache_job import CacheConfig
+    from pipelines.lib.cache.config import CacheConfig
+    from pipelines.lib.pretrain.config import PretrainConfig
     from uta_core.config import load_config
-    from uta_core.pretrain_config import PretrainConfig
 
     pre = load_config(PretrainConfig, ROOT / "configs/cluster/pretrain.yaml")
     cache = load_config(CacheConfig, ROOT / "configs/cluster/cache_teacher.yaml")
@@ -490,7 +535,7 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
 
 def test_every_ray_start_shortens_the_stale_resource_request_expiry():
     """Each way this project starts Ray sets what pipelines/common.py sets for a local Ray."""
-    from pipelines.common import RAY_PROCESS_ENV
+    from pipelines.lib.ray_setup import RAY_PROCESS_ENV
 
     ((key, value),) = RAY_PROCESS_ENV.items()
     dockerfile = (CLUSTER / "docker" / "Dockerfile").read_text()

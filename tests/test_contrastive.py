@@ -1,5 +1,6 @@
 """Contrastive stage: the CLIP loss against references, temperature modes, saving, stage-2 loading."""
 
+import json
 import math
 
 import numpy as np
@@ -9,25 +10,21 @@ import pytest
 import torch
 from helpers import tiny_clip_model, tiny_clip_teacher
 
-from uta_core.contrastive import (
+from uta_core.models.clip import ClipModelConfig, build_clip, save_clip, tokenizer_for
+from uta_core.models.stage2 import build_stage2_model
+from uta_core.objectives.contrastive import (
     STAGE2_TEMPERATURE,
-    ClipModelConfig,
-    build_clip,
-    build_stage2_model,
     caption_ids,
     clamp_logit_scale,
     clip_loss,
-    image_layer_id,
-    param_groups,
-    save_clip,
     set_temperature,
     soft_targets,
     temperature_of,
-    tokenizer_for,
 )
-from uta_core.export import export_student, load_student
-from uta_core.student import build_student
-from uta_core.teacher import Teacher
+from uta_core.optim import image_layer_id, param_groups
+from uta_core.models.export import export_student, load_student
+from uta_core.models.student import build_student
+from uta_core.models.teacher import Teacher
 
 TINY_CLIP = dict(
     name="uta-test-contrastive-tiny",
@@ -202,9 +199,12 @@ def test_layer_decay_scales_image_layers_only():
 
 # --------------------------------------------------------------------- the Ray pipeline
 def _job_overrides(tmp_path, digits_root, name):
-    from pipelines.contrastive import SMOKE_CLIP
+    from uta_core.models.clip import tiny_clip_config
 
-    return SMOKE_CLIP + [
+    clip = tiny_clip_config()
+    return [
+        "model.clip.name=uta-contrastive-smoke", f"model.clip.embed_dim={clip['embed_dim']}",
+        f"model.clip.vision={json.dumps(clip['vision_cfg'])}", f"model.clip.text={json.dumps(clip['text_cfg'])}",
         f"data.input.paths={digits_root / 'train'}", f"eval.input={{paths: ['{digits_root / 'heldout'}']}}",
         "eval.classnames=[zero, one, two, three, four, five, six, seven, eight, nine]",
         "eval.templates=['a photo of the digit {}.']",
@@ -215,7 +215,7 @@ def _job_overrides(tmp_path, digits_root, name):
 
 @pytest.fixture(scope="module")
 def digits_splits(tmp_path_factory):
-    from uta_core.digits import write_digits_splits
+    from uta_core.data.digits import write_digits_splits
 
     root = tmp_path_factory.mktemp("digits")
     write_digits_splits(root, limit=300, samples_per_shard=64)
@@ -225,15 +225,15 @@ def digits_splits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scratch_run(ray_local, digits_splits, tmp_path_factory):
     """A tiny CLIP trained from scratch through pipelines/contrastive.py (learnable temperature)."""
-    from pipelines import contrastive
+    from pipelines.lib.contrastive import job as contrastive
+    from pipelines.lib.contrastive.config import DEFAULT_CONFIG, ContrastiveJobConfig
     from uta_core.config import load_config
-    from uta_core.contrastive import ContrastiveJobConfig
 
     tmp = tmp_path_factory.mktemp("scratch")
     overrides = _job_overrides(tmp, digits_splits, "scratch") + [
         "train.max_steps=40", "train.warmup_steps=10", "optim.lr=1e-3", "run.log_every=10",
     ]
-    cfg = load_config(ContrastiveJobConfig, contrastive.DEFAULT_CONFIG, overrides)
+    cfg = load_config(ContrastiveJobConfig, DEFAULT_CONFIG, overrides)
     return cfg, contrastive.run(cfg), tmp
 
 
@@ -255,9 +255,9 @@ def test_pipeline_loss_decreases_and_the_model_loads_as_a_teacher(scratch_run):
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_stage2_from_a_uta_export_keeps_the_temperature_at_001(scratch_run, digits_splits):
-    from pipelines import contrastive
+    from pipelines.lib.contrastive import job as contrastive
+    from pipelines.lib.contrastive.config import DEFAULT_CONFIG, ContrastiveJobConfig
     from uta_core.config import load_config
-    from uta_core.contrastive import ContrastiveJobConfig
 
     _, report, tmp = scratch_run
     arch, weights = f"{report['model']}/uta-contrastive-smoke.json", f"{report['model']}/uta-contrastive-smoke.pt"
@@ -268,10 +268,10 @@ def test_stage2_from_a_uta_export_keeps_the_temperature_at_001(scratch_run, digi
     overrides = _job_overrides(tmp, digits_splits, "stage2") + [
         "model.init=uta_student", f"model.student={tmp / 'uta_export'}",
         f"model.teacher={{arch: '{arch}', pretrained: '{weights}', precision: fp32}}",
-        "model.layer_decay=0.75", "loss.temperature=0.01", "loss.learnable_temperature=false",
+        "optim.layer_decay=0.75", "loss.temperature=0.01", "loss.learnable_temperature=false",
         "train.max_steps=6", "train.warmup_steps=1", "optim.lr=1e-3", "run.log_every=2",
     ]
-    cfg = load_config(ContrastiveJobConfig, contrastive.DEFAULT_CONFIG, overrides)
+    cfg = load_config(ContrastiveJobConfig, DEFAULT_CONFIG, overrides)
     out = contrastive.run(cfg)
     assert [h["temperature"] for h in out["history"]] == [pytest.approx(0.01, rel=1e-6)] * 3
     state = torch.load(f"{out['checkpoint']}/state.pt", weights_only=False)
@@ -285,8 +285,8 @@ def test_stage2_from_a_uta_export_keeps_the_temperature_at_001(scratch_run, digi
 
 
 def test_augment_identity_view_keeps_pixels_and_crops_resize_to_the_view_size():
-    from uta_core.contrastive import augment
-    from uta_core.data import ViewConfig
+    from uta_core.data.captions import augment
+    from uta_core.data.views import ViewConfig
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)

@@ -9,12 +9,11 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.transforms import functional as TF
 
-from uta_core.data import (
+from uta_core.data.views import (
     ImageDecodeError,
     ViewConfig,
     center_view,
     decode_image,
-    encode_png,
     render_view,
     sample_views,
     to_model_input,
@@ -64,7 +63,9 @@ def test_flip_frequency_and_no_flip_option():
 
 
 def test_decode_rejects_truncated_and_garbage():
-    data = encode_png(np.zeros((16, 16, 3), np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, format="PNG")
+    data = buf.getvalue()
     assert decode_image(data).size == (16, 16)
     with pytest.raises(ImageDecodeError):
         decode_image(data[: len(data) // 2])
@@ -96,7 +97,7 @@ def test_view_config_errors(kwargs):
 def test_digits_shards_are_img2dataset_style_and_split_is_disjoint(tmp_path):
     import tarfile
 
-    from uta_core.digits import CLASS_NAMES, write_digits_splits
+    from uta_core.data.digits import CLASS_NAMES, write_digits_splits
 
     splits = write_digits_splits(tmp_path, size=16, samples_per_shard=100, limit=300)
     keys = {}

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from uta_core.flops import ViTShape, step_flops, student_shape, teacher_shape, vit_forward_flops
-from uta_core.student import build_student
+from uta_core.models.flops import ViTShape, step_flops, student_shape, teacher_shape, vit_forward_flops
+from uta_core.models.student import build_student
 
 
 def measured_forward_flops(fn) -> int:

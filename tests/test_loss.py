@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from uta_core.loss import fd_loss, gather_kept, keep_to_mask, mim_loss, uta_loss
+from uta_core.objectives.alignment import fd_loss, gather_kept, keep_to_mask, mim_loss, uta_loss
 
 
 def slow_weighted_cosine(student, teacher, weights):

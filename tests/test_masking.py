@@ -14,16 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uta_core.masking import (
+from helpers import mask_gen
+
+from uta_core.objectives.mask_maps import centre_border_means, masking_probability, plot_masking_maps
+from uta_core.objectives.masking import (
     STRATEGIES,
     MaskConfig,
     MaskGenerator,
-    centre_border_means,
     keep_to_mask,
-    make_mask_generator,
-    mask_generator_from_config,
-    masking_probability,
-    plot_masking_maps,
 )
 
 GRID = (14, 14)
@@ -33,7 +31,7 @@ BINOMIAL_SIGMA = math.sqrt(0.5 * 0.5 / SAMPLES)  # 0.00707: per-location std of 
 
 @pytest.fixture(scope="module")
 def maps() -> dict[str, torch.Tensor]:
-    return {s: masking_probability(make_mask_generator(s, GRID, 0.5), SAMPLES, seed=0) for s in STRATEGIES}
+    return {s: masking_probability(mask_gen(s, GRID, 0.5), SAMPLES, seed=0) for s in STRATEGIES}
 
 
 # ---------------------------------------------------------------- counts and determinism
@@ -43,7 +41,7 @@ def maps() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("grid", [(14, 14), (16, 16), (8, 8), (7, 10)])
 @pytest.mark.parametrize("ratio", [0.4, 0.5, 0.75])
 def test_exact_sorted_unique_kept_indices(strategy, grid, ratio):
-    gen = make_mask_generator(strategy, grid, ratio)
+    gen = mask_gen(strategy, grid, ratio)
     N = grid[0] * grid[1]
     K = round(N * (1 - ratio))
     assert (gen.grid, gen.num_patches, gen.num_keep, gen.num_masked) == (grid, N, K, N - K)
@@ -56,14 +54,14 @@ def test_exact_sorted_unique_kept_indices(strategy, grid, ratio):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_seeded_generator_is_deterministic(strategy):
-    gen = make_mask_generator(strategy, GRID, 0.5)
+    gen = mask_gen(strategy, GRID, 0.5)
     first = gen(32, torch.Generator().manual_seed(7))
     assert torch.equal(first, gen(32, torch.Generator().manual_seed(7)))
     assert not torch.equal(first, gen(32, torch.Generator().manual_seed(8)))
 
 
 def test_random_matches_plain_argsort_reference():
-    gen = make_mask_generator("random", (7, 10), 0.4)
+    gen = mask_gen("random", (7, 10), 0.4)
     noise_BN = torch.rand(16, 70, generator=torch.Generator().manual_seed(3))
     expected = torch.stack([torch.tensor(sorted(row.argsort(descending=True)[: gen.num_keep].tolist())) for row in noise_BN])
     assert torch.equal(gen(16, torch.Generator().manual_seed(3)), expected)
@@ -71,7 +69,7 @@ def test_random_matches_plain_argsort_reference():
 
 def test_gaussian_matches_plain_loop_reference():
     H, W, var = 7, 10, 0.2
-    gen = make_mask_generator("gaussian", (H, W), 0.5, gaussian_variance=var)
+    gen = mask_gen("gaussian", (H, W), 0.5, gaussian_variance=var)
     noise_BN = torch.rand(8, H * W, generator=torch.Generator().manual_seed(4))
     expected = []
     for row in noise_BN.tolist():
@@ -90,21 +88,21 @@ def test_gaussian_matches_plain_loop_reference():
 
 def test_unknown_strategy_lists_valid_ones():
     with pytest.raises(ValueError, match="strategy") as err:
-        make_mask_generator("checkerboard", GRID, 0.5)
+        mask_gen("checkerboard", GRID, 0.5)
     assert all(s in str(err.value) for s in STRATEGIES)
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2])
 def test_ratio_outside_open_interval(ratio):
     with pytest.raises(ValueError, match="mask_ratio"):
-        make_mask_generator("random", GRID, ratio)
+        mask_gen("random", GRID, ratio)
 
 
 def test_ratio_that_keeps_nothing_or_masks_nothing():
     with pytest.raises(ValueError, match="keeps .*=0 .*use mask_ratio <= 0.98"):
-        make_mask_generator("block", (8, 8), 0.995)  # round(64 * 0.005) = 0 kept
+        mask_gen("block", (8, 8), 0.995)  # round(64 * 0.005) = 0 kept
     with pytest.raises(ValueError, match="masks none .*use mask_ratio >="):
-        make_mask_generator("block", (8, 8), 0.005)  # round(64 * 0.995) = 64 kept
+        mask_gen("block", (8, 8), 0.005)  # round(64 * 0.995) = 64 kept
 
 
 @pytest.mark.parametrize(
@@ -116,19 +114,13 @@ def test_config_names_the_bad_field(field, value):
         MaskConfig(**{field: value})
 
 
-def test_unknown_option_and_bad_grid():
-    with pytest.raises(ValueError, match="option"):
-        make_mask_generator("block", GRID, 0.5, block_size=4)
+def test_unknown_option_is_a_config_error_naming_the_key_and_bad_grid_is_refused():
+    from uta_core.config import from_dict
+
+    with pytest.raises(ValueError, match="block_size"):
+        from_dict(MaskConfig, {"strategy": "block", "block_size": 4})
     with pytest.raises(ValueError, match="grid"):
-        make_mask_generator("block", (14, 0), 0.5)
-
-
-def test_from_config_equals_make():
-    cfg = MaskConfig(strategy="block_reversed", mask_ratio=0.4, reverse_prob=0.3)
-    a = MaskGenerator.from_config(cfg, GRID)(8, torch.Generator().manual_seed(0))
-    b = mask_generator_from_config(cfg, GRID)(8, torch.Generator().manual_seed(0))
-    c = make_mask_generator("block_reversed", GRID, 0.4, reverse_prob=0.3)(8, torch.Generator().manual_seed(0))
-    assert torch.equal(a, b) and torch.equal(a, c)
+        mask_gen("block", (14, 0), 0.5)
 
 
 # ---------------------------------------------------------------- spatial statistics (Fig. 3)
@@ -137,7 +129,7 @@ def test_from_config_equals_make():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_map_averages_to_mask_ratio_exactly(strategy):
     # 1234 samples in batches of 500 also exercises the partial last batch.
-    gen = make_mask_generator(strategy, (7, 10), 0.4)
+    gen = mask_gen(strategy, (7, 10), 0.4)
     prob_HW = masking_probability(gen, num_samples=1234, seed=0, batch_size=500)
     assert prob_HW.shape == (7, 10)
     assert prob_HW.mean().item() == pytest.approx(gen.num_masked / gen.num_patches, abs=1e-6)
@@ -227,9 +219,9 @@ def test_block_reversed_is_mixture_of_block_and_complement():
     # At ratio 0.4 reversal is not exactly uniform: P(masked) = (1-q) * block(78 masked) +
     # q * (1 - block(118 masked)). Check that identity with q = 0.5; MC std ~0.01 a location.
     n = 3000
-    rev = masking_probability(make_mask_generator("block_reversed", GRID, 0.4), n, seed=1)
-    plain = masking_probability(make_mask_generator("block", GRID, 0.4), n, seed=2)  # 78 masked
-    wide = masking_probability(make_mask_generator("block", GRID, 0.6), n, seed=3)  # 118 masked
+    rev = masking_probability(mask_gen("block_reversed", GRID, 0.4), n, seed=1)
+    plain = masking_probability(mask_gen("block", GRID, 0.4), n, seed=2)  # 78 masked
+    wide = masking_probability(mask_gen("block", GRID, 0.6), n, seed=3)  # 118 masked
     diff = (rev - (0.5 * plain + 0.5 * (1 - wide))).abs()
     assert diff.mean() < 0.02 and diff.max() < 0.07
 
@@ -248,7 +240,7 @@ def test_block_masks_are_made_of_rectangles():
     g = torch.Generator().manual_seed(0)
     share = {}
     for strategy in ("block", "random"):
-        keep_idx_BK = make_mask_generator(strategy, GRID, 0.5)(500, g)
+        keep_idx_BK = mask_gen(strategy, GRID, 0.5)(500, g)
         share[strategy] = _masked_neighbour_fraction(keep_to_mask(keep_idx_BK, 196).reshape(-1, *GRID)).mean()
     assert share["block"] > 0.97 and share["random"] < 0.75
 

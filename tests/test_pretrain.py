@@ -8,6 +8,7 @@ all load the same teacher).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -25,22 +26,26 @@ import torch
 from conftest import FAKE_AWS_ENV
 from helpers import tiny_clip_model, write_model_config
 
-from pipelines import evaluate
-from pipelines.cache_teacher import run as run_cache
-from pipelines.pretrain import DEFAULT_CONFIG, main, make_plan
-from pipelines.train_loop import build_teacher
-from uta_core.cache_format import open_cache
-from uta_core.cache_job import CacheConfig
+from pipelines.evaluate import main as evaluate_main
+from pipelines.lib.cache.config import CacheConfig
+from pipelines.lib.cache.job import run as run_cache
+from pipelines.lib.evaluate.job import EvaluateConfig, evaluate
+from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
+from pipelines.lib.pretrain.data import teacher_description
+from pipelines.lib.train.trainer import make_plan
+from pipelines.pretrain import main
+from uta_core.cache.format import open_cache
 from uta_core.config import load_config
-from uta_core.digits import CLASS_NAMES, write_digits_splits
-from uta_core.export import load_student
-from uta_core.masking import make_mask_generator
-from uta_core.pretrain_config import PretrainConfig
-from uta_core.shards import InputConfig, discover, iter_samples
-from uta_core.storage import S3Options, filesystem_for, read_bytes
-from uta_core.student import build_student
-from uta_core.train import ObjectiveConfig, StudentForward, draw_keep, lr_at, step_loss
-from uta_core.train_data import TeacherTargets, cache_rows, online_rows, sample_id
+from uta_core.data.digits import CLASS_NAMES, write_digits_splits
+from uta_core.models.export import load_student
+from helpers import mask_gen
+from uta_core.data.shards import InputConfig, discover, iter_samples
+from uta_core.data.storage import S3Options, filesystem_for, read_bytes
+from uta_core.models.student import build_student
+from uta_core.models.teacher import build_teacher
+from uta_core.objectives.alignment import ObjectiveConfig, StudentForward, draw_keep, step_loss
+from uta_core.optim import lr_at
+from uta_core.data.rows import TeacherTargets, cache_rows, online_rows, sample_id
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +69,7 @@ def ws(ray_local, tmp_path_factory):
         "ray.batch_size=32", "ray.progress_bars=false", "tracking.enabled=false",
     ]))
     classifier = root / "classifier.pt"
-    assert evaluate.main(["build-classifier", f"teacher.arch={arch}", f"teacher.pretrained={weights}",
+    assert evaluate_main(["build-classifier", f"teacher.arch={arch}", f"teacher.pretrained={weights}",
                           f"classnames=[{', '.join(CLASS_NAMES)}]", "templates=['a photo of the digit {}.']",
                           f"output={classifier}"]) == 0
     train_cfg = InputConfig(paths=[str(root / "digits" / "train")])
@@ -164,7 +169,7 @@ def test_online_two_workers_stop_resume_learn_on_disjoint_data_and_track_everyth
     exported, meta = load_student(ws.root / "runs" / "online" / "export")
     for k, v in exported.state_dict().items():
         if k != "mask_token":  # MIM-only, not part of an export
-            torch.testing.assert_close(v, final["student"][k], msg=k)
+            torch.testing.assert_close(v, final["model"][k], msg=k)
     assert meta["step"] == 7 and final["position"]["step"] == 7
 
 
@@ -200,7 +205,7 @@ def test_cache_on_s3_two_workers_learn_without_a_teacher_and_survive_a_worker_fa
     assert rank0 | rank1 <= {sample_id(k, v) for k in ws.train_keys for v in range(NUM_VIEWS)}
     assert "zeroshot_top1" in run.data.metrics
     # The classifier file is what made zero-shot possible: evaluate.py agrees on the S3 export.
-    out = evaluate.evaluate(load_config(evaluate.EvaluateConfig, None, [
+    out = evaluate(load_config(EvaluateConfig, None, [
         f"model={storage}/cache", f"input.paths={ws.heldout}", f"classifier_path={ws.classifier}",
         "max_images=40", "tracking.enabled=false", f"s3.endpoint_url={s3_server}"]))
     assert out["step"] == 6 and out["zeroshot_top1"] == pytest.approx(run.data.metrics["zeroshot_top1"])
@@ -220,12 +225,12 @@ def test_plan_gives_every_rank_whole_steps_and_refuses_too_little_data(ws):
     args = overrides(ws, "plan", "online", "train.global_batch=32", "train.epochs=2", "train.warmup_epochs=1",
                      "train.warmup_steps=null")[2:]
     cfg = load_config(PretrainConfig, DEFAULT_CONFIG, args)
-    plan = make_plan(cfg, rows=120, mean=None, std=None)
+    plan = make_plan(cfg.train, cfg.cluster, 120, "unused", teacher=teacher_description(cfg))
     # 60 rows a rank -> 7 micro-batches of 8 -> 3 steps of 2 accumulated micro-batches (x 2 ranks = 32 rows).
     assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (2, 3, 6, 3)
     assert plan.teacher["arch"] == ws.arch
     with pytest.raises(ValueError, match="fewer than one step"):
-        make_plan(cfg, rows=30, mean=None, std=None)  # 15 rows a rank: one micro-batch, not 2
+        make_plan(cfg.train, cfg.cluster, 30, "unused")  # 15 rows a rank: one micro-batch, not 2
 
 
 def test_online_mode_refuses_a_teacher_grid_or_dim_that_does_not_fit_before_any_worker(ws, capsys):
@@ -253,7 +258,8 @@ def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
     pick = [order[int(i)] for i in cached["sample_id"][:12]]
     np.testing.assert_array_equal(online["image"][pick], cached["image"][:12])  # the same pixels
 
-    teacher = build_teacher(cfg, torch.device("cpu"))  # what an online worker builds
+    teacher_cfg = dataclasses.replace(cfg.teacher, image_size=cfg.student.img_size)
+    teacher = build_teacher(teacher_cfg, random_seed=cfg.teacher_random_seed)  # what an online worker builds
     device = torch.device("cpu")
     images_on, teacher_on = TeacherTargets(teacher.mean, teacher.std, teacher)(
         {"image": torch.from_numpy(online["image"][pick])}, device)
@@ -265,7 +271,7 @@ def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
     torch.manual_seed(0)
     student = build_student("nano", img_size=32, patch_size=4, out_dim=32).eval()
     obj = ObjectiveConfig(name=objective)
-    keep = draw_keep(make_mask_generator("block_reversed", (8, 8), 0.5), 12, seed=0, rank=0, step=0)
+    keep = draw_keep(mask_gen("block_reversed", (8, 8), 0.5), 12, seed=0, rank=0, step=0)
     with torch.no_grad():
         loss_on = step_loss(StudentForward(student, obj), images_on, teacher_on, keep, obj).item()
         loss_ca = step_loss(StudentForward(student, obj), images_ca, teacher_ca, keep, obj).item()
@@ -280,7 +286,7 @@ def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
 @pytest.mark.timeout(600)
 def test_ray_job_submit_runs_the_smoke_job_to_completion(tmp_path):
     """`ray start --head` (cluster/local/start.sh: token auth on) + `ray job submit --working-dir .`."""
-    from pipelines.common import free_port
+    from pipelines.lib.ray_setup import free_port
 
     token = tmp_path / "token"
     token.write_text("uta-test-" + os.urandom(16).hex())

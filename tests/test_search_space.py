@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from uta_core.search_space import load_search_space
+from pipelines.lib.sweep.search_space import load_search_space
 
 
 @dataclass(kw_only=True)

@@ -8,17 +8,16 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from uta_core.shards import (
+from uta_core.data.shards import (
     InputConfig,
     ShardReadError,
     discover,
-    digits_samples,
     iter_samples,
     shard_names,
     split_key,
-    webdataset_bytes,
 )
-from uta_core.storage import S3Options, StorageError
+from uta_core.data.digits import digits_samples, webdataset_bytes
+from uta_core.data.storage import S3Options, StorageError
 
 FS = pafs.LocalFileSystem()
 

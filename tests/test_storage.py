@@ -8,7 +8,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from uta_core.storage import (
+from uta_core.data.storage import (
     S3Options,
     StorageError,
     commit_file,

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from uta_core.student import VARIANTS, StudentConfig, build_student
+from uta_core.models.student import VARIANTS, StudentConfig, build_student
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The sweep's results table and plot (pure pandas / matplotlib, no Ray)."""
 
-from uta_core.sweep_report import plot_metric_vs_ratio, results_table, trial_status
+from pipelines.lib.sweep.report import plot_metric_vs_ratio, results_table, trial_status
 
 
 def trial(tid, strategy, ratio, values):

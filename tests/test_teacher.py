@@ -6,12 +6,12 @@ import torch
 from helpers import TINY_ARCH, tiny_clip_model, tiny_clip_teacher, write_model_config
 
 from uta_core.config import from_dict
-from uta_core.teacher import (
+from uta_core.models.teacher import (
     Teacher,
+    build_teacher,
     TeacherConfig,
     check_grid,
     image_size_for_grid,
-    resample_tokens,
 )
 
 
@@ -34,7 +34,7 @@ def test_cls_token_is_open_clip_image_embedding(teacher, images):
 @pytest.mark.parametrize("final_ln_after_pool", [False, True])
 def test_patch_tokens_are_ln_post_then_proj_of_open_clip_tokens(final_ln_after_pool, images):
     model = tiny_clip_model(final_ln_after_pool=final_ln_after_pool)
-    teacher = Teacher.from_model(model, TINY_ARCH)
+    teacher = Teacher(model, arch=TINY_ARCH)
     visual = model.visual
     visual.output_tokens = True
     pooled_BD, raw_BNW = visual(images)  # open_clip: unprojected patch tokens
@@ -54,7 +54,7 @@ def test_patch_tokens_are_ln_post_then_proj_of_open_clip_tokens(final_ln_after_p
 )
 def test_refuses_towers_without_a_projected_cls(vision, why):
     with pytest.raises(NotImplementedError, match=why):
-        Teacher.from_model(tiny_clip_model(**vision), "refused")
+        Teacher(tiny_clip_model(**vision), arch="refused")
 
 
 def _tiny_timm_clip(**vision):
@@ -71,7 +71,7 @@ def _tiny_timm_clip(**vision):
 
 def test_timm_tower_tokens_are_trunk_head_of_normed_tokens():
     model = _tiny_timm_clip()
-    teacher = Teacher.from_model(model, "eva02-tiny-test")
+    teacher = Teacher(model, arch="eva02-tiny-test")
     assert (teacher.grid, teacher.patch_size, teacher.image_size) == ((4, 4), 14, 56)
     x = torch.randn(2, 3, 56, 56)
     tokens_BTD = teacher.encode_tokens(x)
@@ -83,7 +83,7 @@ def test_timm_tower_tokens_are_trunk_head_of_normed_tokens():
 
 def test_refuses_timm_tower_with_avg_pool_and_fc_norm():
     with pytest.raises(NotImplementedError, match="global_pool='avg'"):
-        Teacher.from_model(_tiny_timm_clip(timm_pool="avg", timm_proj="linear"), "eva02-avg")
+        Teacher(_tiny_timm_clip(timm_pool="avg", timm_proj="linear"), arch="eva02-avg")
 
 
 def test_teacher_is_frozen_and_stays_in_eval(teacher, images):
@@ -110,7 +110,7 @@ def test_image_size_forcing_changes_the_grid(tmp_path):
 
 def test_refuses_an_image_size_that_is_not_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match="multiple of 4"):
-        Teacher.from_model(tiny_clip_model(image_size=30), "ragged")
+        Teacher(tiny_clip_model(image_size=30), arch="ragged")
 
 
 def test_check_grid_says_what_to_set():
@@ -126,19 +126,6 @@ def test_teacher_check_grid_uses_its_patch_size(teacher):
     teacher.check_grid((8, 8), student_patch_size=4)
     with pytest.raises(ValueError, match=r"teacher\.image_size=16 so the /4 teacher gives 4x4"):
         teacher.check_grid((4, 4), student_patch_size=8)
-
-
-def test_resample_tokens():
-    tokens_BTD = torch.randn(2, 1 + 16, 8)
-    assert resample_tokens(tokens_BTD, (4, 4), (4, 4)) is tokens_BTD
-    out = resample_tokens(tokens_BTD, (4, 4), (6, 6))
-    assert out.shape == (2, 1 + 36, 8)
-    torch.testing.assert_close(out[:, 0], tokens_BTD[:, 0])
-    constant_BTD = torch.ones(2, 1 + 16, 8) * torch.arange(8.0)  # every patch the same vector
-    expected_BND = torch.ones(2, 9, 8) * torch.arange(8.0)
-    torch.testing.assert_close(resample_tokens(constant_BTD, (4, 4), (3, 3))[:, 1:], expected_BND)
-    with pytest.raises(ValueError, match="expected 1\\+4x4"):
-        resample_tokens(tokens_BTD[:, :10], (4, 4), (2, 2))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
@@ -176,7 +163,9 @@ def test_bad_sources_are_value_errors(tmp_path):
 def test_config_validates_and_builds(tmp_path):
     arch = str(write_model_config(tmp_path))
     cfg = from_dict(TeacherConfig, {"arch": arch, "image_size": 40})
-    assert Teacher.from_config(cfg).grid == (10, 10)
+    assert build_teacher(cfg, random_seed=0).grid == (10, 10)
+    with pytest.raises(ValueError, match="teacher_random_seed"):
+        build_teacher(cfg, random_seed=None)  # random weights only on purpose
     with pytest.raises(ValueError, match="precision"):
         TeacherConfig(precision="fp8")
     with pytest.raises(ValueError, match="image_size"):

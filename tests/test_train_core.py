@@ -9,23 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from uta_core.config import load_config
-from uta_core.export import export_student, load_student, open_clip_visual
-from uta_core.masking import make_mask_generator
-from uta_core.student import build_student
-from uta_core.train import (
-    ObjectiveConfig,
-    OptimConfig,
-    StudentForward,
-    TrainConfig,
-    build_optimizer,
-    build_scheduler,
-    draw_keep,
-    lr_at,
-    param_groups,
-    prepare_student,
-    step_loss,
-    train_step,
-)
+from uta_core.models.export import export_student, load_student, open_clip_visual
+from helpers import mask_gen
+from uta_core.models.student import build_student
+from pipelines.lib.train.config import TrainConfig
+from uta_core.objectives.alignment import ObjectiveConfig, StudentForward, draw_keep, prepare_student, step_loss
+from uta_core.optim import OptimConfig, build_optimizer, build_scheduler, lr_at, param_groups, train_step
 
 
 def nano(seed=0, out_dim=16):
@@ -83,7 +72,7 @@ def test_unknown_objective_and_bad_optim_values_name_the_key():
 def test_no_decay_for_norms_biases_embeddings_and_frozen_mask_token(objective):
     student = nano()
     prepare_student(student, ObjectiveConfig(name=objective))
-    decay, no_decay = param_groups(student, 0.05)
+    decay, no_decay = param_groups(student, lr=1e-3, weight_decay=0.05, tower=None)
     names = {id(p): n for n, p in student.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     decay_names = {names[id(p)] for p in decay["params"]}
@@ -143,7 +132,7 @@ def test_step_loss_matches_a_per_image_reference(objective):
     cfg = ObjectiveConfig(name=objective, cls_weight=2.0)
     images = torch.randn(3, 3, 32, 32)
     teacher = torch.randn(3, 1 + 64, 16)
-    keep = draw_keep(make_mask_generator("block_reversed", (8, 8), 0.5), 3, seed=0, rank=0, step=0)
+    keep = draw_keep(mask_gen("block_reversed", (8, 8), 0.5), 3, seed=0, rank=0, step=0)
     with torch.no_grad():
         got = step_loss(StudentForward(student, cfg), images, teacher, keep, cfg).item()
         expected = reference_loss(student, images, teacher, keep, objective, 2.0)
@@ -156,14 +145,14 @@ def test_every_trainable_parameter_gets_a_gradient(objective):
     student = nano()
     cfg = ObjectiveConfig(name=objective)
     prepare_student(student, cfg)
-    keep = draw_keep(make_mask_generator("random", (8, 8), 0.5), 2, seed=0, rank=0, step=0)
+    keep = draw_keep(mask_gen("random", (8, 8), 0.5), 2, seed=0, rank=0, step=0)
     step_loss(StudentForward(student, cfg), torch.randn(2, 3, 32, 32), torch.randn(2, 65, 16), keep, cfg).backward()
     missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
 
 
 def test_masks_are_reproducible_per_rank_and_step_and_differ_across_them():
-    gen = make_mask_generator("random", (8, 8), 0.5)
+    gen = mask_gen("random", (8, 8), 0.5)
     a = draw_keep(gen, 4, seed=1, rank=0, step=5)
     assert torch.equal(a, draw_keep(gen, 4, seed=1, rank=0, step=5))
     assert not torch.equal(a, draw_keep(gen, 4, seed=1, rank=1, step=5))
@@ -174,15 +163,17 @@ def test_masks_are_reproducible_per_rank_and_step_and_differ_across_them():
 def test_accumulated_micro_batches_give_the_gradient_of_the_full_batch():
     cfg, optim = ObjectiveConfig(name="uta"), OptimConfig(lr=1e-3, grad_clip=0.0)
     images, teacher = torch.randn(4, 3, 32, 32), torch.randn(4, 65, 16)
-    keep = draw_keep(make_mask_generator("random", (8, 8), 0.5), 4, seed=0, rank=0, step=0)
+    keep = draw_keep(mask_gen("random", (8, 8), 0.5), 4, seed=0, rank=0, step=0)
     grads, losses = [], []
     for chunks in (1, 2):
         student = nano(seed=3)
         prepare_student(student, cfg)
         opt = build_optimizer(student, optim)
         sched = build_scheduler(opt, optim, warmup_steps=0, total_steps=10)
-        micro = list(zip(images.chunk(chunks), teacher.chunk(chunks), keep.chunk(chunks)))
-        out = train_step(StudentForward(student, cfg), opt, sched, micro, chunks, cfg, grad_clip=0.0)
+        forward = StudentForward(student, cfg)
+        micro = [lambda i=i, t=t, k=k: step_loss(forward, i, t, k, cfg)
+                 for i, t, k in zip(images.chunk(chunks), teacher.chunk(chunks), keep.chunk(chunks))]
+        out = train_step(forward, opt, sched, micro, chunks, grad_clip=0.0)
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
         losses.append(out["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
@@ -196,8 +187,8 @@ def test_train_step_clips_the_global_gradient_norm():
     opt = build_optimizer(student, optim)
     sched = build_scheduler(opt, optim, warmup_steps=0, total_steps=10)
     keep = torch.arange(32).expand(2, -1)
-    micro = [(torch.randn(2, 3, 32, 32), torch.randn(2, 65, 16), keep)]
-    out = train_step(StudentForward(student, cfg), opt, sched, micro, 1, cfg, grad_clip=1e-3)
+    forward, images, teacher = StudentForward(student, cfg), torch.randn(2, 3, 32, 32), torch.randn(2, 65, 16)
+    out = train_step(forward, opt, sched, [lambda: step_loss(forward, images, teacher, keep, cfg)], 1, grad_clip=1e-3)
     clipped = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]).norm().item()
     assert out["grad_norm"] > 1e-3  # the norm before clipping
     assert clipped == pytest.approx(1e-3, rel=1e-3)

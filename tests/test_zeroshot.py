@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uta_core.zeroshot import (
+from uta_core.eval.zeroshot import (
     build_classifier,
     classify,
     custom_prompts,

@@ -1,0 +1,44 @@
+"""The caching job's config: what to cache (``uta_core.cache.plan.CacheSpec``) + Ray + MLflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from uta_core.cache.plan import CacheSpec
+from uta_core.tracking import TrackingConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "cache_teacher_local.yaml"
+
+
+@dataclass(kw_only=True)
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS (ray job submit), else a new local Ray
+    num_cpus: int | None = None  # local Ray only; None = all cores
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
+    num_actors: int | None = None  # teacher actors; None: one per GPU, or 1 on CPU
+    actor_num_cpus: float | None = None  # None: 1 with GPUs; on CPU half the cores, >= 0.5
+    actor_threads: int | None = None  # torch threads per actor; None: on CPU the node's cores / actors
+    read_num_cpus: float = 1.0  # per decode/view task
+    batch_size: int = 64  # views per teacher forward
+    images_per_block: int = 64  # read tasks emit blocks of this many images' views
+    progress_bars: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_cpus", "num_actors", "actor_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or null), got {value}")
+        if self.actor_num_cpus is not None and self.actor_num_cpus <= 0:
+            raise ValueError(f"actor_num_cpus must be positive, got {self.actor_num_cpus}")
+        if self.read_num_cpus <= 0:
+            raise ValueError(f"read_num_cpus must be positive, got {self.read_num_cpus}")
+        if self.batch_size < 1 or self.images_per_block < 1:
+            raise ValueError("batch_size and images_per_block must be at least 1")
+
+
+@dataclass(kw_only=True)
+class CacheConfig(CacheSpec):
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

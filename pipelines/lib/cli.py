@@ -1,0 +1,63 @@
+"""The command line every job shares: ``[--config YAML] [--smoke-test] [key=value ...]``, logging,
+exit codes (0 done, 1 failed, 2 a user error: one line, no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import ray.train
+
+from uta_core.config import load_config
+
+
+def job_parser(doc: str, default_config: Path, smoke_help: str, example: str) -> argparse.ArgumentParser:
+    """The command line every job shares: ``[--config YAML] [--smoke-test] [key=value ...]``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    parser.add_argument("--config", type=Path, default=default_config, help="YAML config (default: %(default)s)")
+    parser.add_argument("--smoke-test", action="store_true", help=smoke_help)
+    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
+    return parser
+
+
+def setup_logging() -> None:
+    """Warnings from libraries, progress from our own ``uta.*`` loggers."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uta").setLevel(logging.INFO)
+
+
+def start_job(args: argparse.Namespace, smoke_overrides: Callable[[Path], list[str]], job: str) -> list[str]:
+    """Logging, then the command's overrides; ``--smoke-test`` prepends generated inputs in a temp folder."""
+    setup_logging()
+    overrides = list(args.overrides)
+    if args.smoke_test:
+        workdir = Path(tempfile.mkdtemp(prefix=f"uta-{job}-smoke-"))
+        print(f"smoke test in {workdir}")
+        overrides = smoke_overrides(workdir) + overrides
+    return overrides
+
+
+def run_training_job(
+    config_cls: type, args: argparse.Namespace, overrides: list[str], run: Callable, report: Callable
+) -> int:
+    """Load the config, run the job, print its report. Exit codes: 0 done; 2 a user error
+    (config, paths, mismatched inputs: one line, no traceback); 1 training failed."""
+    try:
+        cfg = load_config(config_cls, args.config, overrides)
+        result = run(cfg)
+    except ValueError as err:
+        return user_error(err)
+    except ray.train.TrainingFailedError as err:
+        return user_error(f"training failed: {err}", code=1)
+    report(result)
+    return 0
+
+
+def user_error(message: object, code: int = 2) -> int:
+    """A mistake the user can fix (config, paths, credentials): one line on stderr, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,129 @@
+"""The contrastive task the Ray Train loop runs: CLIP loss on image-caption batches.
+
+``model.init=scratch`` trains a small open_clip CLIP (the demo's teacher), exported as
+``<name>.json`` + ``<name>.pt`` for ``Teacher.from_open_clip``; ``model.init=uta_student`` is
+UTA's stage 2: the student export + the teacher's text tower, exported as a student export
++ ``text.pt``. Each step draws fresh seeded crops per (seed, rank, step); with several
+workers the features are all-gathered (with gradients), so the loss sees the global batch.
+
+Shape legend: B batch, U distinct captions in it, D joint embed dim, L context length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray.train.torch
+import torch
+
+from pipelines.lib.contrastive.config import ContrastiveJobConfig
+from uta_core.data.captions import augment
+from uta_core.data.rows import load_eval_set
+from uta_core.data.views import to_model_input
+from uta_core.distributed import all_gather_with_grad
+from uta_core.eval.evaluator import zeroshot_accuracy
+from uta_core.eval.zeroshot import build_classifier
+from uta_core.models.clip import ClipForward, build_clip, mean_std, save_clip, tokenizer_for
+from uta_core.models.export import export_student, load_student
+from uta_core.models.stage2 import build_stage2_model
+from uta_core.models.teacher import Teacher, build_teacher
+from uta_core.objectives.contrastive import (
+    caption_ids,
+    clamp_logit_scale,
+    clip_loss,
+    set_temperature,
+    temperature_of,
+)
+from uta_core.optim import build_optimizer, build_scheduler, train_step
+
+
+def build_model(cfg: ContrastiveJobConfig):
+    """(CLIP-like model, tokenizer, mean, std) for ``model.init``."""
+    if cfg.model.init == "scratch":
+        model = build_clip(cfg.model.clip, seed=cfg.run.seed)
+        set_temperature(model, cfg.loss.temperature, learnable=cfg.loss.learnable_temperature)
+        return model.train(), tokenizer_for(cfg.model.clip), *mean_std(model)
+    teacher: Teacher = build_teacher(cfg.model.teacher, random_seed=None, s3=cfg.s3)
+    student, meta = load_student(cfg.model.student)
+    if tuple(meta["mean"]) != teacher.mean or tuple(meta["std"]) != teacher.std:
+        raise ValueError(
+            f"the student export {cfg.model.student} was trained with mean/std {meta['mean']}/{meta['std']} "
+            f"but model.teacher normalises with {teacher.mean}/{teacher.std}: use the student's teacher"
+        )
+    model = build_stage2_model(student, teacher.model, temperature=cfg.loss.temperature,
+                               learnable_temperature=cfg.loss.learnable_temperature)
+    return model, teacher.tokenizer, teacher.mean, teacher.std
+
+
+class ContrastiveTask:
+    experiment = "uta-contrastive"
+    artifact_name = "model"
+    tokens_per_image = None
+
+    def __init__(self, cfg: ContrastiveJobConfig, plan, device: torch.device, rank: int) -> None:
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.model, self.tokenizer, self.mean, self.std = build_model(cfg)
+        self.model.set_grad_checkpointing(cfg.train.grad_checkpointing)
+        self.forward = ray.train.torch.prepare_model(ClipForward(self.model))
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, warmup_steps=plan.warmup_steps,
+                                         total_steps=plan.total_steps)
+        self.images_per_step = cfg.train.micro_batch
+        self.amp = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+
+    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, float]:
+        (batch,) = group  # the config refuses accumulation: the loss needs every pair in one batch
+        rng = np.random.default_rng([self.cfg.data.views.seed, self.rank, step])
+        pixels_BHW3 = torch.from_numpy(augment(batch["pixels"], self.cfg.data.views, rng))
+        images_B3HW = to_model_input(pixels_BHW3, self.mean, self.std).to(self.device)
+        captions = [str(c) for c in batch["caption"]]
+        out = train_step(self.forward, self.optimizer, self.scheduler, [lambda: self._loss(images_B3HW, captions)], 1,
+                         grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type)
+        clamp_logit_scale(self.model)
+        return {**out, "temperature": temperature_of(self.model)}
+
+    def _loss(self, images_B3HW: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        # Each distinct caption goes through the text tower once (digits: 10 per batch);
+        # indexing copies the embedding, so the gradient is the same as encoding every row.
+        unique, inverse_B = np.unique(np.array(captions, dtype=object), return_inverse=True)
+        ids_UL = self.tokenizer([str(c) for c in unique]).to(self.device)
+        image_BD, text_UD, scale = self.forward(images_B3HW, ids_UL)
+        text_BD = text_UD[torch.from_numpy(inverse_B.reshape(-1)).to(self.device)]
+        groups_B = all_gather_with_grad(caption_ids(captions).to(self.device)) if self.cfg.loss.soft_targets else None
+        return clip_loss(all_gather_with_grad(image_BD), all_gather_with_grad(text_BD), scale, groups_B)  # fp32
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Zero-shot top-1/5 with the model's own text tower on ``eval.input``."""
+        ev = self.cfg.eval
+        if ev.input is None:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        encode_text = lambda texts: self.model.encode_text(self.tokenizer(texts).to(self.device))  # noqa: E731
+        classifier_DC = build_classifier(encode_text, ev.classnames, ev.templates)
+        pixels, labels = load_eval_set(ev.input, self.cfg.s3, self.cfg.data.views.size, ev.max_images)
+        metrics = zeroshot_accuracy(self.model.encode_image, pixels, labels, classifier_DC, self.mean, self.std,
+                                    batch_size=ev.batch_size, device=self.device)
+        self.model.train(was_training)
+        return metrics
+
+    def export(self, folder: Path, step: int) -> None:
+        """The trained model, ready to use: an open_clip CLIP (scratch) or a student export + text tower."""
+        if self.cfg.model.init == "scratch":
+            save_clip(self.model, self.cfg.model.clip, folder)
+            return
+        export_student(self.model.visual.student, folder, mean=self.mean, std=self.std,
+                       extra={"stage": "contrastive", "step": step, "run": self.cfg.run.name})
+        text = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.startswith("visual.")}
+        torch.save(text, folder / "text.pt")
+
+    def on_run_start(self, log_artifact) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"contrastive ({self.cfg.model.init})"
+
+    def run_tags(self) -> dict[str, str]:
+        return {"uta.init": self.cfg.model.init}

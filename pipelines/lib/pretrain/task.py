@@ -1,0 +1,117 @@
+"""The pre-training task the Ray Train loop runs: a UTA (or FD / MIM) student against teacher tokens.
+
+Per optimiser step: numpy micro-batches -> teacher targets (online: the frozen teacher in
+this worker; cache: the stored tokens) -> kept indices drawn per (rank, step, micro) ->
+``uta_core.optim.train_step`` under DDP. Rank 0 evaluates zero-shot and exports the student
+in timm's layout.
+
+Shape legend: B micro-batch, K kept patches, N patches, D teacher embed dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray.train.torch
+import torch
+
+from pipelines.lib.pretrain.config import PretrainConfig
+from uta_core.data.rows import TeacherTargets, load_eval_set
+from uta_core.eval.evaluator import load_classifier, prompts, teacher_classifier, zeroshot_accuracy
+from uta_core.models.export import export_student
+from uta_core.models.student import UTAStudent
+from uta_core.models.teacher import Teacher, build_teacher
+from uta_core.objectives.alignment import StudentForward, draw_keep, prepare_student, step_loss
+from uta_core.objectives.mask_maps import masking_probability, plot_masking_maps
+from uta_core.objectives.masking import MaskGenerator
+from uta_core.optim import build_optimizer, build_scheduler, train_step
+
+
+def check_teacher(teacher: Teacher, student: UTAStudent) -> None:
+    teacher.check_grid(student.grid, student.cfg.patch_size)
+    if teacher.embed_dim != student.out_dim:
+        raise ValueError(
+            f"student.out_dim={student.out_dim} but the teacher's joint embed dim is {teacher.embed_dim}; "
+            f"set student.out_dim={teacher.embed_dim}"
+        )
+
+
+class AlignmentTask:
+    experiment = "uta-pretrain"
+    artifact_name = "student"
+
+    def __init__(self, cfg: PretrainConfig, plan, device: torch.device, rank: int) -> None:
+        self.cfg, self.plan, self.device, self.rank = cfg, plan, device, rank
+        self.student = self.model = UTAStudent(cfg.student)
+        prepare_student(self.student, cfg.objective)
+        self.student.set_grad_checkpointing(cfg.train.grad_checkpointing)
+        self.student.to(device)
+        self.optimizer = build_optimizer(self.student, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, warmup_steps=plan.warmup_steps,
+                                         total_steps=plan.total_steps)
+        self.teacher = None
+        self.mean, self.std = tuple(plan.mean or ()), tuple(plan.std or ())
+        if cfg.data.teacher_mode == "online":
+            teacher_cfg = dataclasses.replace(cfg.teacher, image_size=cfg.student.img_size)
+            self.teacher = build_teacher(teacher_cfg, random_seed=cfg.teacher_random_seed, device=device, s3=cfg.s3)
+            check_teacher(self.teacher, self.student)
+            self.mean, self.std = self.teacher.mean, self.teacher.std
+        self.targets = TeacherTargets(self.mean, self.std, self.teacher)
+        self.forward = ray.train.torch.prepare_model(StudentForward(self.student, cfg.objective))
+        self.mask_gen = MaskGenerator(cfg.mask, self.student.grid)
+        kept = self.mask_gen.num_keep if cfg.objective.name == "uta" else self.mask_gen.num_patches
+        self.tokens_per_image = 1 + kept  # student tokens through the blocks
+        self.images_per_step = cfg.train.micro_batch * plan.accumulation
+        self.amp = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
+        self._eval: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._classifier_DC: torch.Tensor | None = None
+
+    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, float]:
+        def micro_loss(m: int, batch: dict[str, np.ndarray]):
+            def loss() -> torch.Tensor:
+                rows = {k: torch.from_numpy(v) for k, v in batch.items() if k in ("image", "tokens")}
+                images_B3HW, teacher_BND = self.targets(rows, self.device)
+                keep_BK = draw_keep(self.mask_gen, images_B3HW.shape[0], seed=self.cfg.run.seed, rank=self.rank,
+                                    step=step, micro=m)
+                return step_loss(self.forward, images_B3HW, teacher_BND, keep_BK.to(self.device), self.cfg.objective)
+            return loss
+
+        return train_step(self.forward, self.optimizer, self.scheduler,
+                          (micro_loss(m, b) for m, b in enumerate(group)), len(group),
+                          grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type)
+
+    def evaluate(self) -> dict[str, float]:
+        ev = self.cfg.eval
+        if not ev.enabled:
+            return {}
+        if self._eval is None:
+            self._eval = load_eval_set(ev.input, self.cfg.s3, self.cfg.student.img_size, ev.max_images)
+            if ev.classifier_path is not None:
+                self._classifier_DC = load_classifier(ev.classifier_path, self.cfg.s3)["weights"]
+            else:  # online mode only (the config refuses cache mode without a file)
+                names, templates = prompts(ev.prompts, ev.classnames, ev.templates)
+                self._classifier_DC = teacher_classifier(self.teacher, names, templates)["weights"]
+        pixels, labels = self._eval
+        return zeroshot_accuracy(self.student, pixels, labels, self._classifier_DC, self.mean, self.std,
+                                 batch_size=ev.batch_size, device=self.device)
+
+    def export(self, folder: Path, step: int) -> None:
+        extra = {"run_name": self.cfg.run.name, "step": step, "teacher": self.plan.teacher,
+                 "teacher_mode": self.cfg.data.teacher_mode}
+        export_student(self.student, folder, mean=tuple(self.mean), std=tuple(self.std), extra=extra)
+
+    def on_run_start(self, log_artifact) -> None:
+        prob_HW = masking_probability(self.mask_gen, num_samples=2000)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "masking_probability.png"
+            plot_masking_maps({f"{self.cfg.mask.strategy} ({self.cfg.mask.mask_ratio})": prob_HW}, path)
+            log_artifact(str(path))
+
+    def describe(self) -> str:
+        return f"{self.cfg.objective.name}, {self.cfg.data.teacher_mode} teacher"
+
+    def run_tags(self) -> dict[str, str]:
+        return {"uta.teacher_mode": self.cfg.data.teacher_mode}

@@ -1,0 +1,72 @@
+"""Connect to a Ray cluster or start a small local one, set up as a ``ray start`` cluster would be."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import ray
+
+log = logging.getLogger("uta.ray")
+
+# Ray Data and Ray Train share a cluster through one coordinator actor that hands out CPUs by
+# request; requests expire unless renewed (live ones renew every 10 s). A Tune trial stopped
+# early (ASHA) is killed without cancelling its requests, and by default they hold their
+# CPUs for 180 s: on a small cluster the next trial's Ray Data is granted 0 CPUs and waits at
+# 0 rows for those minutes. A 30 s expiry bounds that wait. Ray reads it when a worker starts,
+# so it must be in the environment of every Ray process (the image and `ray start` set it too).
+RAY_PROCESS_ENV = {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it), else start a
+    local Ray (``start_local_ray``). Returns True when this call started Ray (so the caller
+    shuts it down); an already initialised Ray (tests, notebooks) is reused as it is.
+    """
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        if num_cpus is not None:
+            log.warning("ray.num_cpus=%s is ignored when connecting to a running cluster", num_cpus)
+        ray.init(address=address)
+        return True
+    start_local_ray(num_cpus)
+    return True
+
+
+def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
+    """A new single-node Ray with its dashboard on localhost, set up like a ``ray start`` cluster.
+
+    Ray Train removes the placement group of a run whose controller died without shutting
+    down (a Tune trial that ASHA stops) from a watcher actor that asks the dashboard's state
+    API whether the controller still lives. In a Ray started by ``ray.init`` that watcher finds
+    neither the dashboard nor the cluster, so the placement group, with its CPUs, leaks until
+    the driver exits and the next trial's Ray Data waits at 0 rows forever. Hence: a dashboard,
+    on a port chosen here, whose address every Ray process inherits (RAY_API_SERVER_ADDRESS).
+    """
+    port = free_port()
+    for key, value in RAY_PROCESS_ENV.items():  # a local Ray's processes inherit this environment
+        os.environ.setdefault(key, value)
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # "local": never attach silently to a `ray start` cluster left over on this machine.
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=port, **init_kwargs)
+    url = context.dashboard_url or ""
+    if not url.endswith(f":{port}"):
+        log.warning("the Ray dashboard is not on port %s (%r): placement groups of stopped Tune trials "
+                    "may not be released", port, url)
+    else:
+        log.info("local Ray with %s CPUs, dashboard http://%s", num_cpus or os.cpu_count(), url)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the connected cluster."""
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0))

@@ -1,0 +1,51 @@
+"""A sweep as a function: the base config, one MLflow parent run, the Tune run, the results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import ray
+import yaml
+
+from pipelines.lib.pretrain.config import PretrainConfig
+from pipelines.lib.ray_setup import init_ray
+from pipelines.lib.sweep.search_space import load_search_space
+from pipelines.lib.sweep.tune import check_cache_fits, concurrent_trials, log_results, make_tuner
+from pipelines.lib.train.trainer import local_num_cpus, resolve_paths
+from uta_core import tracking
+from uta_core.config import apply_overrides, from_dict
+from uta_core.data.storage import is_s3, join
+
+EXPERIMENT = "uta-sweep"
+
+
+def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
+    """Run (or resume) the sweep ``args.name``: ``args.space`` over ``args.config`` + ``overrides``;
+    returns the results CSV."""
+    space = load_search_space(args.space)
+    base_text = args.config.read_text() if args.config.is_file() else ""
+    base = apply_overrides(yaml.safe_load(base_text) or {}, space.fixed_overrides() + overrides)
+    check_cache_fits(space, base)
+    base_cfg = resolve_paths(from_dict(PretrainConfig, base))
+    storage = args.storage_path if is_s3(args.storage_path) else str(Path(args.storage_path).resolve())
+    # A new local Ray gets room for two trials at once, each with its workers and its Ray Data CPUs.
+    started = init_ray(base_cfg.cluster.address, 2 * local_num_cpus(base_cfg.cluster))
+    try:
+        experiment = EXPERIMENT  # the trials' runs are nested under the sweep's run, in its experiment
+        parent_cfg = dataclasses.replace(base_cfg.tracking, experiment=experiment)
+        with tracking.start_run(parent_cfg, experiment, run_name=args.name) as parent:
+            tracking.log_config(space)
+            sweep = {"name": args.name, "experiment": experiment, "storage_path": storage,
+                     "trials_path": join(storage, f"{args.name}-trials"), "metric": space.metric,
+                     "parent_run_id": parent.info.run_id if parent else None}
+            base["tracking"] = {**base.get("tracking", {}), "tracking_uri": base_cfg.tracking.tracking_uri}
+            tuner = make_tuner(space, base, sweep, concurrent_trials(base_cfg, args.max_concurrent))
+            results = tuner.fit()
+            out_dir = Path(tempfile.mkdtemp(prefix="uta-sweep-")) if is_s3(storage) else Path(storage) / args.name
+            return log_results(results, space, out_dir)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,104 @@
+"""Typed settings of every Ray Train job: the run's identity, the cluster, batching and length."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Identity and bookkeeping of one training run (pre-training or contrastive)."""
+
+    name: str = "uta-local"  # rerunning the same name in the same storage_path resumes it
+    storage_path: str = "runs"  # local folder or s3://bucket/prefix: checkpoints, export, config
+    seed: int = 0
+    log_every: int = 10  # optimiser steps between MLflow metrics (the loss is all-reduced over ranks)
+    checkpoint_every: int = 100  # steps between checkpoints = ray.train.report calls (+ evals, the end)
+    keep_checkpoints: int = 2
+    max_failures: int = 1  # worker failures Ray Train recovers from (from the last checkpoint)
+    export: bool = True  # write the final model to <storage>/<name>/export
+    record_samples: bool = False  # each rank writes the sample ids it trained on (<storage>/<name>/samples)
+
+    def __post_init__(self) -> None:
+        if not _RUN_NAME.fullmatch(self.name):
+            raise ValueError(f"name={self.name!r} must be a plain folder name (letters, digits, . _ -)")
+        if not self.storage_path:
+            raise ValueError("storage_path must be a local folder or s3://bucket/prefix")
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures={self.max_failures} must be >= 0 (or -1 for unlimited)")
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    address: str | None = None  # None: $RAY_ADDRESS / the job's cluster, else a new local Ray
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # Logical CPUs a *new local* Ray gets on top of the workers', so Ray Data can schedule
+    # its read/decode tasks (with every CPU held by workers it stalls at 0 rows).
+    data_cpus: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers={self.num_workers} must be >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be positive")
+        if not self.data_cpus >= 1:
+            raise ValueError(f"data_cpus={self.data_cpus} must be >= 1: Ray Data needs a CPU to read")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Batching, length and warm-up of a run; ``*_steps`` (optimiser steps) win over epochs."""
+
+    micro_batch: int = 32  # images per worker per forward
+    global_batch: int | None = None  # per optimiser step; None = micro_batch x workers (no accumulation)
+    epochs: float = 1.0
+    warmup_epochs: float = 1.0
+    max_steps: int | None = None  # total optimiser steps; the cosine spans exactly these
+    warmup_steps: int | None = None
+    precision: str = "bf16"  # autocast dtype on GPU; CPU always runs fp32
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch={self.micro_batch} must be >= 1")
+        if self.global_batch is not None and self.global_batch < self.micro_batch:
+            raise ValueError(f"global_batch={self.global_batch} must be >= micro_batch={self.micro_batch}")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs} must be positive")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1 (or null to use epochs)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0 (or null to use warmup_epochs)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimiser step so that micro x world x accum == global batch."""
+        if self.global_batch is None:
+            return 1
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"train.global_batch={self.global_batch} is not a multiple of micro_batch "
+                f"{self.micro_batch} x {world_size} workers = {per_step}; set it to a multiple of {per_step}"
+            )
+        return self.global_batch // per_step
+
+    def resolve(self, steps_per_epoch: int) -> tuple[int, int]:
+        """(total optimiser steps, warm-up steps) for ``steps_per_epoch`` steps an epoch."""
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
+        total = self.max_steps if self.max_steps is not None else max(1, round(self.epochs * steps_per_epoch))
+        warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_epochs * steps_per_epoch)
+        return total, min(warmup, total - 1)

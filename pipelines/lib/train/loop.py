@@ -1,0 +1,223 @@
+"""What every Ray Train worker runs, for every training job: ``train_loop_per_worker``.
+
+Per optimiser step: ``plan.accumulation`` numpy micro-batches from this rank's Ray Data shard
+-> ``task.step`` (the job's model, loss and optimiser). Every rank runs the same number of
+steps (the driver computes them; ``streaming_split(equal=True)`` gives every rank the same
+rows), so every rank calls ``ray.train.report`` (a barrier) equally often: at checkpoint and
+evaluation steps. Metrics go to MLflow every ``run.log_every`` steps, from rank 0.
+
+Resume: a checkpoint holds the position (step, epoch, micro-batches consumed in the epoch);
+a resumed rank skips those micro-batches of its shard. ``streaming_split`` hands out blocks
+dynamically, so *which* rows they were is not replayed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from pipelines.lib.train.rank0 import Rank0
+from pipelines.lib.train.task import TrainTask, build_task, task_config_class
+from uta_core.checkpoint import Position, load_state, restore, save_state, training_state
+from uta_core.config import from_dict, to_dict
+from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
+from uta_core.distributed import mean_over_ranks
+from uta_core.optim import lr_at
+
+log = logging.getLogger("uta.train")
+TRAIN_DATASET = "train"
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict | None:
+    """Ray Train entry point: ``{"task": name, "config": job config dict, "plan": RunPlan dict}``.
+    Returns rank 0's history and final metrics (Ray hands it to the driver)."""
+    from pipelines.lib.train.trainer import RunPlan  # the driver's module, imported lazily (no cycle)
+
+    logging.getLogger("uta").setLevel(logging.INFO)
+    worker = Worker(loop_config["task"], loop_config["config"], RunPlan(**loop_config["plan"]))
+    worker.rank0.open(worker.pos)
+    worker.pos.mlflow_run_id = worker.rank0.run_id
+    try:
+        worker.train()
+    except BaseException:
+        worker.rank0.close(failed=True)
+        raise
+    worker.rank0.finish(worker.pos.step)
+    worker.rank0.close()
+    if worker.rank != 0:
+        return None
+    return {"history": worker.history, "final": worker.final, "mlflow_run_id": worker.rank0.run_id}
+
+
+def report(metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
+    """``ray.train.report`` on every rank (a barrier); rank 0 alone attaches the checkpoint."""
+    name = f"checkpoint_{step:07d}"  # rank 0's name wins (Ray broadcasts it)
+    if state is None:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory(prefix="uta-ckpt-") as folder:
+        save_state(state, folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+
+
+class Worker:
+    """One rank's task, position and metric window; ``train`` runs the epochs."""
+
+    def __init__(self, task_name: str, cfg_dict: dict, plan) -> None:
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.task_name = task_name
+        self.cfg = from_dict(task_config_class(task_name), cfg_dict)
+        torch.set_num_threads(max(1, int(self.cfg.cluster.cpus_per_worker)))
+        torch.manual_seed(self.cfg.run.seed)  # the same initial model everywhere (DDP also broadcasts rank 0's)
+        self.task: TrainTask = build_task(task_name, self.cfg, plan, self.device, self.rank)
+        self.plan = dataclasses.replace(plan, mean=list(self.task.mean), std=list(self.task.std))
+        self.pos = self._restore()
+        self.rank0 = Rank0(self.cfg, self.plan, self.task, self.rank, task_name)
+        self.history: list[dict[str, float]] = []
+        self.final: dict[str, float] = {}
+        self._window: list[float] = []
+        self._window_start = time.perf_counter()
+        self._last: dict[str, float] = {}
+
+    def _restore(self) -> Position:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return Position()
+        with checkpoint.as_directory() as folder:
+            state = load_state(folder)
+        pos = restore(state, self.task.model, self.task.optimizer, self.task.scheduler)
+        log.info("rank %d resumed at step %d (epoch %d, micro-batch %d)", self.rank, pos.step, pos.epoch,
+                 pos.micro_in_epoch)
+        return pos
+
+    # ----------------------------------------------------------------- epochs
+    def train(self) -> None:
+        """Epochs until ``plan.total_steps``; every rank reports (a barrier) at the same steps."""
+        pos, plan = self.pos, self.plan
+        shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+        start_step = pos.step
+        while pos.step < plan.total_steps:
+            stream = self._micro_batches(shard, skip=pos.micro_in_epoch)
+            seen_ids: list[int] = []
+            steps_this_epoch = 0
+            while pos.step < plan.total_steps:
+                group = [b for _, b in zip(range(plan.accumulation), stream)]
+                if len(group) < plan.accumulation:
+                    break  # the epoch is over, on every rank at once (equal splits, equal batches)
+                if self.cfg.run.record_samples:
+                    seen_ids += [int(i) for b in group for i in b["sample_id"]]
+                self._step(group)
+                steps_this_epoch += 1
+                if self.cfg.run.record_samples and pos.step == plan.total_steps:
+                    self._record_samples(seen_ids)
+                self._after_step()
+            if pos.step < plan.total_steps:
+                self._end_epoch(steps_this_epoch, seen_ids)
+        if pos.step == start_step:  # a rerun of a finished run: evaluate and report once
+            self.final = {"step": pos.step, **self._evaluate()}
+            report(self.final, None, pos.step)
+
+    def _micro_batches(self, shard, skip: int) -> Iterator[dict]:
+        """This rank's numpy micro-batches of one epoch, after skipping ``skip`` (a resumed epoch)."""
+        batches = shard.iter_batches(
+            batch_size=self.cfg.train.micro_batch, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=hash((self.cfg.run.seed, self.rank, self.pos.epoch)) % 2**31,
+        )
+        for i, batch in enumerate(batches):
+            if i >= skip:
+                yield batch
+
+    def _step(self, group: list[dict]) -> None:
+        self._last = self.task.step(group, self.pos.step)
+        self._window.append(self._last["loss"])
+        self.pos.step += 1
+        self.pos.micro_in_epoch += len(group)
+
+    def _after_step(self) -> None:
+        """Log when due; report to Ray Train (checkpoint, evaluation) when due; test fault injection.
+
+        ``ray.train.report`` is a barrier and waits for the controller to take the result
+        (it polls every ~2 s), so metrics go to MLflow every ``log_every`` steps but Ray
+        only hears of checkpoints and evaluations.
+        """
+        cfg, pos = self.cfg, self.pos
+        last = pos.step == self.plan.total_steps
+        evaluate = last or bool(cfg.eval.every and pos.step % cfg.eval.every == 0)
+        save = last or pos.step % cfg.run.checkpoint_every == 0
+        if save or evaluate or pos.step % cfg.run.log_every == 0:
+            metrics = self._window_metrics()  # an all-reduce: every rank gets here at the same steps
+            if evaluate:
+                metrics.update(self._evaluate())
+            self.rank0.log(metrics, pos.step)
+            self._progress(metrics)
+            if save or evaluate:
+                state = None
+                if save and self.rank == 0:
+                    state = training_state(self.task.model, self.task.optimizer, self.task.scheduler, pos,
+                                           to_dict(cfg), dataclasses.asdict(self.plan))
+                report(metrics, state, pos.step)
+            if last:
+                self.final = metrics
+        if cfg.fail_at_step == pos.step and not pos.resumed and self.rank == 0:
+            raise RuntimeError(f"fail_at_step={cfg.fail_at_step}: injected failure after step {pos.step}")
+
+    def _evaluate(self) -> dict[str, float]:
+        return self.task.evaluate() if self.rank == 0 else {}
+
+    def _end_epoch(self, steps_this_epoch: int, seen_ids: list[int]) -> None:
+        if steps_this_epoch == 0:
+            raise RuntimeError(
+                f"epoch {self.pos.epoch} gave rank {self.rank} no full step of {self.plan.accumulation} x "
+                f"{self.cfg.train.micro_batch} rows; the data shrank below one step per rank (undecodable "
+                "images?): lower train.micro_batch or add data"
+            )
+        if self.cfg.run.record_samples:
+            self._record_samples(seen_ids)
+        self.pos.epoch += 1
+        self.pos.micro_in_epoch = 0
+
+    def _record_samples(self, ids: list[int]) -> None:
+        fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)
+        path = join(root, "samples", f"rank{self.rank}-epoch{self.pos.epoch:04d}.txt")
+        write_bytes_atomic(fs, path, "\n".join(map(str, ids)).encode())
+
+    # ----------------------------------------------------------------- metrics
+    def _window_metrics(self) -> dict[str, float]:
+        """Loss averaged over the window and all ranks, throughput, lr of the last step."""
+        plan, cfg = self.plan, self.cfg
+        steps = max(1, len(self._window))
+        seconds = max(time.perf_counter() - self._window_start, 1e-9)
+        images = len(self._window) * self.task.images_per_step * self.world
+        metrics = {"loss": mean_over_ranks(sum(self._window) / steps, self.device),
+                   "images_per_s": images / seconds, "step_time_s": seconds / steps}
+        if self.task.tokens_per_image is not None:
+            metrics["tokens_per_s"] = images * self.task.tokens_per_image / seconds
+        extra = {k: v for k, v in self._last.items() if k != "loss"}
+        metrics.update(extra, step=self.pos.step, epoch=self.pos.epoch,
+                       lr=lr_at(self.pos.step - 1, base_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                                warmup_steps=plan.warmup_steps, total_steps=plan.total_steps))
+        self._window, self._window_start = [], time.perf_counter()
+        return metrics
+
+    def _progress(self, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        self.history.append({k: float(v) for k, v in metrics.items()})
+        extras = "".join(f" {k} {metrics[k]:.4f}" for k in ("temperature", "zeroshot_top1") if k in metrics)
+        # Not print(): Ray Train routes print through its logger, which shows every line twice.
+        sys.stdout.write(f"[{self.task_name}] step {metrics['step']}/{self.plan.total_steps} loss "
+                         f"{metrics['loss']:.4f} lr {metrics['lr']:.2e}{extras} "
+                         f"{metrics['images_per_s']:.1f} images/s\n")
+        sys.stdout.flush()

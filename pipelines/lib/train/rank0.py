@@ -1,0 +1,100 @@
+"""Rank 0's side effects in the training loop: the MLflow run, the export, the loss curve.
+
+Every method is a no-op on other ranks. A run's MLflow run is opened by rank 0 and its id is
+kept in the checkpoint, so a resumed run (a restarted worker group, a resubmitted driver)
+continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from uta_core import tracking
+from uta_core.checkpoint import Position
+from uta_core.config import flatten, to_dict
+from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
+
+EXPORT_DIR = "export"
+
+
+class Rank0:
+    def __init__(self, cfg: Any, plan: Any, task, rank: int, job: str) -> None:
+        self.cfg, self.plan, self.task, self.job = cfg, plan, task, job
+        self.active = rank == 0
+        self.run_id: str | None = None
+        self._run = None
+        self._stack = contextlib.ExitStack()
+
+    def open(self, pos: Position) -> None:
+        """Start the MLflow run, or reopen the checkpoint's run when resuming."""
+        if not (self.active and self.cfg.tracking.enabled):
+            return
+        import mlflow
+
+        if pos.mlflow_run_id:
+            mlflow.set_tracking_uri(tracking.resolve_tracking_uri(self.cfg.tracking.tracking_uri))
+            self._run = self._stack.enter_context(mlflow.start_run(run_id=pos.mlflow_run_id))
+            mlflow.set_tag("uta.resumed_from_step", str(pos.step))
+        else:
+            tags = {"job": self.job, "uta.run_name": self.cfg.run.name, **self.task.run_tags()}
+            run_name = self.cfg.tracking.run_name or self.cfg.run.name
+            self._run = self._stack.enter_context(
+                tracking.start_run(self.cfg.tracking, self.task.experiment, run_name=run_name, tags=tags))
+            tracking.log_config(self.cfg)
+            plan = {k: v for k, v in dataclasses.asdict(self.plan).items() if k not in ("mean", "std", "run_uri")}
+            mlflow.log_params(tracking.redact_params(flatten(plan, "plan")))
+            mlflow.log_dict(to_dict(self.cfg), "config.yaml")
+            self.task.on_run_start(mlflow.log_artifact)
+        self.run_id = self._run.info.run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.active and self._run is not None:
+            import mlflow
+
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        if failed:  # the MLflow run ends as FAILED
+            self._stack.__exit__(RuntimeError, RuntimeError("training failed"), None)
+        else:
+            self._stack.close()
+        self._run = None
+
+    def finish(self, step: int) -> None:
+        """The export (to ``<run>/export`` and to MLflow) and the loss curve."""
+        if not self.active:
+            return
+        with tempfile.TemporaryDirectory(prefix="uta-export-") as folder:
+            self.task.export(Path(folder), step)
+            if self.cfg.run.export:
+                fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)
+                for name in sorted(os.listdir(folder)):
+                    write_bytes_atomic(fs, join(root, EXPORT_DIR, name), (Path(folder) / name).read_bytes())
+            if self._run is not None:
+                import mlflow
+
+                mlflow.log_artifacts(folder, self.task.artifact_name)
+                self._log_loss_curve(folder)
+
+    def _log_loss_curve(self, folder: str) -> None:
+        import mlflow
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        history = mlflow.tracking.MlflowClient().get_metric_history(self.run_id, "loss")
+        if not history:
+            return
+        points = sorted((m.step, m.value) for m in history)
+        fig = Figure(figsize=(5, 3.2), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.set(xlabel="optimiser step", ylabel="loss", title=f"{self.cfg.run.name}: {self.task.describe()}")
+        path = Path(folder) / "loss_curve.png"
+        fig.savefig(path, dpi=110)
+        mlflow.log_artifact(str(path))

@@ -1,0 +1,208 @@
+"""Planning a teacher-feature cache (driver side, Ray-free): settings, resume, refusal to mix.
+
+``plan_cache`` resolves inputs and output, builds the teacher once for its geometry and
+weights fingerprint, compares with an existing manifest (refusing other settings) and
+splits the input shards into done and pending. It writes nothing, so a missing path, a
+missing bucket or refused credentials fail before any side effect; ``begin`` is the
+first write. The job's data flow: docs/ARCHITECTURE.md; the format: docs/CACHE_FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pyarrow.fs as pafs
+import torch
+
+from uta_core.cache.format import (
+    SHARDS_DIR,
+    TMP_DIR,
+    CacheSettings,
+    Manifest,
+    load_manifest,
+    save_manifest,
+    settings_diff,
+    shard_path,
+)
+from uta_core.data.shards import InputConfig, InputSet, InputShard, discover, shard_names
+from uta_core.data.storage import (
+    S3Options,
+    StorageError,
+    check_bucket,
+    filesystem_for,
+    join,
+    list_dir,
+    remove_dir,
+    to_uri,
+    translate_error,
+)
+from uta_core.data.views import ViewConfig
+from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
+from uta_core.models.teacher_weights import check_weights_chosen
+
+
+@dataclass(kw_only=True)
+class OutputConfig:
+    path: str = ""  # local folder or s3://bucket/prefix
+    token_dtype: Literal["float16", "int8"] = "float16"
+    pixel_format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = 95
+    compression: Literal["none", "zstd", "snappy"] = "zstd"
+    row_group_mb: int = 64  # rows are buffered per shard up to this size before a write
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path is empty: pass output.path=<folder or s3://bucket/prefix>")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
+        if self.row_group_mb < 1:
+            raise ValueError(f"row_group_mb must be at least 1, got {self.row_group_mb}")
+
+
+@dataclass(kw_only=True)
+class CacheSpec:
+    """What the cache holds and where it goes; the job adds Ray and MLflow settings."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teacher_random_seed: int | None = None  # int: allow random-init weights (tests, smoke runs)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    num_views: int = 2
+    s3: S3Options = field(default_factory=S3Options)
+
+    def __post_init__(self) -> None:
+        if self.num_views < 1:
+            raise ValueError(f"num_views must be at least 1, got {self.num_views}")
+        if self.teacher.image_size not in (None, self.views.size):
+            raise ValueError(
+                f"teacher.image_size={self.teacher.image_size} differs from views.size={self.views.size}: "
+                "the teacher runs at the view resolution; leave teacher.image_size null"
+            )
+        check_weights_chosen(self.teacher.arch, self.teacher.pretrained, self.teacher_random_seed)
+
+    @property
+    def teacher_config(self) -> TeacherConfig:
+        return dataclasses.replace(self.teacher, image_size=self.views.size)
+
+
+def build_cache_teacher(cfg: CacheSpec, device: str | torch.device = "cpu") -> Teacher:
+    """The frozen teacher at the view resolution (every actor builds the same, seeded, weights)."""
+    return build_teacher(cfg.teacher_config, random_seed=cfg.teacher_random_seed, device=device, s3=cfg.s3)
+
+
+def cache_settings(cfg: CacheSpec, teacher: Teacher) -> CacheSettings:
+    if cfg.views.size % teacher.patch_size:
+        raise ValueError(
+            f"views.size={cfg.views.size} is not a multiple of the teacher's patch size "
+            f"{teacher.patch_size}; pick a size that gives a whole token grid"
+        )
+    views = {**dataclasses.asdict(cfg.views), "num_views": cfg.num_views}
+    if cfg.output.pixel_format == "jpeg":
+        views["jpeg_quality"] = cfg.output.jpeg_quality
+    return CacheSettings(
+        teacher={
+            "arch": teacher.arch, "pretrained": teacher.pretrained,
+            "fingerprint": teacher.weights_fingerprint(), "embed_dim": teacher.embed_dim,
+            "patch_size": teacher.patch_size, "image_size": teacher.image_size,
+            "mean": list(teacher.mean), "std": list(teacher.std), "precision": teacher.precision,
+        },
+        grid=list(teacher.grid),
+        token_shape=[1 + teacher.grid[0] * teacher.grid[1], teacher.embed_dim],
+        token_dtype=cfg.output.token_dtype,
+        pixel_format=cfg.output.pixel_format,
+        views=views,
+    )
+
+
+# --------------------------------------------------------------------- planning
+class CacheMismatchError(ValueError):
+    """The output already holds a cache made with other settings."""
+
+
+@dataclass(kw_only=True)
+class CachePlan:
+    cfg: CacheSpec
+    inputs: InputSet
+    fs: pafs.FileSystem  # output filesystem
+    root: str  # scheme-less output root
+    manifest: Manifest
+    manifest_exists: bool
+    pending: dict[str, InputShard]  # name -> shard still to do
+    done: list[str]  # names already committed
+    redo: list[str]  # names whose committed file vanished or changed
+
+    @property
+    def root_uri(self) -> str:
+        return to_uri(self.fs, self.root)
+
+
+def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None) -> CachePlan:
+    """Everything that can fail before work starts fails here; nothing is written."""
+    inputs = discover(cfg.input, cfg.s3)
+    fs, root = filesystem_for(cfg.output.path, cfg.s3)
+    check_bucket(fs, root, cfg.s3)
+    try:
+        existing = load_manifest(fs, root)
+        if existing is None:
+            _check_empty_output(fs, root, cfg)
+    except OSError as err:
+        raise translate_error(err, cfg.output.path, cfg.s3) from None
+    teacher = teacher or build_cache_teacher(cfg)
+    settings = cache_settings(cfg, teacher)
+    if existing is not None:
+        _check_compatible(existing, settings, inputs.class_names, cfg.output.path)
+    manifest = existing or Manifest(settings=settings, class_names=inputs.class_names)
+    committed_sources = {name: rec.source for name, rec in manifest.shards.items()}
+    names = shard_names([s.uri for s in inputs.shards], committed_sources)
+    sizes = {info.path: info.size for info in list_dir(fs, join(root, SHARDS_DIR), recursive=False, s3=cfg.s3)}
+    pending, done, redo = {}, [], []
+    for name, shard in zip(names, inputs.shards):
+        rec = manifest.shards.get(name)
+        if rec is not None and sizes.get(shard_path(root, name)) == rec.bytes:
+            done.append(name)
+            continue
+        if rec is not None:
+            redo.append(name)
+        pending[name] = shard
+    return CachePlan(cfg=cfg, inputs=inputs, fs=fs, root=root, manifest=manifest,
+                     manifest_exists=existing is not None, pending=pending, done=done, redo=redo)
+
+
+def _check_empty_output(fs: pafs.FileSystem, root: str, cfg: CacheSpec) -> None:
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        raise StorageError(f"output.path {cfg.output.path} is a file; pass a folder or s3:// prefix")
+    if info.type == pafs.FileType.Directory and list_dir(fs, root, recursive=False, s3=cfg.s3):
+        raise StorageError(
+            f"output.path {cfg.output.path} is not empty and holds no manifest.json; "
+            "pass an empty or new folder (or an existing cache)"
+        )
+
+
+def _check_compatible(existing: Manifest, settings: CacheSettings, class_names: list[str] | None, uri: str) -> None:
+    diff = settings_diff(existing.settings, settings)
+    if diff:
+        raise CacheMismatchError(
+            f"{uri} already holds a cache made with other settings ({'; '.join(diff)}); "
+            "use another output.path, or rerun with the cache's settings"
+        )
+    if existing.class_names and class_names and existing.class_names != class_names:
+        raise CacheMismatchError(
+            f"{uri} was cached with classes {existing.class_names[:5]}... but the input folders give "
+            f"{class_names[:5]}...: the label indices would disagree; use another output.path"
+        )
+
+
+def begin(plan: CachePlan) -> None:
+    """First write of a run: manifest (new, or without vanished shards) and an empty _tmp/."""
+    for name in plan.redo:
+        plan.manifest.shards.pop(name, None)
+    try:
+        if not plan.manifest_exists or plan.redo:
+            save_manifest(plan.fs, plan.root, plan.manifest)
+        remove_dir(plan.fs, join(plan.root, TMP_DIR))  # a killed run's leftovers
+    except OSError as err:  # e.g. credentials that may read but not write
+        raise translate_error(err, plan.root_uri, plan.cfg.s3) from None

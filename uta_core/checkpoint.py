@@ -1,0 +1,104 @@
+"""The training state, saved and loaded in one place.
+
+A checkpoint folder holds one file, ``state.pt``:
+
+    model       state dict of what trains (a UTAStudent, or a CLIP in the contrastive stage)
+    optimizer   AdamW state          scheduler   LambdaLR state
+    position    Position: steps done, epoch, micro-batches consumed in it, the MLflow run id
+    config      the job config, as a dict (``uta_core.config.to_dict``)
+    plan        the run geometry the driver computed (steps, warm-up, mean/std, teacher)
+
+Everything that resumes a run, evaluates a checkpoint or exports from one goes through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from uta_core.config import from_dict
+from uta_core.data.storage import S3Options, filesystem_for, join, list_dir, read_bytes
+from uta_core.models.export import UTA_CONFIG, load_student
+from uta_core.models.student import StudentConfig, UTAStudent
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(kw_only=True)
+class Position:
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches this rank consumed in ``epoch``
+    mlflow_run_id: str | None = None
+    resumed: bool = False
+
+
+def training_state(model: nn.Module, optimizer, scheduler, position: Position, config: dict, plan: dict) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "position": dataclasses.asdict(position),
+        "config": config,
+        "plan": plan,
+    }
+
+
+def save_state(state: dict[str, Any], folder: str | Path) -> Path:
+    path = Path(folder) / STATE_FILE
+    torch.save(state, path)
+    return path
+
+
+def load_state(folder: str | Path) -> dict[str, Any]:
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer, scheduler) -> Position:
+    """Load model, optimiser and scheduler in place; the position to continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return Position(**{**state["position"], "resumed": True})
+
+
+def student_from_state(state: dict[str, Any]) -> tuple[UTAStudent, tuple, tuple, dict]:
+    """A pre-training checkpoint's student (eval mode), its mean/std and step."""
+    student = UTAStudent(from_dict(StudentConfig, state["config"]["student"]))
+    student.load_state_dict(state["model"])
+    plan = state["plan"]
+    return student.eval(), tuple(plan["mean"]), tuple(plan["std"]), {"step": state["position"]["step"]}
+
+
+def load_trained_student(uri: str, s3: S3Options) -> tuple[UTAStudent, tuple, tuple, dict]:
+    """A student from an export, a training checkpoint or a run folder (local or s3://)
+    -> (student, mean, std, info)."""
+    fs, root = filesystem_for(uri, s3)
+    names = {info.path.rsplit("/", 1)[-1] for info in list_dir(fs, root, recursive=False, s3=s3)}
+    if not names:
+        raise ValueError(f"model={uri} does not exist or is empty")
+    if STATE_FILE in names:  # a Ray Train checkpoint of pipelines/pretrain.py
+        state = torch.load(io.BytesIO(read_bytes(fs, join(root, STATE_FILE))), map_location="cpu", weights_only=False)
+        if "student" not in state["config"]:
+            raise ValueError(f"model={uri} is a checkpoint of another job (no student); pass a pre-training run")
+        return student_from_state(state)
+    if UTA_CONFIG in names:  # an export folder
+        with tempfile.TemporaryDirectory(prefix="uta-eval-") as folder:
+            for name in names:
+                data = read_bytes(fs, join(root, name))
+                if data is not None:
+                    (Path(folder) / name).write_bytes(data)
+            student, meta = load_student(folder)
+        return student, tuple(meta["mean"]), tuple(meta["std"]), {"step": meta.get("step")}
+    if "export" in names:  # a run folder
+        return load_trained_student(join(uri, "export"), s3)
+    raise ValueError(
+        f"model={uri} is neither a student export ({UTA_CONFIG}), a checkpoint ({STATE_FILE}) nor a run folder"
+    )

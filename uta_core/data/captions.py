@@ -1,0 +1,52 @@
+"""Image-caption rows for contrastive training: decoded centre views + captions, and fresh crops.
+
+Shape legend: M rows of one shard, B batch, H/W decoded pixels, S view size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from uta_core.data.shards import InputConfig, InputShard, ShardReadError, iter_samples
+from uta_core.data.storage import S3Options, filesystem_for
+from uta_core.data.views import ImageDecodeError, ViewConfig, center_view, decode_image, render_view, sample_view_params
+
+
+def caption_rows(shard: InputShard, input_cfg: InputConfig, s3: S3Options, size: int) -> dict[str, np.ndarray]:
+    """One shard's captioned samples: centre views uint8 (M, size, size, 3), caption, label (-1: none).
+
+    Samples without an image or a caption, or whose image does not decode, are skipped.
+    """
+    fs, _ = filesystem_for(shard.uri, s3)
+    pixels, captions, labels = [], [], []
+    try:
+        for sample in iter_samples(fs, shard, input_cfg):
+            if sample.image is None or not sample.caption:
+                continue
+            try:
+                img = decode_image(sample.image)
+            except ImageDecodeError:
+                continue
+            pixels.append(center_view(img, size))
+            captions.append(sample.caption)
+            labels.append(-1 if sample.label is None else sample.label)
+    except ShardReadError:
+        pass  # keep what was read before the container broke
+    return {
+        "pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
+        "caption": np.array(captions, dtype=object),
+        "label": np.array(labels, dtype=np.int64),
+    }
+
+
+def augment(pixels_BHW3: np.ndarray, views: ViewConfig, rng: np.random.Generator) -> np.ndarray:
+    """A fresh RandomResizedCrop (+ flip) of every decoded image, as the cache job draws views.
+
+    uint8 (B, H, W, 3) at ``data.decode_size`` -> uint8 (B, S, S, 3) at ``views.size``.
+    """
+    out = []
+    for pixels_HW3 in pixels_BHW3:
+        img = Image.fromarray(pixels_HW3)
+        out.append(render_view(img, sample_view_params(img.width, img.height, views, rng), views.size))
+    return np.stack(out)

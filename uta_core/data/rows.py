@@ -1,0 +1,150 @@
+"""Training rows from raw shards (online teacher) or from the teacher cache, and their targets.
+
+Both modes produce the same row columns, so the worker loop does not care where a batch
+came from; only ``teacher_targets`` differs (run the teacher vs restore stored tokens):
+
+    image       uint8 (H, W, 3)    the view at the student's resolution
+    tokens      (1+N, D) fp16/int8 cache mode only: the teacher's stored tokens
+    label       int64              class index, -1 when the sample has none
+    sample_id   int64              stable hash of (key, view): audits which rows a rank saw
+
+Online views come from ``uta_core.data.views`` with the same seeds the cache job uses, so an
+image's view v is pixel-identical in both modes.
+
+Shape legend: B rows, H/W view pixels, T = 1+N tokens, D teacher embed dim, M eval images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from uta_core.cache.format import decode_pixels, tokens_from_storage
+from uta_core.data.views import ImageDecodeError, ViewConfig, center_view, decode_image, sample_views, to_model_input
+from uta_core.data.shards import InputConfig, InputShard, ShardReadError, discover, iter_samples
+from uta_core.data.storage import S3Options, filesystem_for
+from uta_core.models.teacher import Teacher
+
+log = logging.getLogger("uta.train")
+NO_LABEL = -1
+
+
+def sample_id(key: str, view: int) -> int:
+    """Stable 63-bit id of one (image key, view) row, equal in both teacher modes."""
+    digest = hashlib.sha256(f"{key}/{view}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _rows_batch(images: list[np.ndarray], labels: list[int], ids: list[int], size: int) -> dict[str, np.ndarray]:
+    return {
+        "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "label": np.asarray(labels, dtype=np.int64),
+        "sample_id": np.asarray(ids, dtype=np.int64),
+    }
+
+
+def online_rows(
+    shard: InputShard, input_cfg: InputConfig, views: ViewConfig, num_views: int, s3: S3Options, block: int = 64
+) -> Iterator[dict[str, np.ndarray]]:
+    """One raw shard -> batches of view rows; undecodable samples are skipped with a warning."""
+    fs, _ = filesystem_for(shard.uri, s3)
+    images, labels, ids, skipped = [], [], [], 0
+    try:
+        for sample in iter_samples(fs, shard, input_cfg):
+            try:
+                if sample.image is None:
+                    raise ImageDecodeError("the sample has no image")
+                img = decode_image(sample.image)
+            except ImageDecodeError:
+                skipped += 1
+                continue
+            for v, (_, pixels_HW3) in enumerate(sample_views(img, sample.key, num_views, views)):
+                images.append(pixels_HW3)
+                labels.append(NO_LABEL if sample.label is None else sample.label)
+                ids.append(sample_id(sample.key, v))
+            if len(images) >= block:
+                yield _rows_batch(images, labels, ids, views.size)
+                images, labels, ids = [], [], []
+    except ShardReadError as err:
+        log.warning("%s; keeping the samples read before it", err)
+    if skipped:
+        log.warning("%s: skipped %d undecodable samples", shard.uri, skipped)
+    if images:
+        yield _rows_batch(images, labels, ids, views.size)
+
+
+def count_images(shard: InputShard, input_cfg: InputConfig, s3: S3Options) -> int:
+    """Samples with an image in one shard (not decoded: a cheap upper bound of the rows)."""
+    fs, _ = filesystem_for(shard.uri, s3)
+    try:
+        return sum(1 for s in iter_samples(fs, shard, input_cfg) if s.image is not None)
+    except ShardReadError:
+        return 0
+
+
+def cache_rows(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Cache rows (Ray's numpy batch of key, view, pixels, tokens, label) -> training rows.
+
+    Tokens stay in their stored dtype (fp16 / int8) until the worker restores them.
+    """
+    labels = batch["label"]
+    labels = np.asarray([NO_LABEL if x is None or (isinstance(x, float) and np.isnan(x)) else int(x) for x in labels])
+    return {
+        "image": decode_pixels(list(batch["pixels"])),
+        "tokens": np.asarray(batch["tokens"]),
+        "label": labels.astype(np.int64),
+        "sample_id": np.asarray([sample_id(str(k), int(v)) for k, v in zip(batch["key"], batch["view"])], np.int64),
+    }
+
+
+class TeacherTargets:
+    """Batch of rows -> (normalised images (B, 3, H, W), teacher tokens (B, 1+N, D) float32).
+
+    ``teacher=None`` is cache mode: the tokens come with the rows and no teacher exists.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], teacher: Teacher | None = None) -> None:
+        self.mean, self.std, self.teacher = mean, std, teacher
+
+    def __call__(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        images_B3HW = to_model_input(batch["image"].to(device, non_blocking=True), self.mean, self.std)
+        if self.teacher is None:
+            if "tokens" not in batch:
+                raise ValueError("cache mode got rows without a tokens column; is data.cache a teacher cache?")
+            return images_B3HW, tokens_from_storage(batch["tokens"].to(device, non_blocking=True))
+        return images_B3HW, self.teacher.encode_tokens(images_B3HW)
+
+
+# --------------------------------------------------------------------- evaluation images
+def load_eval_set(
+    input_cfg: InputConfig, s3: S3Options, size: int, max_images: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled eval images as centre views: uint8 (M, size, size, 3), labels (M,).
+
+    Reads shards in order until ``max_images``; unlabelled or undecodable samples are skipped.
+    """
+    inputs = discover(input_cfg, s3)
+    images, labels = [], []
+    for shard in inputs.shards:
+        for sample in iter_samples(inputs.fs, shard, input_cfg):
+            if sample.label is None or sample.image is None:
+                continue
+            try:
+                images.append(center_view(decode_image(sample.image), size))
+            except ImageDecodeError:
+                continue
+            labels.append(sample.label)
+            if len(images) >= max_images:
+                break
+        if len(images) >= max_images:
+            break
+    if not images:
+        raise ValueError(
+            f"eval.input {input_cfg.paths} holds no labelled images (.cls, class folders or label_column)"
+        )
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.long)

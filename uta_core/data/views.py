@@ -1,0 +1,143 @@
+"""Image decoding and augmented views with recorded parameters.
+
+A view is fully described by ``ViewParams`` (crop box in source pixels + flip), drawn
+from a seed derived from (base seed, image key, view index). So a rerun of the cache
+job produces the same views, and a stored view can be rebuilt from the source image.
+
+Shape legend: B batch, H/W view height/width (pixels), 3 RGB channels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
+
+class ImageDecodeError(ValueError):
+    """Raised for bytes that are not a decodable image (corrupt, truncated, not an image)."""
+
+
+@dataclass(kw_only=True)
+class ViewConfig:
+    size: int = 224
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError(f"size must be positive, got {self.size}")
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewParams:
+    """Crop box (top, left, height, width) in source pixels, then resize, then flip."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB PIL image, fully loaded (so truncation is detected here, not later)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
+    except Exception as err:  # PIL raises many types for bad data
+        raise ImageDecodeError(f"cannot decode image: {err}") from None
+
+
+def view_seed(base_seed: int, key: str, view_index: int) -> int:
+    """Stable 63-bit seed for one (key, view): independent of worker, order and process."""
+    digest = hashlib.sha256(f"{base_seed}/{key}/{view_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_view_params(
+    width: int, height: int, cfg: ViewConfig, rng: np.random.Generator
+) -> ViewParams:
+    """RandomResizedCrop box (torchvision's algorithm) + flip, drawn from ``rng``."""
+    area = width * height
+    log_ratio = (math.log(cfg.ratio[0]), math.log(cfg.ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(cfg.scale[0], cfg.scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return ViewParams(top=top, left=left, height=h, width=w, flip=_flip(cfg, rng))
+    # Fallback as torchvision: central crop with the ratio clamped into range.
+    in_ratio = width / height
+    if in_ratio < cfg.ratio[0]:
+        w, h = width, int(round(width / cfg.ratio[0]))
+    elif in_ratio > cfg.ratio[1]:
+        h, w = height, int(round(height * cfg.ratio[1]))
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return ViewParams(top=top, left=left, height=h, width=w, flip=_flip(cfg, rng))
+
+
+def _flip(cfg: ViewConfig, rng: np.random.Generator) -> bool:
+    return bool(cfg.hflip and rng.random() < 0.5)
+
+
+def render_view(img: Image.Image, params: ViewParams, size: int) -> np.ndarray:
+    """Apply a recorded view: crop, bicubic resize to size x size, flip -> uint8 (H, W, 3)."""
+    box = (params.left, params.top, params.left + params.width, params.top + params.height)
+    view = img.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    if params.flip:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(view, dtype=np.uint8)
+
+
+def center_view(img: Image.Image, size: int) -> np.ndarray:
+    """Evaluation view: resize the short side to ``size`` and centre-crop -> uint8 (H, W, 3)."""
+    w, h = img.size
+    s = min(w, h)
+    params = ViewParams(top=(h - s) // 2, left=(w - s) // 2, height=s, width=s, flip=False)
+    return render_view(img, params, size)
+
+
+def sample_views(
+    img: Image.Image, key: str, num_views: int, cfg: ViewConfig
+) -> list[tuple[ViewParams, np.ndarray]]:
+    """``num_views`` seeded views of one image: [(params, uint8 (H, W, 3))]."""
+    views = []
+    for v in range(num_views):
+        rng = np.random.default_rng(view_seed(cfg.seed, key, v))
+        params = sample_view_params(img.width, img.height, cfg, rng)
+        views.append((params, render_view(img, params, cfg.size)))
+    return views
+
+
+def to_model_input(
+    pixels_BHW3: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) with the teacher's mean/std."""
+    x_B3HW = pixels_BHW3.permute(0, 3, 1, 2).float().div_(255.0)
+    mean_13 = torch.tensor(mean, device=x_B3HW.device).view(1, 3, 1, 1)
+    std_13 = torch.tensor(std, device=x_B3HW.device).view(1, 3, 1, 1)
+    return (x_B3HW - mean_13) / std_13

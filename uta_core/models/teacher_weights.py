@@ -1,0 +1,127 @@
+"""Where a teacher comes from: an open_clip architecture name or config file, and its weights.
+
+``arch`` is a registered open_clip name, a path to an open_clip model-config JSON file
+(registered under the file's stem), or an open_clip ``hf-hub:``/``local-dir:`` source, which
+carries its own weights. ``pretrained`` is an open_clip hub tag, a local weights file, or
+``s3://bucket/key`` (downloaded once into a local cache with the job's ``S3Options``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import open_clip
+
+from uta_core.data.storage import S3Options, boto3_client
+
+SELF_CONTAINED_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip sources that carry their own weights
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
+DEFAULT_WEIGHTS_CACHE = "~/.cache/uta-pipelines/weights"
+
+
+def carries_own_weights(arch: str) -> bool:
+    return arch.startswith(SELF_CONTAINED_SCHEMAS)
+
+
+def check_weights_chosen(arch: str, pretrained: str | None, random_seed: int | None) -> None:
+    """Refuse random teacher weights unless asked for on purpose (a seed): a forgotten
+    ``pretrained`` would otherwise train a student against noise without an error."""
+    if pretrained is None and random_seed is None and not carries_own_weights(arch):
+        raise ValueError(
+            "teacher.pretrained is null, i.e. random weights: set teacher.pretrained=<tag, path or "
+            "s3:// URI>, or teacher_random_seed=<int> to use a random-init teacher on purpose"
+        )
+
+
+def resolve_arch(arch: str) -> str:
+    """The open_clip model name for ``arch``; a model-config JSON path is registered first."""
+    if arch.startswith(SELF_CONTAINED_SCHEMAS):
+        return arch
+    if arch.endswith(".json"):
+        return register_model_config(arch)
+    if arch not in open_clip.list_models():
+        raise ValueError(
+            f"unknown open_clip arch {arch!r}: use a name from open_clip.list_models() "
+            "or a path to an open_clip model-config JSON file"
+        )
+    return arch
+
+
+def register_model_config(path: str | Path) -> str:
+    """Register an open_clip model-config JSON under its file stem; return that name."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"model-config file {str(path)!r} does not exist")
+    cfg = json.loads(path.read_text())
+    if not all(key in cfg for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise ValueError(f"model-config file {str(path)!r} needs embed_dim, vision_cfg and text_cfg")
+    known = open_clip.get_model_config(path.stem)
+    if known is None:
+        open_clip.add_model_config(path)
+    elif known != cfg:
+        raise ValueError(
+            f"model-config file {str(path)!r} is named {path.stem!r} like a different registered "
+            "open_clip config; rename the file"
+        )
+    return path.stem
+
+
+def resolve_pretrained(
+    name: str,
+    pretrained: str | None,
+    *,
+    s3: S3Options | None = None,
+    cache_dir: str | Path | None = None,
+) -> str | None:
+    """What ``open_clip.create_model(pretrained=...)`` gets: None, a hub tag, or a local file."""
+    if pretrained is None:
+        return None
+    if name.startswith(SELF_CONTAINED_SCHEMAS):
+        raise ValueError(
+            f"arch {name!r} carries its own weights; set pretrained to null (got {pretrained!r})"
+        )
+    if pretrained.startswith("hf-hub:"):
+        raise ValueError(
+            f"open_clip takes hf-hub sources as the arch: set arch={pretrained!r}, pretrained=null"
+        )
+    if pretrained.startswith("s3://"):
+        return str(fetch_s3(pretrained, s3 or S3Options(), cache_dir=cache_dir))
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        return pretrained
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path)
+    if os.sep in pretrained or pretrained.endswith(_WEIGHT_SUFFIXES):
+        raise ValueError(f"teacher weights file {pretrained!r} does not exist")
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    raise ValueError(
+        f"pretrained={pretrained!r} is neither a known open_clip tag for {name} "
+        f"(known: {tags}) nor an existing weights file"
+    )
+
+
+def fetch_s3(uri: str, s3: S3Options, *, cache_dir: str | Path | None = None) -> Path:
+    """Download ``s3://bucket/key`` once into the local weights cache; return the local path."""
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise ValueError(f"{uri!r} is not an s3://bucket/key URI of one weights file")
+    source_id = hashlib.sha256(f"{s3.endpoint_url or ''}{uri}".encode()).hexdigest()[:16]
+    dest = Path(cache_dir or DEFAULT_WEIGHTS_CACHE).expanduser() / source_id / Path(key).name
+    client = boto3_client(s3)
+    size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    if dest.is_file() and dest.stat().st_size == size:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        client.download_file(bucket, key, tmp)
+        os.replace(tmp, dest)  # atomic: concurrent workers never see a partial file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
