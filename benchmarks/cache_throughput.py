@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.cache_teacher import execute
+from pipelines.lib.cache.config import CacheConfig
+from pipelines.lib.cache.job import execute
 from pipelines.lib.ray_setup import init_ray
 from uta_core.cache.format import open_cache, read_cache_rows
-from uta_core.cache.plan import CacheConfig, build_teacher, plan_cache
+from uta_core.cache.plan import build_cache_teacher, plan_cache
 from uta_core.config import load_config
 from uta_core.data.views import to_model_input
 from uta_core.objectives.alignment import gather_kept, uta_loss
-from uta_core.objectives.masking import make_mask_generator
+from uta_core.objectives.masking import MaskConfig, MaskGenerator
 from uta_core.data.digits import webdataset_bytes
 from uta_core.data.shards import Sample
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(CacheConfig, None, [
         "input.paths=x", "output.path=x", f"teacher.arch={workdir / 'uta-bench-small.json'}",
         "teacher.pretrained=null", "teacher_random_seed=0", "views.size=224"])
-    teacher = build_teacher(cfg)
+    teacher = build_cache_teacher(cfg)
     with torch.no_grad():
         ref = torch.cat([teacher.encode_tokens(to_model_input(pix16[i : i + 32], teacher.mean, teacher.std))
                          for i in range(0, views, 32)])
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(ref.shape, generator=gen) * ref.norm(dim=-1, keepdim=True) / ref.shape[-1] ** 0.5
     student = ref + 1.0 * noise  # token cosine to the teacher ~0.7
-    keep = make_mask_generator("random", tuple(m16.settings.grid), 0.4)(views, gen)
+    keep = MaskGenerator(MaskConfig(strategy="random", mask_ratio=0.4), tuple(m16.settings.grid))(views, gen)
     losses = {name: uta_loss(gather_kept(student, keep), gather_kept(t, keep)).item()
               for name, t in (("fp32", ref), ("fp16", tok16), ("int8", tok8), ("int8 L2x127", l2_times_127(ref)))}
     student_cos = F.cosine_similarity(student, ref, dim=-1).mean().item()

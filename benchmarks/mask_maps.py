@@ -18,14 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-from uta_core.objectives.masking import (  # noqa: E402
-    STRATEGIES,
-    MaskGenerator,
-    centre_border_means,
-    make_mask_generator,
-    masking_probability,
-    plot_masking_maps,
-)
+from uta_core.objectives.mask_maps import centre_border_means, masking_probability, plot_masking_maps  # noqa: E402
+from uta_core.objectives.masking import STRATEGIES, MaskConfig, MaskGenerator  # noqa: E402
 
 
 def ms_per_1000(gen: MaskGenerator, num_masks: int = 2000, batch_size: int = 500) -> float:
@@ -50,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     print(f"grid {grid[0]}x{grid[1]}, mask ratio {args.ratio}, {args.samples} samples; P(masked) per location")
     print(f"{'strategy':<15} {'mean':>6} {'min':>6} {'max':>6} {'centre':>7} {'border':>7} {'c/b':>6} {'ms/1k':>7}")
     for strategy in STRATEGIES:
-        gen = make_mask_generator(strategy, grid, args.ratio)
+        gen = MaskGenerator(MaskConfig(strategy=strategy, mask_ratio=args.ratio), grid)
         prob_HW = masking_probability(gen, args.samples, seed=0)
         centre, border = centre_border_means(prob_HW)
         maps[strategy] = prob_HW

@@ -31,19 +31,11 @@ import torch
 from uta_core.cache.format import tokens_to_storage
 from uta_core.data.views import to_model_input
 from uta_core.models.flops import step_flops, student_shape, teacher_shape
-from uta_core.objectives.masking import make_mask_generator
+from uta_core.objectives.masking import MaskConfig, MaskGenerator
 from uta_core.models.student import build_student
 from uta_core.models.teacher import Teacher
-from uta_core.optim import (
-    ObjectiveConfig,
-    OptimConfig,
-    StudentForward,
-    build_optimizer,
-    build_scheduler,
-    draw_keep,
-    prepare_student,
-    train_step,
-)
+from uta_core.objectives.alignment import ObjectiveConfig, StudentForward, draw_keep, prepare_student, step_loss
+from uta_core.optim import OptimConfig, build_optimizer, build_scheduler, train_step
 from uta_core.data.rows import TeacherTargets
 
 OBJECTIVE = ObjectiveConfig(name="uta")
@@ -63,11 +55,12 @@ def one_step(forward, optimizer, scheduler, batch, targets, mask_gen, step: int)
     """The job's step on one micro-batch (accumulation 1); returns seconds."""
     start = time.perf_counter()
 
-    def micro():
+    def loss():
         images_B3HW, teacher_BND = targets(batch, torch.device("cpu"))
-        yield images_B3HW, teacher_BND, draw_keep(mask_gen, images_B3HW.shape[0], seed=0, rank=0, step=step)
+        keep_BK = draw_keep(mask_gen, images_B3HW.shape[0], seed=0, rank=0, step=step)
+        return step_loss(forward, images_B3HW, teacher_BND, keep_BK, OBJECTIVE)
 
-    train_step(forward, optimizer, scheduler, micro(), 1, OBJECTIVE, grad_clip=OPTIM.grad_clip)
+    train_step(forward, optimizer, scheduler, [loss], 1, grad_clip=OPTIM.grad_clip)
     return time.perf_counter() - start
 
 
@@ -178,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     teacher = Teacher.from_open_clip(args.teacher, None, image_size=args.img_size)
-    mask_gen = make_mask_generator("block_reversed", (args.img_size // args.patch_size,) * 2, args.mask_ratio)
+    grid = (args.img_size // args.patch_size,) * 2
+    mask_gen = MaskGenerator(MaskConfig(strategy="block_reversed", mask_ratio=args.mask_ratio), grid)
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (args.batch, args.img_size, args.img_size, 3), dtype=torch.uint8, generator=gen)
     tokens = teacher.encode_tokens(to_model_input(pixels, teacher.mean, teacher.std))

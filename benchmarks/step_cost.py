@@ -17,7 +17,7 @@ import torch
 
 from uta_core.models.flops import step_flops, student_shape, teacher_shape
 from uta_core.objectives.alignment import fd_loss, gather_kept, keep_to_mask, mim_loss, uta_loss
-from uta_core.objectives.masking import make_mask_generator
+from uta_core.objectives.masking import MaskConfig, MaskGenerator
 from uta_core.models.student import build_student
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for ratio in args.ratios:
-        gen = make_mask_generator(args.strategy, grid=model.grid, mask_ratio=ratio)
+        gen = MaskGenerator(MaskConfig(strategy=args.strategy, mask_ratio=ratio), model.grid)
         keep_BK = gen(args.batch, torch.Generator().manual_seed(0))
         seconds = time_steps(make_steps(model, images, teacher_BND, keep_BK), model, args.repeats)
         flops = {name: step_flops(name, shape, ratio, teacher) for name in seconds}

@@ -20,7 +20,6 @@ from uta_core.objectives.mask_maps import centre_border_means, masking_probabili
 from uta_core.objectives.masking import (
     STRATEGIES,
     MaskConfig,
-    MaskGenerator,
     keep_to_mask,
 )
 

@@ -4,7 +4,8 @@ import pytest
 import timm
 import torch
 
-from uta_core.models.student import VARIANTS, StudentConfig, build_student
+from uta_core.models.export import timm_architecture
+from uta_core.models.student import TIMM_NAMES, VARIANTS, StudentConfig, build_student, eva_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_forward_masked_uses_mask_token(nano):
     torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["nano", "micro", "tiny"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_parameter_gets_a_gradient_and_no_nan(variant):
     torch.manual_seed(0)
     model = build_student(variant, img_size=56, patch_size=14, out_dim=32)
@@ -77,13 +78,25 @@ def test_every_parameter_gets_a_gradient_and_no_nan(variant):
     assert missing == []
 
 
-@pytest.mark.parametrize("variant", ["tiny", "small", "base", "large"])
-def test_parameter_count_matches_timm_eva02(variant):
-    ours = build_student(variant, out_dim=512)
+def _trunk_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if n.startswith("trunk."))
+
+
+@pytest.mark.parametrize("variant", sorted(TIMM_NAMES))
+def test_eva02_sizes_match_timm_eva02_as_timm_registers_it(variant):
     with torch.device("meta"):
-        ref = timm.create_model(f"eva02_{variant}_patch14_224", pretrained=False, num_classes=0)
-    n_trunk = sum(p.numel() for n, p in ours.named_parameters() if n.startswith("trunk."))
-    assert n_trunk == sum(p.numel() for p in ref.parameters())
+        ours = build_student(variant, out_dim=512)
+        ref = timm.create_model(TIMM_NAMES[variant], pretrained=False, num_classes=0)
+    assert _trunk_params(ours) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_rebuilds_in_timm_from_what_an_export_tells_it(variant):
+    cfg = StudentConfig(variant=variant, img_size=56, patch_size=14, out_dim=32)
+    with torch.device("meta"):
+        ours = build_student(variant, img_size=56, patch_size=14, out_dim=32)
+        ref = timm.create_model(timm_architecture(cfg), pretrained=False, **eva_kwargs(cfg))
+    assert _trunk_params(ours) == sum(p.numel() for p in ref.parameters())
 
 
 def test_grid_and_dims():
@@ -123,7 +136,3 @@ def test_no_weight_decay_names_exist(nano):
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         StudentConfig(**kwargs)
-
-
-def test_variants_registry_has_eva02_sizes():
-    assert {"tiny", "small", "base", "large"} <= set(VARIANTS)

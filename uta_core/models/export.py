@@ -24,18 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from uta_core.config import from_dict, to_dict
-from uta_core.models.student import StudentConfig, UTAStudent, eva_kwargs
+from uta_core.models.student import TIMM_NAMES, StudentConfig, UTAStudent, eva_kwargs
 
 TIMM_WEIGHTS = "model.safetensors"
 TIMM_CONFIG = "config.json"
 HEAD_WEIGHTS = "head.safetensors"
 UTA_CONFIG = "uta_student.json"
-_TIMM_NAMES = {v: f"eva02_{v}_patch14_224" for v in ("tiny", "small", "base", "large")}
 
 
 def timm_architecture(cfg: StudentConfig) -> str:
     """A registered timm name; our ``nano``/``micro`` sizes are tiny's config with overrides."""
-    return _TIMM_NAMES.get(cfg.variant, _TIMM_NAMES["tiny"])
+    return TIMM_NAMES.get(cfg.variant, TIMM_NAMES["tiny"])
 
 
 def export_student(

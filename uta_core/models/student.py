@@ -27,6 +27,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "base": dict(embed_dim=768, depth=12, num_heads=12, qkv_fused=False, scale_mlp=True),
     "large": dict(embed_dim=1024, depth=24, num_heads=16, qkv_fused=False, scale_mlp=True),
 }
+# The timm model each EVA-02 size is checked against (and that an export names for timm).
+TIMM_NAMES = {v: f"eva02_{v}_patch14_224" for v in ("tiny", "small", "base", "large")}
 EVA02_COMMON = dict(mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True)
 
 

@@ -41,21 +41,28 @@ def results_table(
     return pd.DataFrame(rows)
 
 
+def metric_vs_ratio(table: pd.DataFrame, metric: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Per strategy: (mask ratios ascending, mean ``metric`` of the trials at each): the plot's lines."""
+    groups = table.groupby(STRATEGY_KEY) if STRATEGY_KEY in table else [("all", table)]
+    lines = {}
+    for strategy, rows in groups:
+        mean = rows.groupby(RATIO_KEY)[metric].mean().sort_index()
+        lines[str(strategy)] = ([float(r) for r in mean.index], [float(v) for v in mean.values])
+    return lines
+
+
 def plot_metric_vs_ratio(table: pd.DataFrame, metric: str, path: str | Path) -> Path | None:
     """Line plot of ``metric`` against mask ratio per strategy; None if the sweep varies neither."""
     if RATIO_KEY not in table or table[metric].isna().all():
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    groups = table.groupby(STRATEGY_KEY) if STRATEGY_KEY in table else [("all", table)]
-    for strategy, rows in groups:
-        mean = rows.groupby(RATIO_KEY)[metric].mean().sort_index()
-        ax.plot(mean.index, mean.values, marker="o", label=str(strategy))
+    for strategy, (ratios, values) in metric_vs_ratio(table, metric).items():
+        ax.plot(ratios, values, marker="o", label=strategy)
     ax.set_xlabel("mask ratio")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
