@@ -27,8 +27,7 @@ import logging
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +36,28 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 import ray
 import torch
-import yaml
 
 from pipelines.lib.cache import job as cache_job
 from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.cli import setup_logging, user_error
 from pipelines.lib.contrastive import job as contrastive_job
 from pipelines.lib.contrastive.config import ContrastiveJobConfig
+from pipelines.lib.demo.config import (
+    DEFAULT_CONFIG,
+    FAST_CONFIG,
+    DemoConfig,
+    Paths,
+    load_demo_config,
+    stage_config,
+)
+from pipelines.lib.demo.report import mlflow_history, plot_curves, print_table
 from pipelines.lib.evaluate import job as evaluate_job
 from pipelines.lib.pretrain import job as pretrain_job
 from pipelines.lib.pretrain.config import PretrainConfig
 from pipelines.lib.ray_setup import cluster_resources, init_ray
-from pipelines.lib.train.rank0 import EXPORT_DIR
+from pipelines.lib.train.outputs import EXPORT_DIR
 from uta_core import tracking
-from uta_core.config import apply_overrides, from_dict, to_dict
+from uta_core.config import to_dict
 from uta_core.data.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
 from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
@@ -62,106 +69,9 @@ from uta_core.models.teacher import Teacher, TeacherConfig
 from uta_core.tracking import TrackingConfig
 
 log = logging.getLogger("uta.demo")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = CONFIGS / "demo.yaml"
-FAST_CONFIG = CONFIGS / "demo_fast.yaml"
-STAGE_DEFAULTS = {
-    "teacher": CONFIGS / "contrastive_digits_teacher.yaml",
-    "cache": CONFIGS / "cache_teacher_local.yaml",
-    "student": CONFIGS / "pretrain_local.yaml",
-}
-
-
-# --------------------------------------------------------------------- config
-@dataclass(kw_only=True)
-class DigitsConfig:
-    size: int = 32
-    heldout_fraction: float = 0.2
-    samples_per_shard: int = 256
-    seed: int = 0
-    limit: int | None = None  # cap on images (of 1,797) before the split
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction={self.heldout_fraction} must lie in (0, 1)")
-
-
-@dataclass(kw_only=True)
-class Expectation:
-    """The claim the demo checks and prints a verdict on (it does not change the exit code)."""
-
-    min_ratio: float = 0.95  # UTA student / teacher zero-shot top-1
-    max_control: float = 0.25  # the untrained student stays near chance (10%)
-
-
-@dataclass(kw_only=True)
-class DemoConfig:
-    out: str = "outputs/demo"
-    ray_cpus: int = 3  # logical CPUs of the local Ray: training workers + one for Ray Data
-    experiment: str = "uta-demo"
-    tracking_uri: str | None = None  # None: sqlite:///<out>/mlflow.db
-    control_seed: int = 1234
-    digits: DigitsConfig = field(default_factory=DigitsConfig)
-    teacher: dict[str, Any] = field(default_factory=dict)  # overrides of contrastive_digits_teacher.yaml
-    cache: dict[str, Any] = field(default_factory=dict)  # overrides of cache_teacher_local.yaml
-    student: dict[str, Any] = field(default_factory=dict)  # overrides of pretrain_local.yaml
-    expect: Expectation = field(default_factory=Expectation)
-
-    def __post_init__(self) -> None:
-        if self.ray_cpus < 2:
-            raise ValueError(f"ray_cpus={self.ray_cpus} must be >= 2: a training worker and a Ray Data task")
-
-
-def load_demo_config(path: Path, fast: bool, overrides: list[str]) -> DemoConfig:
-    data = yaml.safe_load(path.read_text()) or {}
-    if fast:
-        data = deep_merge(data, yaml.safe_load(FAST_CONFIG.read_text()) or {})
-    return from_dict(DemoConfig, apply_overrides(data, overrides))
-
-
-def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def stage_config(cls: type, stage: str, wiring: Mapping[str, Any], user: Mapping[str, Any]):
-    """A stage's default YAML, then the demo's wiring (paths between stages), then the user's section."""
-    data = yaml.safe_load(STAGE_DEFAULTS[stage].read_text()) or {}
-    try:
-        return from_dict(cls, deep_merge(deep_merge(data, wiring), user))
-    except ValueError as err:
-        raise ValueError(f"{stage}: {err}") from None
 
 
 # --------------------------------------------------------------------- stages
-@dataclass(kw_only=True)
-class Paths:
-    work: Path
-    tracking_uri: str
-    student_run: str = "demo-student"  # the pretrain run.name (its export is <work>/<run.name>/export)
-
-    @property
-    def digits(self) -> Path:
-        return self.work / "digits"
-
-    @property
-    def cache(self) -> Path:
-        return self.work / "cache"
-
-    @property
-    def classifier(self) -> Path:
-        return self.work / "classifier.pt"
-
-    @property
-    def student_export(self) -> Path:
-        return self.work / self.student_run / "export"
-
-
 def _tracking(cfg: DemoConfig, paths: Paths, run_name: str) -> dict[str, Any]:
     return {"tracking_uri": paths.tracking_uri, "experiment": cfg.experiment, "run_name": run_name}
 
@@ -237,68 +147,6 @@ def evaluate_all(cfg: DemoConfig, paths: Paths, arch: str, weights: str, scfg: P
         results[name] = out["zeroshot_top1"]
         results[f"{name}_mlflow_run_id"] = out["mlflow_run_id"]
     return results
-
-
-# --------------------------------------------------------------------- reporting
-def mlflow_history(uri: str, run_id: str | None, key: str) -> list[tuple[int, float]]:
-    if not run_id:
-        return []
-    from mlflow.tracking import MlflowClient
-
-    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
-
-
-def plot_curves(path: Path, teacher_loss, student_loss, student_zs, results: dict) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_t, ax_s = fig.subplots(1, 2)
-    ax_t.plot([s for s, _ in teacher_loss], [v for _, v in teacher_loss])
-    ax_t.set(title=f"CLIP teacher (captions): zero-shot {results['teacher']:.1%}", xlabel="step",
-             ylabel="contrastive loss")
-    ax_s.plot([s for s, _ in student_loss], [v for _, v in student_loss], label="UTA loss (-cosine)")
-    ax_s.set(title=f"UTA student (images only): zero-shot {results['student']:.1%}", xlabel="step",
-             ylabel="loss")
-    if student_zs:
-        ax_z = ax_s.twinx()
-        ax_z.plot([s for s, _ in student_zs], [v for _, v in student_zs], "o-", color="tab:green",
-                  label="student zero-shot")
-        ax_z.axhline(results["teacher"], color="tab:red", ls="--", label="teacher zero-shot")
-        ax_z.axhline(results["control"], color="tab:gray", ls=":", label="untrained control")
-        ax_z.set(ylabel="zero-shot top-1", ylim=(0, 1))
-        ax_z.legend(loc="center right", fontsize=8)
-    fig.savefig(path, dpi=110)
-
-
-def print_table(results: dict, times: dict[str, float], paths: Paths, cfg: DemoConfig, files: dict) -> None:
-    chance = 1.0 / results["classes"]
-    ratio = results["ratio"]
-    rows = [
-        ("CLIP teacher (trained on captions)", results["teacher"], ""),
-        ("UTA student (train images only)", results["student"], f"{ratio:.1%} of the teacher"),
-        ("untrained student (control)", results["control"], f"chance is {chance:.0%}"),
-    ]
-    print()
-    print(f"Zero-shot top-1 on {results['images']} held-out digits ({results['classes']} classes), "
-          "classifier = the teacher's text tower on class names x templates")
-    print(f"  {'model':<36} {'top-1':>6}")
-    for name, acc, note in rows:
-        print(f"  {name:<36} {acc:>6.1%}   {note}")
-    ok = ratio >= cfg.expect.min_ratio and results["control"] <= cfg.expect.max_control
-    verdict = "holds" if ok else "does NOT hold in this run"
-    print(f"  claim (student >= {cfg.expect.min_ratio:.0%} of teacher, control <= {cfg.expect.max_control:.0%}): "
-          f"{verdict}")
-    print("Time: " + " | ".join(f"{k} {v:.0f}s" for k, v in times.items()))
-    print(f"Outputs: {paths.work}")
-    for name, value in files.items():
-        print(f"  {name:<16} {value}")
-    print(f"MLflow: experiment '{cfg.experiment}' in {paths.tracking_uri} (runs: demo, demo-teacher, "
-          "demo-cache, demo-student, demo-eval-*)")
-    print(f"  open the UI:  mlflow ui --backend-store-uri {paths.tracking_uri}")
-    print(f"  (in the project env: ./uta python -m mlflow ui --backend-store-uri {paths.tracking_uri}),"
-          " then http://127.0.0.1:5000")
 
 
 # --------------------------------------------------------------------- the run

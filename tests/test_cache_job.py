@@ -13,7 +13,7 @@ from helpers import tiny_clip_model, write_model_config
 from uta_core.cache.format import load_manifest, shard_path, tmp_path
 from pipelines.lib.cache.config import CacheConfig
 from uta_core.cache.commit import ShardCommitter
-from uta_core.cache.plan import begin, plan_cache
+from uta_core.cache.plan import plan_cache, prepare_output
 from uta_core.cache.rows import TokenEncoder, ViewTask, shard_view_tables
 from uta_core.config import load_config
 from uta_core.data.digits import digits_samples, webdataset_bytes
@@ -53,7 +53,7 @@ def encoded_tables(plan):
 
 def test_shards_commit_when_their_announced_count_arrives_in_any_order(setup, tmp_path):
     plan = plan_cache(config(setup, tmp_path / "cache"))
-    begin(plan)
+    prepare_output(plan)
     tables = encoded_tables(plan)
     assert [len(tables[n]) for n in ("00000", "00001", "00002")] == [3, 3, 0]  # 6 images / 2 per block
     committer = ShardCommitter(plan, compute="cpu fp32")
@@ -79,7 +79,7 @@ def test_shards_commit_when_their_announced_count_arrives_in_any_order(setup, tm
 
 def test_a_partial_shard_is_never_committed(setup, tmp_path):
     plan = plan_cache(config(setup, tmp_path / "cache"))
-    begin(plan)
+    prepare_output(plan)
     tables = encoded_tables(plan)
     committer = ShardCommitter(plan, compute="cpu fp32")
     for table in tables["00000"][1:] + tables["00001"]:  # 00000 misses a block: a lost task

@@ -534,7 +534,7 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
 
 
 def test_every_ray_start_shortens_the_stale_resource_request_expiry():
-    """Each way this project starts Ray sets what pipelines/common.py sets for a local Ray."""
+    """Each way this project starts Ray sets what pipelines/lib/ray_setup.py sets for a local Ray."""
     from pipelines.lib.ray_setup import RAY_PROCESS_ENV
 
     ((key, value),) = RAY_PROCESS_ENV.items()

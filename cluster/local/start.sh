@@ -55,7 +55,7 @@ export RAY_AUTH_MODE=token
 ray get-auth-token --generate >/dev/null 2>&1 || die "could not create a Ray auth token (ray get-auth-token --generate)"
 
 # Stale Ray Data resource requests of a Tune trial stopped early expire after 30 s instead
-# of 180 s (see RAY_PROCESS_ENV in pipelines/common.py); every Ray process inherits this.
+# of 180 s (see RAY_PROCESS_ENV in pipelines/lib/ray_setup.py); every Ray process inherits this.
 export RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S="${RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S:-30}"
 
 gpu_args=()

@@ -3,7 +3,7 @@
 ``plan_cache`` resolves inputs and output, builds the teacher once for its geometry and
 weights fingerprint, compares with an existing manifest (refusing other settings) and
 splits the input shards into done and pending. It writes nothing, so a missing path, a
-missing bucket or refused credentials fail before any side effect; ``begin`` is the
+missing bucket or refused credentials fail before any side effect; ``prepare_output`` is the
 first write. The job's data flow: docs/ARCHITECTURE.md; the format: docs/CACHE_FORMAT.md.
 """
 
@@ -196,7 +196,7 @@ def _check_compatible(existing: Manifest, settings: CacheSettings, class_names: 
         )
 
 
-def begin(plan: CachePlan) -> None:
+def prepare_output(plan: CachePlan) -> None:
     """First write of a run: manifest (new, or without vanished shards) and an empty _tmp/."""
     for name in plan.redo:
         plan.manifest.shards.pop(name, None)

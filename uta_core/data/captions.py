@@ -8,18 +8,20 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from uta_core.data.rows import NO_LABEL, sample_id
 from uta_core.data.shards import InputConfig, InputShard, ShardReadError, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for
 from uta_core.data.views import ImageDecodeError, ViewConfig, center_view, decode_image, render_view, sample_view_params
 
 
 def caption_rows(shard: InputShard, input_cfg: InputConfig, s3: S3Options, size: int) -> dict[str, np.ndarray]:
-    """One shard's captioned samples: centre views uint8 (M, size, size, 3), caption, label (-1: none).
+    """One shard's captioned samples: centre views uint8 (M, size, size, 3), caption, label (-1: none),
+    sample_id (as pre-training's rows).
 
     Samples without an image or a caption, or whose image does not decode, are skipped.
     """
     fs, _ = filesystem_for(shard.uri, s3)
-    pixels, captions, labels = [], [], []
+    pixels, captions, labels, ids = [], [], [], []
     try:
         for sample in iter_samples(fs, shard, input_cfg):
             if sample.image is None or not sample.caption:
@@ -30,13 +32,15 @@ def caption_rows(shard: InputShard, input_cfg: InputConfig, s3: S3Options, size:
                 continue
             pixels.append(center_view(img, size))
             captions.append(sample.caption)
-            labels.append(-1 if sample.label is None else sample.label)
+            labels.append(NO_LABEL if sample.label is None else sample.label)
+            ids.append(sample_id(sample.key, 0))
     except ShardReadError:
         pass  # keep what was read before the container broke
     return {
         "pixels": np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
         "caption": np.array(captions, dtype=object),
         "label": np.array(labels, dtype=np.int64),
+        "sample_id": np.array(ids, dtype=np.int64),
     }
 
 

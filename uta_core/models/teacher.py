@@ -1,7 +1,7 @@
 """Frozen open_clip teacher: every final-layer token projected into the joint image-text space.
 
 open_clip's ``output_tokens=True`` returns the patch tokens *before* the image projection;
-UTA aligns the student with projected tokens (METHOD.md), so this module applies the
+UTA aligns the student with projected tokens (docs/METHOD.md), so this module applies the
 tower's final norm and projection to every token itself, and checks once, at
 construction, that the projected CLS token equals open_clip's own ``encode_image``.
 

@@ -23,7 +23,7 @@ from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from uta_core import tracking
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
-from uta_core.cache.plan import CachePlan, begin, plan_cache
+from uta_core.cache.plan import CachePlan, plan_cache, prepare_output
 from uta_core.cache.rows import TokenEncoder, ViewTask, shard_view_tables
 from uta_core.data.shards import InputShard
 
@@ -97,7 +97,7 @@ def execute(plan: CachePlan) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
         with tracking.start_run(cfg.tracking, "uta-cache", tags={"job": "cache_teacher"}):
             tracking.log_config(cfg)
-            begin(plan)
+            prepare_output(plan)
             log.info("%s: %d shards to do (%d redone), %d already committed; %s, %d actor(s) x %g CPU, "
                      "%d threads", plan.root_uri, len(plan.pending), len(plan.redo), len(plan.done), compute,
                      num_actors, actor_cpus, threads)

@@ -39,6 +39,11 @@ def check_teacher(teacher: Teacher, student: UTAStudent) -> None:
         )
 
 
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    # Ray hands out read-only views of Arrow memory; torch wants writable memory.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 class AlignmentTask:
     experiment = "uta-pretrain"
     artifact_name = "student"
@@ -72,7 +77,7 @@ class AlignmentTask:
     def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, float]:
         def micro_loss(m: int, batch: dict[str, np.ndarray]):
             def loss() -> torch.Tensor:
-                rows = {k: torch.from_numpy(v) for k, v in batch.items() if k in ("image", "tokens")}
+                rows = {k: _tensor(v) for k, v in batch.items() if k in ("image", "tokens")}
                 images_B3HW, teacher_BND = self.targets(rows, self.device)
                 keep_BK = draw_keep(self.mask_gen, images_B3HW.shape[0], seed=self.cfg.run.seed, rank=self.rank,
                                     step=step, micro=m)

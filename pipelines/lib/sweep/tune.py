@@ -170,15 +170,18 @@ def make_tuner(space: SearchSpace, base: dict[str, Any], sweep: dict[str, Any], 
     )
 
 
+def _trial_row(result: tune.Result) -> dict[str, Any]:
+    last = result.metrics or {}
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    return {"trial_id": last.get("trial_id", result.path.rsplit("/", 1)[-1]), "config": result.config,
+            "status": trial_status(bool(result.error), last), "last": last, "history": history}
+
+
 def log_results(results: tune.ResultGrid, space: SearchSpace, out_dir: Path) -> Path:
     """Results CSV + metric-vs-ratio plot on the parent run; the best trial's config and checkpoint."""
     import mlflow
 
-    trials = [
-        {"trial_id": (r.metrics or {}).get("trial_id", r.path.rsplit("/", 1)[-1]), "status": trial_status(bool(r.error), r.metrics or {}), "config": r.config,
-         "last": r.metrics or {}, "history": r.metrics_dataframe.to_dict("records") if r.metrics_dataframe is not None else []}
-        for r in results
-    ]
+    trials = [_trial_row(r) for r in results]
     table = results_table(trials, list(space.params), space.metric, space.mode)
     csv = out_dir / "results.csv"
     table.to_csv(csv, index=False)

@@ -25,7 +25,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pipelines.lib.train.rank0 import Rank0
+from pipelines.lib.train.outputs import RunOutputs
 from pipelines.lib.train.task import TrainTask, build_task, task_config_class
 from uta_core.checkpoint import Position, load_state, restore, save_state, training_state
 from uta_core.config import from_dict, to_dict
@@ -44,18 +44,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict | None:
 
     logging.getLogger("uta").setLevel(logging.INFO)
     worker = Worker(loop_config["task"], loop_config["config"], RunPlan(**loop_config["plan"]))
-    worker.rank0.open(worker.pos)
-    worker.pos.mlflow_run_id = worker.rank0.run_id
+    worker.outputs.open(worker.pos)
+    worker.pos.mlflow_run_id = worker.outputs.run_id
     try:
         worker.train()
     except BaseException:
-        worker.rank0.close(failed=True)
+        worker.outputs.close(failed=True)
         raise
-    worker.rank0.finish(worker.pos.step)
-    worker.rank0.close()
+    worker.outputs.finish(worker.pos.step)
+    worker.outputs.close()
     if worker.rank != 0:
         return None
-    return {"history": worker.history, "final": worker.final, "mlflow_run_id": worker.rank0.run_id}
+    return {"history": worker.history, "final": worker.final, "mlflow_run_id": worker.outputs.run_id}
 
 
 def report(metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
@@ -83,7 +83,7 @@ class Worker:
         self.task: TrainTask = build_task(task_name, self.cfg, plan, self.device, self.rank)
         self.plan = dataclasses.replace(plan, mean=list(self.task.mean), std=list(self.task.std))
         self.pos = self._restore()
-        self.rank0 = Rank0(self.cfg, self.plan, self.task, self.rank, task_name)
+        self.outputs = RunOutputs(self.cfg, self.plan, self.task, self.rank, task_name)
         self.history: list[dict[str, float]] = []
         self.final: dict[str, float] = {}
         self._window: list[float] = []
@@ -160,7 +160,7 @@ class Worker:
             metrics = self._window_metrics()  # an all-reduce: every rank gets here at the same steps
             if evaluate:
                 metrics.update(self._evaluate())
-            self.rank0.log(metrics, pos.step)
+            self.outputs.log(metrics, pos.step)
             self._progress(metrics)
             if save or evaluate:
                 state = None

@@ -1,4 +1,4 @@
-"""Rank 0's side effects in the training loop: the MLflow run, the export, the loss curve.
+"""A run's outputs, written by rank 0: the MLflow run, the export, the loss curve.
 
 Every method is a no-op on other ranks. A run's MLflow run is opened by rank 0 and its id is
 kept in the checkpoint, so a resumed run (a restarted worker group, a resubmitted driver)
@@ -22,7 +22,7 @@ from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
 EXPORT_DIR = "export"
 
 
-class Rank0:
+class RunOutputs:
     def __init__(self, cfg: Any, plan: Any, task, rank: int, job: str) -> None:
         self.cfg, self.plan, self.task, self.job = cfg, plan, task, job
         self.active = rank == 0
