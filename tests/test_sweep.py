@@ -6,6 +6,8 @@ import pytest
 import yaml
 
 from pipelines import sweep
+from pipelines.lib.smoke import sweep_overrides
+from pipelines.lib.sweep.job import EXPERIMENT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -20,7 +22,7 @@ def smoke(tmp_path_factory, ray_local):
     without depending on which trial happens to lose. One trial at a time on the 2-CPU test Ray,
     so each trial after the first starts right after ASHA stopped one."""
     workdir = tmp_path_factory.mktemp("sweep")
-    overrides = sweep.smoke_overrides(workdir) + ["student.variant=tiny"]
+    overrides = sweep_overrides(workdir) + ["student.variant=tiny"]
     (workdir / "uta-smoke-tiny.json").unlink()
     space = yaml.safe_load((sweep.ROOT / "tune_spaces" / "smoke.yaml").read_text())
     space["scheduler"]["max_t"] = 2
@@ -38,7 +40,7 @@ def mlflow_client(workdir):
 
 def mlflow_runs(workdir):
     client = mlflow_client(workdir)
-    experiment = client.get_experiment_by_name(sweep.EXPERIMENT)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
     return client.search_runs([experiment.experiment_id])
 
 
