@@ -284,6 +284,31 @@ def test_stage2_from_a_uta_export_keeps_the_temperature_at_001(scratch_run, digi
     assert "text_projection" in text and not any(k.startswith("visual.") for k in text)
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_failed_worker_resumes_from_its_checkpoint_in_the_same_mlflow_run(ray_local, digits_splits, tmp_path):
+    """The contrastive stage runs the pre-training loop: the same resume and the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.lib.contrastive import job as contrastive
+    from pipelines.lib.contrastive.config import DEFAULT_CONFIG, ContrastiveJobConfig
+    from uta_core.config import load_config
+
+    overrides = _job_overrides(tmp_path, digits_splits, "resumed") + [
+        "train.max_steps=6", "train.warmup_steps=1", "run.checkpoint_every=2", "run.max_failures=1",
+        "fail_at_step=3",  # rank 0 raises after step 3; the last checkpoint holds step 2
+    ]
+    out = contrastive.run(load_config(ContrastiveJobConfig, DEFAULT_CONFIG, overrides))
+    state = torch.load(f"{out['checkpoint']}/state.pt", weights_only=False)
+    assert state["position"]["step"] == 6 and state["scheduler"]["last_epoch"] == 6
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.data.tags["uta.resumed_from_step"] == "2" and run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == [2, 4, 6]  # step 2 before the failure, 4 and 6 after the resume: one run
+    assert [h["step"] for h in out["history"]] == [4, 6]  # the resumed attempt's own history
+
+
 def test_augment_identity_view_keeps_pixels_and_crops_resize_to_the_view_size():
     from uta_core.data.captions import augment
     from uta_core.data.views import ViewConfig

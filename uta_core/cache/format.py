@@ -250,7 +250,7 @@ def decode_pixels(encoded: list[bytes]) -> np.ndarray:
 
 def read_cache_rows(batch: pa.Table | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of cache rows (pyarrow table, or Ray's numpy dict) -> (pixels uint8 (B, H, W, 3),
-    tokens float32 (B, 1+N, D)). Normalise pixels with ``uta_core.data.to_model_input``."""
+    tokens float32 (B, 1+N, D)). Normalise pixels with ``uta_core.data.views.to_model_input``."""
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
         encoded = batch.column("pixels").to_pylist()
         column = batch.column("tokens")

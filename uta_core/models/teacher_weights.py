@@ -17,6 +17,7 @@ from pathlib import Path
 import open_clip
 
 from uta_core.data.storage import S3Options, boto3_client
+from uta_core.models.student import StudentConfig
 
 SELF_CONTAINED_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip sources that carry their own weights
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz")
@@ -35,6 +36,30 @@ def check_weights_chosen(arch: str, pretrained: str | None, random_seed: int | N
             "teacher.pretrained is null, i.e. random weights: set teacher.pretrained=<tag, path or "
             "s3:// URI>, or teacher_random_seed=<int> to use a random-init teacher on purpose"
         )
+
+
+def check_student_fits_teacher(arch: str, student: StudentConfig) -> None:
+    """Compare the student's grid and out_dim with the teacher's open_clip config, without building
+    the teacher (a driver-side check; ``hf-hub:``/``local-dir:`` sources are checked once built)."""
+    if carries_own_weights(arch):
+        return  # known only once built; the workers check it
+    spec = open_clip.get_model_config(resolve_arch(arch))
+    vision = spec["vision_cfg"]
+    patch = vision.get("patch_size")
+    if isinstance(patch, int) and student.img_size % patch:
+        raise ValueError(
+            f"the teacher ({arch}, patch {patch}) runs on the student's {student.img_size} px views, "
+            f"which is not a multiple of {patch}; set student.img_size to a multiple of {patch}"
+        )
+    if isinstance(patch, int) and student.img_size // patch != student.grid[0]:
+        side = student.img_size // patch
+        raise ValueError(
+            f"student grid {student.grid[0]}x{student.grid[1]} (patch {student.patch_size}) != teacher "
+            f"grid {side}x{side} ({arch}, patch {patch} at {student.img_size} px); set student.patch_size={patch}"
+        )
+    if spec["embed_dim"] != student.out_dim:
+        raise ValueError(f"student.out_dim={student.out_dim} but {arch} embeds into {spec['embed_dim']} dims; "
+                         f"set student.out_dim={spec['embed_dim']}")
 
 
 def resolve_arch(arch: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import open_clip
 import ray
 
 from pipelines.lib.pretrain.config import PretrainConfig
@@ -18,33 +17,14 @@ from uta_core.cache.format import open_cache
 from uta_core.config import from_dict, to_dict
 from uta_core.data.rows import cache_rows, count_images, online_rows
 from uta_core.data.shards import InputShard, discover
-from uta_core.models.teacher_weights import carries_own_weights, resolve_arch
+from uta_core.models.teacher_weights import check_student_fits_teacher
 
 CACHE_COLUMNS = ["key", "view", "pixels", "tokens", "label"]
 
 
 def precheck_teacher(cfg: PretrainConfig) -> None:
-    """Online mode: compare grid and embed dim with the teacher's open_clip config before any worker starts."""
-    arch = cfg.teacher.arch
-    if carries_own_weights(arch):
-        return  # known only once built; the workers check it
-    spec = open_clip.get_model_config(resolve_arch(arch))
-    vision = spec["vision_cfg"]
-    patch = vision.get("patch_size")
-    if isinstance(patch, int) and cfg.student.img_size % patch:
-        raise ValueError(
-            f"the teacher ({arch}, patch {patch}) runs on the student's {cfg.student.img_size} px views, "
-            f"which is not a multiple of {patch}; set student.img_size to a multiple of {patch}"
-        )
-    if isinstance(patch, int) and cfg.student.img_size // patch != cfg.student.grid[0]:
-        side = cfg.student.img_size // patch
-        raise ValueError(
-            f"student grid {cfg.student.grid[0]}x{cfg.student.grid[1]} (patch {cfg.student.patch_size}) != teacher "
-            f"grid {side}x{side} ({arch}, patch {patch} at {cfg.student.img_size} px); set student.patch_size={patch}"
-        )
-    if spec["embed_dim"] != cfg.student.out_dim:
-        raise ValueError(f"student.out_dim={cfg.student.out_dim} but {arch} embeds into {spec['embed_dim']} dims; "
-                         f"set student.out_dim={spec['embed_dim']}")
+    """Online mode: the teacher's grid and embed dim against the student's, before any worker starts."""
+    check_student_fits_teacher(cfg.teacher.arch, cfg.student)
 
 
 def _online_block(batch: dict, cfg_dict: dict):
