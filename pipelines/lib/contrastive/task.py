@@ -71,6 +71,7 @@ class ContrastiveTask:
                                          total_steps=plan.total_steps)
         self.images_per_step = cfg.train.micro_batch
         self.amp = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+        self._eval: tuple[torch.Tensor, torch.Tensor] | None = None  # read once, evaluated every time
 
     def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, float]:
         (batch,) = group  # the config refuses accumulation: the loss needs every pair in one batch
@@ -102,8 +103,10 @@ class ContrastiveTask:
         was_training = self.model.training
         self.model.eval()
         encode_text = lambda texts: self.model.encode_text(self.tokenizer(texts).to(self.device))  # noqa: E731
-        classifier_DC = build_classifier(encode_text, ev.classnames, ev.templates)
-        pixels, labels = load_eval_set(ev.input, self.cfg.s3, self.cfg.data.views.size, ev.max_images)
+        classifier_DC = build_classifier(encode_text, ev.classnames, ev.templates)  # the text tower trains
+        if self._eval is None:
+            self._eval = load_eval_set(ev.input, self.cfg.s3, self.cfg.data.views.size, ev.max_images)
+        pixels, labels = self._eval
         metrics = zeroshot_accuracy(self.model.encode_image, pixels, labels, classifier_DC, self.mean, self.std,
                                     batch_size=ev.batch_size, device=self.device)
         self.model.train(was_training)
