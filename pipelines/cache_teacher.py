@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.lib.cache.config import DEFAULT_CONFIG, CacheConfig
-from pipelines.lib.cache.job import ResourceError, execute, print_report
+from pipelines.lib.cache.job import ResourceError, check_destinations, execute, print_report
 from pipelines.lib.cli import job_parser, start_job, user_error
 from pipelines.lib.smoke import cache_overrides
 from uta_core.cache.plan import plan_cache
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = start_job(args, cache_overrides, "cache")
     try:  # user errors (config, paths, buckets, credentials, settings mismatch): one line, no trace
-        plan = plan_cache(load_config(CacheConfig, args.config, overrides))
+        cfg = load_config(CacheConfig, args.config, overrides)
+        check_destinations(cfg)
+        plan = plan_cache(cfg)
     except ValueError as err:
         return user_error(err)
     try:
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StorageError, ResourceError) as err:  # e.g. an output that is not writable
         return user_error(err)
     print_report(report)
-    return 1 if report["incomplete"] else 0
+    return 1 if report["incomplete"] or report["partial"] else 0
 
 
 if __name__ == "__main__":

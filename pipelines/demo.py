@@ -54,6 +54,7 @@ from pipelines.lib.demo.report import mlflow_history, plot_curves, print_table
 from pipelines.lib.evaluate import job as evaluate_job
 from pipelines.lib.pretrain import job as pretrain_job
 from pipelines.lib.pretrain.config import PretrainConfig
+from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from pipelines.lib.train.outputs import EXPORT_DIR
 from uta_core import tracking
@@ -167,9 +168,11 @@ def timed(name: str, label: str, times: dict[str, float], fn: Callable[[], Any])
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
+    check_output("out", cfg.out)
     out = Path(cfg.out).expanduser().resolve()
     work = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
     paths = Paths(work=work, tracking_uri=cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}")
+    check_tracking(TrackingConfig(tracking_uri=paths.tracking_uri))
     times: dict[str, float] = {}
     start = time.perf_counter()
     started = init_ray(None, cfg.ray_cpus)

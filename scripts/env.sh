@@ -1,7 +1,11 @@
-# Sourced by ./uta: creates (once) and activates the project's virtual environment.
-# The environment is cached outside the checkout, keyed by pyproject.toml, so a second
-# clone or a CI run reuses it; set UTA_VENV to put it elsewhere. The install pulls the
-# torch build with CUDA libraries (it also runs on CPU machines): about 6-7 GB, ~5 min.
+# Sourced by ./uta: creates (once) and activates the project's virtual environment, and puts
+# this checkout first on PYTHONPATH.
+# The environment holds the dependencies only, never the project itself: it is cached outside
+# the checkout, keyed by pyproject.toml, and shared by every checkout on the machine (a second
+# clone, a CI run, another branch). Each checkout runs its own code because its root is on
+# PYTHONPATH, which every process it starts inherits (pytest, the local Ray it starts, Ray's
+# workers). Set UTA_VENV to put it elsewhere. The install pulls the torch build with CUDA
+# libraries (it also runs on CPU machines): about 6-7 GB, ~5 min.
 _uta_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _uta_key="$( (cat "$_uta_root/pyproject.toml"; python3 --version) | sha256sum | cut -c1-12)"
 UTA_VENV="${UTA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/uta-pipelines/venv-$_uta_key}"
@@ -10,16 +14,19 @@ if [ ! -f "$UTA_VENV/.complete" ]; then
   rm -rf "$UTA_VENV"
   python3 -m venv "$UTA_VENV"
   "$UTA_VENV/bin/pip" install --quiet --upgrade pip "setuptools>=68" wheel
-  "$UTA_VENV/bin/pip" install --quiet -e "$_uta_root[dev]"
+  # The project's dependencies (pyproject.toml is their one list), then the project itself
+  # out again: its code comes from the checkout on PYTHONPATH.
+  "$UTA_VENV/bin/pip" install --quiet "$_uta_root[dev]"
+  "$UTA_VENV/bin/pip" uninstall --quiet --yes uta-pipelines
   touch "$UTA_VENV/.complete"
-  echo "$_uta_root" > "$UTA_VENV/.uta-root"
 fi
-if [ "$(cat "$UTA_VENV/.uta-root" 2>/dev/null)" != "$_uta_root" ]; then
-  # The cached environment was made for another checkout: point it at this one.
-  "$UTA_VENV/bin/pip" install --quiet --no-deps --no-build-isolation -e "$_uta_root"
-  echo "$_uta_root" > "$UTA_VENV/.uta-root"
+if [ -f "$UTA_VENV/.uta-root" ]; then
+  # An environment made by an older env.sh holds an editable install of one checkout: drop it.
+  "$UTA_VENV/bin/pip" uninstall --quiet --yes uta-pipelines >/dev/null 2>&1 || true
+  rm -f "$UTA_VENV/.uta-root"
 fi
 # shellcheck disable=SC1091
 source "$UTA_VENV/bin/activate"
 export UTA_VENV
+export PYTHONPATH="$_uta_root${PYTHONPATH:+:$PYTHONPATH}"
 unset _uta_root _uta_key

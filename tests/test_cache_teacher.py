@@ -147,14 +147,14 @@ def s3_cache(ray_local, s3_server, s3_client, digits_webdataset, teacher_files, 
     expected["00003"] = good(corrupt, bad)
     cut = digits_samples(6, size=32, offset=200)
     s3_client.put_object(Bucket=bucket, Key="wds/00004.tar", Body=truncated_tar(cut, cut_in_sample=3))
-    expected["00004"] = good(cut[:3])
+    expected["00004"] = good(cut[:3])  # a truncated download: the rows before the damage, flagged
     tracking_uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
     cfg = cache_config([f"s3://{bucket}/wds/*.tar"], f"s3://{bucket}/cache", teacher_files,
                        endpoint=s3_server, tracking_uri=tracking_uri)
     report = run(cfg)
     fs = s3_filesystem(cfg.s3)
     return SimpleNamespace(cfg=cfg, report=report, fs=fs, root=f"{bucket}/cache", bucket=bucket,
-                           expected=expected, bad_keys=bad, tracking_uri=tracking_uri)
+                           expected=expected, bad_keys=bad, tracking_uri=tracking_uri, whole_00004=cut)
 
 
 @pytest.mark.ray
@@ -180,8 +180,11 @@ def test_s3_corrupt_images_are_skipped_and_counted(s3_cache):
     assert sorted(e.split(":")[0] for e in corrupt.errors) == sorted(s3_cache.bad_keys)
     truncated = manifest.shards["00004"]
     assert truncated.images == 3 and any("truncated" in e for e in truncated.errors)
+    assert "truncated" in truncated.read_error  # the manifest says the shard is not the whole input
+    assert all(manifest.shards[n].read_error is None for n in ("00000", "00001", "00002", "00003"))
     assert all(manifest.shards[n].skipped == 0 for n in ("00000", "00001", "00002"))
     assert s3_cache.report["summary"]["skipped"] == 3
+    assert s3_cache.report["partial"] == ["00004"] and s3_cache.report["summary"]["shards_partial"] == 1
 
 
 @pytest.mark.ray
@@ -225,18 +228,23 @@ def test_ray_read_parquet_gives_fixed_shape_token_arrays(s3_cache, ray_local):
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_s3_rerun_redoes_only_the_deleted_shard(s3_cache, s3_client, teacher_files):
-    """Runs last among the S3 tests: it changes the cache."""
+def test_s3_rerun_redoes_the_deleted_shard_and_the_partially_read_one(s3_cache, s3_client, teacher_files):
+    """Runs last among the S3 tests: it changes the cache. The truncated input is downloaded again
+    (whole) before the rerun, which reads it again because its manifest record has a read_error."""
     before = load_manifest(s3_cache.fs, s3_cache.root)
     s3_client.delete_object(Bucket=s3_cache.bucket, Key="cache/shards/00001.parquet")
+    s3_client.put_object(Bucket=s3_cache.bucket, Key="wds/00004.tar", Body=webdataset_bytes(s3_cache.whole_00004))
     report = run(s3_cache.cfg)
-    assert report["committed"] == ["00001"] and report["redone"] == ["00001"]
-    assert sorted(report["already_done"]) == sorted(set(s3_cache.expected) - {"00001"})
+    assert sorted(report["committed"]) == sorted(report["redone"]) == ["00001", "00004"]
+    assert report["partial"] == [] and report["incomplete"] == []
+    assert sorted(report["already_done"]) == sorted(set(s3_cache.expected) - {"00001", "00004"})
     after, tables = read_shards(s3_cache.fs, s3_cache.root)
-    for name in set(s3_cache.expected) - {"00001"}:
+    for name in set(s3_cache.expected) - {"00001", "00004"}:
         assert after.shards[name] == before.shards[name]  # untouched: same commit time and checksum
     assert after.shards["00001"].committed_at > before.shards["00001"].committed_at
     check_rows(tables["00001"], s3_cache.expected["00001"], teacher_files.reference, "float16")
+    assert after.shards["00004"].read_error is None and after.shards["00004"].images == 6
+    check_rows(tables["00004"], good(s3_cache.whole_00004), teacher_files.reference, "float16")
 
 
 # --------------------------------------------------------------------- local disk

@@ -22,17 +22,22 @@ T = TypeVar("T")
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from an optional YAML file and ``a.b=value`` overrides (applied last)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist; pass an existing YAML file")
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(cls, apply_overrides(data, overrides))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping; a missing file or bad YAML is one ValueError line naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist; pass an existing YAML file")
+    try:
         loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
-        data = loaded
-    data = apply_overrides(data, overrides)
-    return from_dict(cls, data)
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return loaded
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -51,8 +56,19 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                             "check its brackets and quotes") from None
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what PyYAML found and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).split("\n", 1)[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from uta_core.config import flatten, to_dict
+from uta_core.secrets import has_userinfo, is_secret_key, redact_urls
 
-_SECRET_KEY = re.compile(r"(secret|passw|credential|access_key|session_token|api_key|auth|private)", re.I)
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _MAX_PARAM_CHARS = 6000  # MLflow's limit for a parameter value
 
 
@@ -36,14 +34,28 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         if self.experiment == "":
             raise ValueError("experiment must be a non-empty MLflow experiment name (or null)")
-        if self.tracking_uri is not None and _URL_USERINFO.search(self.tracking_uri):
-            raise ValueError(
-                "tracking_uri must not embed user:password; use MLFLOW_TRACKING_USERNAME/PASSWORD"
-            )
+        if self.tracking_uri is not None:
+            _refuse_userinfo(self.tracking_uri, "tracking.tracking_uri")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The MLflow URI a job uses; refuses one that embeds a password (from config or environment)."""
+    if uri:
+        _refuse_userinfo(uri, "tracking.tracking_uri")
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        _refuse_userinfo(env, "MLFLOW_TRACKING_URI")
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _refuse_userinfo(uri: str, where: str) -> None:
+    if has_userinfo(uri):  # MLflow would print it in its logs and error messages
+        raise ValueError(
+            f"{where}={redact_urls(uri)!r} embeds user:password; pass the URL without it and the "
+            "credentials as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+        )
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
@@ -54,17 +66,13 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     return (db.parent / "mlartifacts" / experiment).as_uri()
 
 
-def is_secret_key(name: str) -> bool:
-    return bool(_SECRET_KEY.search(name))
-
-
 def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
     """Flat params -> MLflow-safe strings, without secret-looking keys or URL credentials."""
     out = {}
     for key, value in params.items():
         if is_secret_key(key):
             continue
-        text = _URL_USERINFO.sub("***@", str(value))
+        text = redact_urls(str(value))
         out[key] = text[:_MAX_PARAM_CHARS]
     return out
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray.train
 
 from uta_core.config import load_config
+from uta_core.secrets import redact_urls
 
 
 def job_parser(doc: str, default_config: Path, smoke_help: str, example: str) -> argparse.ArgumentParser:
@@ -58,6 +59,8 @@ def run_training_job(
 
 
 def user_error(message: object, code: int = 2) -> int:
-    """A mistake the user can fix (config, paths, credentials): one line on stderr, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    """A mistake the user can fix (config, paths, credentials): one line on stderr, no traceback,
+    no password of any URL it quotes."""
+    line = " ".join(redact_urls(str(message)).split())
+    print(f"error: {line}", file=sys.stderr)
     return code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import ray
 
@@ -17,6 +18,7 @@ log = logging.getLogger("uta.ray")
 # 0 rows for those minutes. A 30 s expiry bounds that wait. Ray reads it when a worker starts,
 # so it must be in the environment of every Ray process (the image and `ray start` set it too).
 RAY_PROCESS_ENV = {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -48,6 +50,7 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     port = free_port()
     for key, value in RAY_PROCESS_ENV.items():  # a local Ray's processes inherit this environment
         os.environ.setdefault(key, value)
+    put_project_on_pythonpath()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # "local": never attach silently to a `ray start` cluster left over on this machine.
     context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
@@ -58,6 +61,14 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
                     "may not be released", port, url)
     else:
         log.info("local Ray with %s CPUs, dashboard http://%s", num_cpus or os.cpu_count(), url)
+
+
+def put_project_on_pythonpath() -> None:
+    """Every process of a local Ray imports this checkout's code, whatever the driver's working
+    directory (Ray itself adds only the driver's script folder and cwd to its workers' path)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(PROJECT_ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *paths])
 
 
 def free_port() -> int:

@@ -39,6 +39,7 @@ log = logging.getLogger("uta.cache")
 class CacheResult:
     committed: list[str] = field(default_factory=list)  # shards written by this run
     incomplete: list[str] = field(default_factory=list)  # shards left for a rerun
+    partial: list[str] = field(default_factory=list)  # committed from a broken input: the rows before the damage
     images: int = 0
     views: int = 0
     skipped: int = 0
@@ -120,7 +121,8 @@ class ShardCommitter:
         commit_file(self.fs, tmp_path(self.root, name), shard_path(self.root, name), self.plan.cfg.s3)
         record = ShardRecord(source=stats["source"], rows=shard.rows, images=stats["images"],
                              skipped=stats["skipped"], errors=stats["errors"], sha256=shard.sink.sha256,
-                             bytes=shard.sink.bytes, committed_at=now(), compute=self.compute)
+                             bytes=shard.sink.bytes, committed_at=now(), compute=self.compute,
+                             read_error=stats.get("read_error"))
         self.plan.manifest.shards[name] = record
         save_manifest(self.fs, self.root, self.plan.manifest)
         delete_file(self.fs, tmp_path(self.root, name, ".stats.json"))
@@ -128,6 +130,10 @@ class ShardCommitter:
         r.committed.append(name)
         r.images, r.views, r.skipped = r.images + record.images, r.views + record.rows, r.skipped + record.skipped
         r.bytes_written += record.bytes
+        if record.read_error:
+            r.partial.append(name)
+            log.warning("%s: committed the %d images read before the input broke; a rerun reads it again",
+                        name, record.images)
         log.info("committed %s: %d images, %d views, %d skipped, %.1f MB",
                  name, record.images, record.rows, record.skipped, record.bytes / 1e6)
 
@@ -171,6 +177,7 @@ def summary(result: CacheResult, seconds: float) -> dict[str, float]:
     return {
         "images": result.images, "views": result.views, "skipped": result.skipped,
         "shards_committed": len(result.committed), "shards_incomplete": len(result.incomplete),
+        "shards_partial": len(result.partial),
         "seconds": seconds, "images_per_s": result.images / seconds if seconds > 0 else math.nan,
         "bytes_written": result.bytes_written,
         "bytes_per_view": result.bytes_written / result.views if result.views else math.nan,

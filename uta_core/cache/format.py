@@ -102,6 +102,7 @@ class ShardRecord:
     bytes: int = 0
     committed_at: str = ""
     compute: str = ""  # e.g. "cuda bf16", "cpu fp32" (informational)
+    read_error: str | None = None  # set: the input broke part-way, only the rows before it are here (redone on rerun)
 
 
 @dataclass(kw_only=True)

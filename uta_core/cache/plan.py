@@ -17,11 +17,13 @@ import pyarrow.fs as pafs
 import torch
 
 from uta_core.cache.format import (
+    MANIFEST_NAME,
     SHARDS_DIR,
     TMP_DIR,
     CacheSettings,
     Manifest,
     load_manifest,
+    manifest_path,
     save_manifest,
     settings_diff,
     shard_path,
@@ -31,15 +33,18 @@ from uta_core.data.storage import (
     S3Options,
     StorageError,
     check_bucket,
+    check_local_output,
     filesystem_for,
+    is_atomic_leftover,
     join,
     list_dir,
+    remove_atomic_leftovers,
     remove_dir,
     to_uri,
     translate_error,
 )
 from uta_core.data.views import ViewConfig
-from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
+from uta_core.models.teacher import ImageSizeError, Teacher, TeacherConfig, build_teacher
 from uta_core.models.teacher_weights import check_weights_chosen
 
 
@@ -90,7 +95,10 @@ class CacheSpec:
 
 def build_cache_teacher(cfg: CacheSpec, device: str | torch.device = "cpu") -> Teacher:
     """The frozen teacher at the view resolution (every actor builds the same, seeded, weights)."""
-    return build_teacher(cfg.teacher_config, random_seed=cfg.teacher_random_seed, device=device, s3=cfg.s3)
+    try:
+        return build_teacher(cfg.teacher_config, random_seed=cfg.teacher_random_seed, device=device, s3=cfg.s3)
+    except ImageSizeError as err:  # the teacher runs at the view size: that is the key to change
+        raise ValueError(err.advice("views.size")) from None
 
 
 def cache_settings(cfg: CacheSpec, teacher: Teacher) -> CacheSettings:
@@ -132,7 +140,7 @@ class CachePlan:
     manifest_exists: bool
     pending: dict[str, InputShard]  # name -> shard still to do
     done: list[str]  # names already committed
-    redo: list[str]  # names whose committed file vanished or changed
+    redo: list[str]  # names whose committed file vanished or changed, or whose input broke part-way
 
     @property
     def root_uri(self) -> str:
@@ -144,6 +152,7 @@ def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None) -> CachePlan:
     inputs = discover(cfg.input, cfg.s3)
     fs, root = filesystem_for(cfg.output.path, cfg.s3)
     check_bucket(fs, root, cfg.s3)
+    check_local_output(fs, root, "output.path")
     try:
         existing = load_manifest(fs, root)
         if existing is None:
@@ -161,7 +170,7 @@ def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None) -> CachePlan:
     pending, done, redo = {}, [], []
     for name, shard in zip(names, inputs.shards):
         rec = manifest.shards.get(name)
-        if rec is not None and sizes.get(shard_path(root, name)) == rec.bytes:
+        if rec is not None and sizes.get(shard_path(root, name)) == rec.bytes and not rec.read_error:
             done.append(name)
             continue
         if rec is not None:
@@ -175,7 +184,8 @@ def _check_empty_output(fs: pafs.FileSystem, root: str, cfg: CacheSpec) -> None:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.File:
         raise StorageError(f"output.path {cfg.output.path} is a file; pass a folder or s3:// prefix")
-    if info.type == pafs.FileType.Directory and list_dir(fs, root, recursive=False, s3=cfg.s3):
+    entries = list_dir(fs, root, recursive=False, s3=cfg.s3) if info.type == pafs.FileType.Directory else []
+    if [e for e in entries if not is_atomic_leftover(e.base_name, MANIFEST_NAME)]:  # a killed first save
         raise StorageError(
             f"output.path {cfg.output.path} is not empty and holds no manifest.json; "
             "pass an empty or new folder (or an existing cache)"
@@ -201,6 +211,7 @@ def prepare_output(plan: CachePlan) -> None:
     for name in plan.redo:
         plan.manifest.shards.pop(name, None)
     try:
+        remove_atomic_leftovers(plan.fs, manifest_path(plan.root))  # of a run killed while saving it
         if not plan.manifest_exists or plan.redo:
             save_manifest(plan.fs, plan.root, plan.manifest)
         remove_dir(plan.fs, join(plan.root, TMP_DIR))  # a killed run's leftovers

@@ -61,6 +61,7 @@ class ShardStats:
     rows: int = 0
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
+    read_error: str | None = None  # the container broke: only the images before the damage were read
 
     def skip(self, key: str, reason: str) -> None:
         self.skipped += 1
@@ -96,6 +97,7 @@ def shard_view_tables(task: ViewTask, name: str, shard: InputShard) -> Iterator[
                 held, rows = _view_table(name, rows, -1), []
     except ShardReadError as err:
         stats.note(str(err))
+        stats.read_error = str(err)[:300]
         log.warning("%s: %s; keeping the %d images read before it", name, err, stats.images)
     if rows:
         if held is not None:

@@ -15,6 +15,7 @@ what to check.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -22,8 +23,11 @@ import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from uta_core.secrets import redact_urls
 
 S3_SCHEME = "s3://"
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -58,8 +62,8 @@ class S3Options:
         url = self.endpoint_url
         if url is not None and not re.match(r"^https?://[^/@\s]+/?$", url):
             raise ValueError(
-                f"endpoint_url={url!r} must look like http(s)://host[:port] without a path or "
-                "user:password (credentials come from the AWS chain, never from the URL)"
+                f"endpoint_url={redact_urls(url)!r} must look like http(s)://host[:port] without a path "
+                "or user:password (credentials come from the AWS chain, never from the URL)"
             )
         if self.connect_timeout_s <= 0 or self.request_timeout_s <= 0:
             raise ValueError("connect_timeout_s and request_timeout_s must be positive seconds")
@@ -273,6 +277,37 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def is_atomic_leftover(name: str, of: str) -> bool:
+    """``name`` is the temporary file of a ``write_bytes_atomic(.., of)`` killed before its rename."""
+    return bool(re.fullmatch(rf"\.{re.escape(of)}\.[0-9a-f]{{8}}\.tmp", name))
+
+
+def remove_atomic_leftovers(fs: pafs.FileSystem, path: str) -> int:
+    """Delete what killed ``write_bytes_atomic(fs, path, ..)`` calls left; returns how many."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return 0  # on S3 a killed PUT leaves nothing
+    parent, base = os.path.split(path)
+    leftovers = [e for e in (os.listdir(parent) if os.path.isdir(parent) else []) if is_atomic_leftover(e, base)]
+    for name in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(parent, name))
+    return len(leftovers)
+
+
+def check_local_output(fs: pafs.FileSystem, path: str, key: str) -> None:
+    """Refuse, before any work, a local output folder that cannot be created: its nearest
+    existing ancestor must be a folder this user may write to. S3 prefixes are not checked here."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StorageError(f"{key}={path}: {existing} is a file, not a folder; choose an output path outside it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise StorageError(f"{key}={path}: {existing} is not writable by this user; choose a writable folder")
 
 
 def make_parent(fs: pafs.FileSystem, path: str) -> None:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # e.g. <_io.BytesIO object at 0x7f...>
 
 
 class ImageDecodeError(ValueError):
@@ -63,8 +65,10 @@ def decode_image(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         img.load()
         return img.convert("RGB")
+    except UnidentifiedImageError:  # its message names an in-memory buffer, not the sample
+        raise ImageDecodeError("not an image format PIL can read (corrupt, empty, or not an image)") from None
     except Exception as err:  # PIL raises many types for bad data
-        raise ImageDecodeError(f"cannot decode image: {err}") from None
+        raise ImageDecodeError(f"cannot decode image: {_OBJECT_REPR.sub('', str(err)).strip()}") from None
 
 
 def view_seed(base_seed: int, key: str, view_index: int) -> int:

@@ -271,11 +271,21 @@ def _geometry(visual: nn.Module, arch: str) -> tuple[int, int, tuple[int, int]]:
             f"{arch}: only square images and patches are supported, got {size} / {patch}"
         )
     if size[0] != grid[0] * patch[0]:
-        raise ValueError(
-            f"{arch}: image size {size[0]} px is not grid {grid[0]} x patch {patch[0]}; set "
-            f"teacher.image_size to a multiple of {patch[0]} (image_size_for_grid gives one)"
-        )
+        raise ImageSizeError(arch, size[0], patch[0])
     return size[0], patch[0], (grid[0], grid[1])
+
+
+class ImageSizeError(ValueError):
+    """The image size is not a whole number of patches; ``advice(key)`` names the setting to change."""
+
+    def __init__(self, arch: str, size: int, patch: int, key: str = "teacher.image_size") -> None:
+        self.arch, self.size, self.patch = arch, size, patch
+        super().__init__(self.advice(key))
+
+    def advice(self, key: str) -> str:
+        lower = max(self.patch, self.size // self.patch * self.patch)
+        return (f"{self.arch}: {key}={self.size} px is not a whole number of {self.patch} px patches; "
+                f"set {key} to a multiple of {self.patch} (e.g. {lower} or {lower + self.patch})")
 
 
 def _tokenizer_for(model: nn.Module, arch: str):

@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.lib.cache.config import CacheConfig
+from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from uta_core import tracking
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
@@ -120,11 +121,19 @@ def execute(plan: CachePlan) -> dict:
         if started_ray:
             ray.shutdown()
     return {"output": plan.root_uri, "summary": stats, "committed": result.committed,
-            "incomplete": result.incomplete, "already_done": plan.done, "redone": plan.redo}
+            "incomplete": result.incomplete, "partial": result.partial, "already_done": plan.done,
+            "redone": plan.redo}
+
+
+def check_destinations(cfg: CacheConfig) -> None:
+    """Before planning: the cache and the MLflow store are places the job may write and keep."""
+    check_output("output.path", cfg.output.path)
+    check_tracking(cfg.tracking)
 
 
 def run(cfg: CacheConfig) -> dict:
     """Plan and run the caching job; returns its report (``print_report``)."""
+    check_destinations(cfg)
     return execute(plan_cache(cfg))
 
 
@@ -134,6 +143,7 @@ def print_report(report: dict) -> None:
         ("output", report["output"]),
         ("shards committed / already done / incomplete",
          f"{len(report['committed'])} / {len(report['already_done'])} / {len(report['incomplete'])}"),
+        ("shards read partially (broken input)", str(len(report["partial"]))),
         ("images", f"{s['images']:,}"), ("views", f"{s['views']:,}"), ("skipped", f"{s['skipped']:,}"),
         ("images/s", f"{s['images_per_s']:.1f}"), ("bytes written", f"{s['bytes_written']:,}"),
         ("bytes per view", f"{s['bytes_per_view']:,.0f}" if s["views"] else "-"),
@@ -142,3 +152,6 @@ def print_report(report: dict) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if report["incomplete"]:
         print(f"incomplete shards (rerun to redo them): {', '.join(report['incomplete'])}")
+    if report["partial"]:
+        print(f"shards whose input broke part-way (committed with the rows read; the manifest records the "
+              f"error; a rerun reads them again): {', '.join(report['partial'])}")

@@ -97,6 +97,7 @@ class ContrastiveJobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     s3: S3Options = field(default_factory=S3Options)
     fail_at_step: int | None = None  # testing: rank 0 raises at this step unless resumed
+    fail_with_sigkill: bool = False  # testing: rank 0's process SIGKILLs itself instead of raising
 
     def __post_init__(self) -> None:
         if self.train.global_batch is not None:

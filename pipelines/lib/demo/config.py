@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from uta_core.config import apply_overrides, from_dict
+from uta_core.config import apply_overrides, from_dict, read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 DEFAULT_CONFIG = CONFIGS / "demo.yaml"
@@ -61,9 +60,9 @@ class DemoConfig:
 
 
 def load_demo_config(path: Path, fast: bool, overrides: list[str]) -> DemoConfig:
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path)
     if fast:
-        data = deep_merge(data, yaml.safe_load(FAST_CONFIG.read_text()) or {})
+        data = deep_merge(data, read_yaml(FAST_CONFIG))
     return from_dict(DemoConfig, apply_overrides(data, overrides))
 
 
@@ -79,7 +78,7 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
 
 def stage_config(cls: type, stage: str, wiring: Mapping[str, Any], user: Mapping[str, Any]):
     """A stage's default YAML, then the demo's wiring (paths between stages), then the user's section."""
-    data = yaml.safe_load(STAGE_DEFAULTS[stage].read_text()) or {}
+    data = read_yaml(STAGE_DEFAULTS[stage])
     try:
         return from_dict(cls, deep_merge(deep_merge(data, wiring), user))
     except ValueError as err:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipelines.lib.destinations import check_output, check_tracking
 from uta_core import tracking
 from uta_core.checkpoint import load_trained_student
 from uta_core.data.rows import load_eval_set
@@ -62,6 +63,7 @@ def build_classifier_file(cfg: EvaluateConfig) -> dict:
     """Write ``cfg.output``: the teacher's zero-shot classifier for the configured prompts."""
     if not cfg.output:
         raise ValueError("build-classifier needs output=<path or s3:// URI> for the classifier file")
+    check_output("output", cfg.output, file=True)
     names, templates = prompts(cfg.prompts, cfg.classnames, cfg.templates)
     classifier = teacher_classifier(_teacher(cfg, resolve_device(cfg.device)), names, templates)
     save_classifier(classifier, cfg.output, cfg.s3)
@@ -73,6 +75,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     """Zero-shot top-1/5 of ``cfg.model`` on ``cfg.input``; logged to MLflow."""
     if not cfg.model or cfg.input is None:
         raise ValueError("zeroshot needs model=<export/checkpoint/run folder> and input.paths=<labelled shards>")
+    check_tracking(cfg.tracking)
     device = resolve_device(cfg.device)
     student, mean, std, info = load_trained_student(cfg.model, cfg.s3)
     student.to(device)

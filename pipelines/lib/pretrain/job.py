@@ -30,6 +30,7 @@ def fit_pretrain(cfg: PretrainConfig, callbacks: Callable[[RunPlan], list] | Non
 
 def run(cfg: PretrainConfig) -> dict:
     """Fit on the configured cluster (a new local Ray when none is given); raises if training failed."""
+    cfg = resolve_paths(cfg)  # refuses lost or unwritable outputs before Ray starts
     started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster))
     try:
         return fit_pretrain(cfg)

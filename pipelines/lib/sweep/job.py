@@ -8,15 +8,15 @@ import tempfile
 from pathlib import Path
 
 import ray
-import yaml
 
 from pipelines.lib.pretrain.config import PretrainConfig
+from pipelines.lib.destinations import check_output
 from pipelines.lib.ray_setup import init_ray
 from pipelines.lib.sweep.search_space import load_search_space
 from pipelines.lib.sweep.tune import check_cache_fits, concurrent_trials, log_results, make_tuner
 from pipelines.lib.train.trainer import local_num_cpus, resolve_paths
 from uta_core import tracking
-from uta_core.config import apply_overrides, from_dict
+from uta_core.config import apply_overrides, from_dict, read_yaml
 from uta_core.data.storage import is_s3, join
 
 EXPERIMENT = "uta-sweep"
@@ -26,10 +26,10 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
     """Run (or resume) the sweep ``args.name``: ``args.space`` over ``args.config`` + ``overrides``;
     returns the results CSV."""
     space = load_search_space(args.space)
-    base_text = args.config.read_text() if args.config.is_file() else ""
-    base = apply_overrides(yaml.safe_load(base_text) or {}, space.fixed_overrides() + overrides)
+    base = apply_overrides(read_yaml(args.config), space.fixed_overrides() + overrides)
     check_cache_fits(space, base)
     base_cfg = resolve_paths(from_dict(PretrainConfig, base))
+    check_output("--storage-path", args.storage_path)
     storage = args.storage_path if is_s3(args.storage_path) else str(Path(args.storage_path).resolve())
     # A new local Ray gets room for two trials at once, each with its workers and its Ray Data CPUs.
     started = init_ray(base_cfg.cluster.address, 2 * local_num_cpus(base_cfg.cluster))

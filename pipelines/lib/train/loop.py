@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -171,6 +173,8 @@ class Worker:
             if last:
                 self.final = metrics
         if cfg.fail_at_step == pos.step and not pos.resumed and self.rank == 0:
+            if cfg.fail_with_sigkill:  # a worker lost to the OOM killer or a dead node: no cleanup runs
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"fail_at_step={cfg.fail_at_step}: injected failure after step {pos.step}")
 
     def _evaluate(self) -> dict[str, float]:

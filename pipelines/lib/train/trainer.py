@@ -20,6 +20,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
+from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.train.config import ClusterConfig, TrainConfig
 from pipelines.lib.train.loop import TRAIN_DATASET, train_loop_per_worker
 from uta_core import tracking
@@ -66,7 +67,10 @@ def make_plan(train: TrainConfig, cluster: ClusterConfig, rows: int | None, run_
 
 
 def resolve_paths(cfg: Any) -> Any:
-    """Make what workers must agree on absolute: the local storage path, the MLflow URI."""
+    """Make what workers must agree on absolute (the local storage path, the MLflow URI), after
+    refusing outputs the job would lose (``destinations``). Idempotent; call it before Ray starts."""
+    check_output("run.storage_path", cfg.run.storage_path)
+    check_tracking(cfg.tracking)
     run = cfg.run
     if not is_s3(run.storage_path):
         run = dataclasses.replace(run, storage_path=str(Path(run.storage_path).expanduser().resolve()))
