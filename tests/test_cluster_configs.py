@@ -487,7 +487,31 @@ def test_local_stop_never_runs_ray_stop():
 
 # ------------------------------------------------------- the local cluster, for real
 @pytest.mark.ray
+def checkout_with_outputs(folder: Path) -> Path:
+    """A copy of this checkout's code after some use: outputs and data next to the code."""
+    for name in ("uta_core", "pipelines", "configs", "tune_spaces"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in (".gitignore", ".rayignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, folder / name)
+    planted = {"data/shards/00000.tar": 24, "mlartifacts/1/abc/artifacts/export/model.safetensors": 8,
+               "runs/uta-local/checkpoint_000001/state.pt": 8, "outputs/cache/shards/00000.parquet": 4,
+               "mlflow.db": 2, "shards.parquet": 2}
+    for rel, mib in planted.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(os.urandom(mib << 20))
+    return folder
+
+
+def uploaded_mib(submit_output: str) -> float:
+    """What the job found in its working directory (the unpacked upload): ``uploaded-kib N``."""
+    match = re.search(r"uploaded-kib (\d+)", submit_output)
+    assert match, submit_output[-3000:]
+    return int(match.group(1)) / 1024
+
+
 def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
+    """Also: a submitted pipeline's upload leaves outputs and data behind, and the pipeline
+    refuses a relative output path (it would land in the upload, which Ray deletes)."""
     if shutil.which("ray") is None:
         pytest.skip("the ray CLI is not on PATH")
     token = tmp_path / "token"
@@ -511,10 +535,10 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
     def run(*cmd: str, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=240)
 
-    def submit(**extra: str) -> subprocess.CompletedProcess:
+    def submit(*entrypoint: str, working_dir: Path = work, **extra: str) -> subprocess.CompletedProcess:
         address = f"http://127.0.0.1:{dash}"
-        return run("ray", "job", "submit", "--address", address, "--working-dir", str(work), "--",
-                   "python", "job.py", **extra)  # fmt: skip
+        return run("ray", "job", "submit", "--address", address, "--working-dir", str(working_dir), "--",
+                   *(entrypoint or ("python", "job.py")), **extra)  # fmt: skip
 
     started = run("bash", str(CLUSTER / "local" / "start.sh"))
     try:
@@ -527,6 +551,14 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
         assert bare.returncode != 0 and "Unauthorized" in bare.stdout + bare.stderr
         with_token = submit(RAY_AUTH_MODE="token")
         assert with_token.returncode == 0 and "answer 42" in with_token.stdout, with_token.stdout + with_token.stderr
+        used = checkout_with_outputs(tmp_path / "checkout")  # 48 MiB of outputs and data
+        entrypoint = ("echo uploaded-kib $(du -sk . | cut -f1); "
+                      "exec python pipelines/pretrain.py 'data.input.paths=/nonexistent/*.tar'")
+        job = submit("bash", "-c", entrypoint, working_dir=used, RAY_AUTH_MODE="token")  # Ray quotes each word
+        text = job.stdout + job.stderr
+        assert uploaded_mib(text) < 2.0  # the code only
+        assert job.returncode != 0 and "error: run.storage_path='runs' is inside this job's uploaded working" in text
+        assert "Traceback" not in text
     finally:
         stopped = run("bash", str(CLUSTER / "local" / "stop.sh"))
     assert stopped.returncode == 0, stopped.stderr

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ from uta_core.models.export import UTA_CONFIG, load_student
 from uta_core.models.student import StudentConfig, UTAStudent
 
 STATE_FILE = "state.pt"
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d{7})")  # checkpoint_<step>, as the training loop names them
+
+log = logging.getLogger("uta.checkpoint")
 
 
 @dataclass(kw_only=True)
@@ -67,6 +72,32 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer, scheduler) -> Po
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return Position(**{**state["position"], "resumed": True})
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:07d}"
+
+
+def stored_checkpoint_steps(run_uri: str, s3: S3Options) -> list[int]:
+    """Steps of the checkpoint folders under a run folder that hold a state file, newest first."""
+    fs, root = filesystem_for(run_uri, s3)
+    steps = []
+    for info in list_dir(fs, root, recursive=False, s3=s3):
+        match = CHECKPOINT_DIR.fullmatch(info.path.rsplit("/", 1)[-1])
+        if match and fs.get_file_info(join(info.path, STATE_FILE)).is_file:
+            steps.append(int(match.group(1)))
+    return sorted(steps, reverse=True)
+
+
+def load_stored_state(run_uri: str, step: int, s3: S3Options) -> dict[str, Any] | None:
+    """The state of ``<run>/checkpoint_<step>``; None when it cannot be read whole (a killed upload)."""
+    fs, root = filesystem_for(run_uri, s3)
+    data = read_bytes(fs, join(root, checkpoint_dir_name(step), STATE_FILE))
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False) if data else None
+    except (RuntimeError, EOFError, ValueError) as err:  # truncated or corrupt
+        log.warning("%s/%s is unreadable (%s); trying an older checkpoint", run_uri, checkpoint_dir_name(step), err)
+        return None
 
 
 def student_from_state(state: dict[str, Any]) -> tuple[UTAStudent, tuple, tuple, dict]:

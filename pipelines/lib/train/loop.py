@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +30,17 @@ import torch
 
 from pipelines.lib.train.outputs import RunOutputs
 from pipelines.lib.train.task import TrainTask, build_task, task_config_class
-from uta_core.checkpoint import Position, load_state, restore, save_state, training_state
+from uta_core.checkpoint import (
+    CHECKPOINT_DIR,
+    Position,
+    checkpoint_dir_name,
+    load_state,
+    load_stored_state,
+    restore,
+    save_state,
+    stored_checkpoint_steps,
+    training_state,
+)
 from uta_core.config import from_dict, to_dict
 from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
 from uta_core.distributed import mean_over_ranks
@@ -62,7 +73,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict | None:
 
 def report(metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
     """``ray.train.report`` on every rank (a barrier); rank 0 alone attaches the checkpoint."""
-    name = f"checkpoint_{step:07d}"  # rank 0's name wins (Ray broadcasts it)
+    name = checkpoint_dir_name(step)  # rank 0's name wins (Ray broadcasts it)
     if state is None:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
@@ -93,15 +104,41 @@ class Worker:
         self._last: dict[str, float] = {}
 
     def _restore(self) -> Position:
+        """Continue from the newest complete checkpoint: Ray Train's, or a newer one in the run folder.
+
+        A worker killed (SIGKILL, OOM, lost node) right after a report can take with it the
+        report that tells Ray Train about a checkpoint already on storage; Ray would then
+        restart from an older one (or from scratch). Rank 0 picks the step, every rank loads it.
+        """
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        known = CHECKPOINT_DIR.fullmatch(Path(checkpoint.path).name) if checkpoint is not None else None
+        ray_step = int(known.group(1)) if known else (0 if checkpoint is None else None)
+        state = None
+        for step in self._agreed(stored_checkpoint_steps(self.plan.run_uri, self.cfg.s3)):
+            if ray_step is not None and step <= ray_step:
+                break
+            state = load_stored_state(self.plan.run_uri, step, self.cfg.s3)
+            if state is not None:
+                log.info("rank %d: checkpoint %d in the run folder is newer than Ray Train's (%s)",
+                         self.rank, step, ray_step or "none")
+                break
+        if state is None and checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                state = load_state(folder)
+        if state is None:
             return Position()
-        with checkpoint.as_directory() as folder:
-            state = load_state(folder)
         pos = restore(state, self.task.model, self.task.optimizer, self.task.scheduler)
         log.info("rank %d resumed at step %d (epoch %d, micro-batch %d)", self.rank, pos.step, pos.epoch,
                  pos.micro_in_epoch)
         return pos
+
+    def _agreed(self, steps: list[int]) -> list[int]:
+        """Rank 0's list on every rank (the ranks must resume from the same step)."""
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return steps
+        box = [steps]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     # ----------------------------------------------------------------- epochs
     def train(self) -> None:
