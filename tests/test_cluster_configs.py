@@ -268,7 +268,7 @@ def test_cluster_configs_load_into_the_pipeline_dataclasses():
     pre = load_config(PretrainConfig, ROOT / "configs/cluster/pretrain.yaml")
     cache = load_config(CacheConfig, ROOT / "configs/cluster/cache_teacher.yaml")
     assert pre.data.teacher_mode == "cache" and pre.data.cache == cache.output.path
-    assert (pre.teacher.arch, pre.teacher.pretrained) == (cache.teacher.arch, cache.teacher.pretrained) == ("ViT-L-14", "openai")
+    assert (pre.teacher.arch, pre.teacher.pretrained) == (cache.teacher.arch, cache.teacher.pretrained) == ("ViT-L-14-quickgelu", "openai")
     assert pre.student.img_size == cache.views.size
     for uri in (pre.run.storage_path, pre.data.cache, cache.output.path, *cache.input.paths):
         assert uri.startswith("s3://"), uri

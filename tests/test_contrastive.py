@@ -254,7 +254,8 @@ def test_pipeline_loss_decreases_and_the_model_loads_as_a_teacher(scratch_run):
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_stage2_from_a_uta_export_keeps_the_temperature_at_001(scratch_run, digits_splits):
+def test_stage2_from_a_uta_export_on_s3_keeps_the_temperature_at_001(scratch_run, digits_splits, s3_server,
+                                                                     s3_client, s3_bucket):
     from pipelines.lib.contrastive import job as contrastive
     from pipelines.lib.contrastive.config import DEFAULT_CONFIG, ContrastiveJobConfig
     from uta_core.config import load_config
@@ -265,8 +266,10 @@ def test_stage2_from_a_uta_export_keeps_the_temperature_at_001(scratch_run, digi
     torch.manual_seed(0)
     student = build_student("nano", img_size=32, patch_size=4, out_dim=teacher.embed_dim).eval()
     export_student(student, tmp / "uta_export", mean=teacher.mean, std=teacher.std, extra={"step": 0})
+    for path in (tmp / "uta_export").iterdir():  # the student as a cluster run leaves it: on S3
+        s3_client.put_object(Bucket=s3_bucket, Key=f"uta_export/{path.name}", Body=path.read_bytes())
     overrides = _job_overrides(tmp, digits_splits, "stage2") + [
-        "model.init=uta_student", f"model.student={tmp / 'uta_export'}",
+        "model.init=uta_student", f"model.student=s3://{s3_bucket}/uta_export", f"s3.endpoint_url={s3_server}",
         f"model.teacher={{arch: '{arch}', pretrained: '{weights}', precision: fp32}}",
         "optim.layer_decay=0.75", "loss.temperature=0.01", "loss.learnable_temperature=false",
         "train.max_steps=6", "train.warmup_steps=1", "optim.lr=1e-3", "run.log_every=2",

@@ -13,6 +13,7 @@ from uta_core.models.teacher import (
     check_grid,
     image_size_for_grid,
 )
+from uta_core.models.teacher_weights import check_weights_chosen
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +171,26 @@ def test_config_validates_and_builds(tmp_path):
         TeacherConfig(precision="fp8")
     with pytest.raises(ValueError, match="image_size"):
         TeacherConfig(image_size=0)
+
+
+@pytest.mark.parametrize("arch,tag,fix", [
+    ("ViT-L-14", "openai", "teacher.arch=ViT-L-14-quickgelu"),  # the shipped cluster configs' old mistake
+    ("ViT-B-16", "metaclip_fullcc", "teacher.arch=ViT-B-16-quickgelu"),
+    ("ViT-B-16-quickgelu", "laion2b_s34b_b88k", None),  # no such tag for the quickgelu arch: open_clip decides
+])
+def test_hub_weights_on_an_architecture_with_another_activation_are_refused(arch, tag, fix):
+    """open_clip's pretrained config of each tag says whether it needs QuickGELU; open_clip itself only warns."""
+    if fix is None:
+        check_weights_chosen(arch, tag, None)
+        return
+    with pytest.raises(ValueError, match="trained with QuickGELU") as err:
+        check_weights_chosen(arch, tag, None)
+    assert fix in str(err.value)
+
+
+def test_every_hub_tag_passes_with_the_activation_it_needs():
+    for arch, tag in open_clip.list_pretrained():
+        needs = open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
+        right = arch.removesuffix("-quickgelu") + ("-quickgelu" if needs else "")
+        if right in open_clip.list_models():
+            check_weights_chosen(right, tag, None)

@@ -175,7 +175,7 @@ def test_accumulated_micro_batches_give_the_gradient_of_the_full_batch():
                  for i, t, k in zip(images.chunk(chunks), teacher.chunk(chunks), keep.chunk(chunks))]
         out = train_step(forward, opt, sched, micro, chunks, grad_clip=0.0)
         grads.append(torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None]))
-        losses.append(out["loss"])
+        losses.append(float(out["loss"]))
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 

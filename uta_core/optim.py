@@ -137,15 +137,17 @@ def train_step(
     grad_clip: float,
     autocast_dtype: torch.dtype | None = None,
     device_type: str = "cpu",
-) -> dict[str, float]:
-    """One optimiser step over ``num_micro`` accumulated micro-batch losses; returns loss and grad norm.
+) -> dict[str, torch.Tensor]:
+    """One optimiser step over ``num_micro`` accumulated micro-batch losses; returns the mean loss
+    and the gradient norm (before clipping) as 0-d tensors on the device.
 
     Each ``micro_losses`` item computes one micro-batch's loss when called (inside autocast);
     it is divided by ``num_micro``, so with equal micro-batches the gradient is that of the
-    mean loss over the step. Under DDP (``module``) only the last backward all-reduces.
+    mean loss over the step. Under DDP (``module``) only the last backward all-reduces. Nothing
+    here waits for the GPU: reading a returned value does, so a loop reads them when it logs.
     """
     optimizer.zero_grad(set_to_none=True)
-    total, seen = 0.0, 0
+    total, seen = None, 0
     for i, micro_loss in enumerate(micro_losses):
         last = i == num_micro - 1
         sync = module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
@@ -153,7 +155,7 @@ def train_step(
             with _autocast(device_type, autocast_dtype):
                 loss = micro_loss()
             (loss / num_micro).backward()
-        total += loss.item()
+        total = loss.detach() if total is None else total + loss.detach()
         seen += 1
     if seen != num_micro:
         raise RuntimeError(f"train_step got {seen} micro-batches, expected {num_micro}")
@@ -161,7 +163,7 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     scheduler.step()
-    return {"loss": total / num_micro, "grad_norm": float(grad_norm)}
+    return {"loss": total / num_micro, "grad_norm": grad_norm.detach()}
 
 
 def _autocast(device_type: str, dtype: torch.dtype | None):

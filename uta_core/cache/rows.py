@@ -27,6 +27,7 @@ from uta_core.cache.plan import CachePlan, CacheSpec, build_cache_teacher
 from uta_core.data.shards import InputConfig, InputShard, ShardReadError, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for, write_bytes_atomic
 from uta_core.data.views import ImageDecodeError, ViewConfig, decode_image, sample_views, to_model_input
+from uta_core.device import require_cuda
 
 log = logging.getLogger("uta.cache")
 SHARD_COLUMN, TOTAL_COLUMN = "_shard", "_shard_rows"  # in-band bookkeeping, never written
@@ -137,6 +138,8 @@ class TokenEncoder:
     def __init__(self, cfg: CacheSpec, *, device: str, fingerprint: str, num_threads: int | None = None) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
+        if torch.device(device).type == "cuda":
+            require_cuda("the teacher actor (ray.device=cuda)")
         self.teacher = build_cache_teacher(cfg, device)
         if self.teacher.weights_fingerprint() != fingerprint:
             raise RuntimeError(

@@ -30,12 +30,37 @@ def carries_own_weights(arch: str) -> bool:
 
 def check_weights_chosen(arch: str, pretrained: str | None, random_seed: int | None) -> None:
     """Refuse random teacher weights unless asked for on purpose (a seed): a forgotten
-    ``pretrained`` would otherwise train a student against noise without an error."""
+    ``pretrained`` would otherwise train a student against noise without an error. Refuse
+    hub weights on an architecture with another activation (``check_activation``)."""
     if pretrained is None and random_seed is None and not carries_own_weights(arch):
         raise ValueError(
             "teacher.pretrained is null, i.e. random weights: set teacher.pretrained=<tag, path or "
             "s3:// URI>, or teacher_random_seed=<int> to use a random-init teacher on purpose"
         )
+    if pretrained is not None:
+        check_activation(arch, pretrained)
+
+
+def check_activation(arch: str, tag: str) -> None:
+    """Hub weights must run with the activation they were trained with. OpenAI's (and MetaCLIP's,
+    some LAION ViT-B-32s') need QuickGELU: open_clip only warns when ``ViT-L-14`` gets
+    ``openai`` weights, and every token the teacher then computes is off (its self-check cannot
+    see it: it runs the same model). open_clip's pretrained config of the tag says which it needs."""
+    if arch not in open_clip.list_models():
+        return  # a config file or a hf-hub/local-dir source: its own config decides
+    needs = open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu")
+    if needs is None:
+        return  # not a hub tag of this arch (a file, s3://) or a tag that does not say
+    has = bool((open_clip.get_model_config(arch) or {}).get("quick_gelu", False))
+    if bool(needs) == has:
+        return
+    base = arch.removesuffix("-quickgelu")
+    fix = f"{base}-quickgelu" if needs else base
+    act = ("QuickGELU", "GELU")
+    raise ValueError(
+        f"teacher.pretrained={tag} was trained with {act[0] if needs else act[1]}, but teacher.arch={arch} "
+        f"builds {act[0] if has else act[1]}: every teacher token would be wrong; set teacher.arch={fix}"
+    )
 
 
 def check_student_fits_teacher(arch: str, student: StudentConfig) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ray
 
@@ -11,6 +10,7 @@ from pipelines.lib.contrastive.config import ContrastiveJobConfig
 from pipelines.lib.contrastive.data import caption_dataset, count_rows
 from pipelines.lib.ray_setup import init_ray
 from pipelines.lib.train.trainer import fit, local_num_cpus, make_plan, resolve_paths, run_uri
+from uta_core.data.storage import filesystem_for, join, read_bytes
 from uta_core.models.export import UTA_CONFIG
 
 REPORT_KEYS = ("step", "loss", "temperature", "lr", "images_per_s", "zeroshot_top1", "zeroshot_top5")
@@ -20,11 +20,12 @@ def precheck_stage2(cfg: ContrastiveJobConfig) -> None:
     """Refuse a student export whose input size differs from the views, before any worker starts."""
     if cfg.model.init != "uta_student":
         return
-    meta_path = Path(cfg.model.student) / UTA_CONFIG
-    if not meta_path.is_file():
+    fs, root = filesystem_for(cfg.model.student, cfg.s3)  # a local folder or s3://
+    meta = read_bytes(fs, join(root, UTA_CONFIG))
+    if meta is None:
         raise ValueError(f"model.student={cfg.model.student} is not a student export ({UTA_CONFIG} is missing); "
                          "pass the export/ folder of a pipelines/pretrain.py run")
-    img_size = json.loads(meta_path.read_text())["student"]["img_size"]
+    img_size = json.loads(meta)["student"]["img_size"]
     if img_size != cfg.data.views.size:
         raise ValueError(f"data.views.size={cfg.data.views.size} but the student takes {img_size} px images; "
                          f"set data.views.size={img_size}")

@@ -25,7 +25,8 @@ from uta_core.distributed import all_gather_with_grad
 from uta_core.eval.evaluator import zeroshot_accuracy
 from uta_core.eval.zeroshot import build_classifier
 from uta_core.models.clip import ClipForward, build_clip, mean_std, save_clip, tokenizer_for
-from uta_core.models.export import export_student, load_student
+from uta_core.checkpoint import load_trained_student
+from uta_core.models.export import export_student
 from uta_core.models.stage2 import build_stage2_model
 from uta_core.models.teacher import Teacher, build_teacher
 from uta_core.objectives.contrastive import (
@@ -33,7 +34,6 @@ from uta_core.objectives.contrastive import (
     clamp_logit_scale,
     clip_loss,
     set_temperature,
-    temperature_of,
 )
 from uta_core.optim import build_optimizer, build_scheduler, train_step
 
@@ -45,10 +45,11 @@ def build_model(cfg: ContrastiveJobConfig):
         set_temperature(model, cfg.loss.temperature, learnable=cfg.loss.learnable_temperature)
         return model.train(), tokenizer_for(cfg.model.clip), *mean_std(model)
     teacher: Teacher = build_teacher(cfg.model.teacher, random_seed=None, s3=cfg.s3)
-    student, meta = load_student(cfg.model.student)
-    if tuple(meta["mean"]) != teacher.mean or tuple(meta["std"]) != teacher.std:
+    student, mean, std, _ = load_trained_student(cfg.model.student, cfg.s3)  # local or s3://, onto the CPU
+    student.train()
+    if tuple(mean) != teacher.mean or tuple(std) != teacher.std:
         raise ValueError(
-            f"the student export {cfg.model.student} was trained with mean/std {meta['mean']}/{meta['std']} "
+            f"the student export {cfg.model.student} was trained with mean/std {list(mean)}/{list(std)} "
             f"but model.teacher normalises with {teacher.mean}/{teacher.std}: use the student's teacher"
         )
     model = build_stage2_model(student, teacher.model, temperature=cfg.loss.temperature,
@@ -73,7 +74,7 @@ class ContrastiveTask:
         self.amp = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
         self._eval: tuple[torch.Tensor, torch.Tensor] | None = None  # read once, evaluated every time
 
-    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, float]:
+    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, torch.Tensor]:
         (batch,) = group  # the config refuses accumulation: the loss needs every pair in one batch
         rng = np.random.default_rng([self.cfg.data.views.seed, self.rank, step])
         pixels_BHW3 = torch.from_numpy(augment(batch["pixels"], self.cfg.data.views, rng))
@@ -82,7 +83,7 @@ class ContrastiveTask:
         out = train_step(self.forward, self.optimizer, self.scheduler, [lambda: self._loss(images_B3HW, captions)], 1,
                          grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type)
         clamp_logit_scale(self.model)
-        return {**out, "temperature": temperature_of(self.model)}
+        return {**out, "temperature": self.model.logit_scale.detach().neg().exp()}  # read when logged
 
     def _loss(self, images_B3HW: torch.Tensor, captions: list[str]) -> torch.Tensor:
         # Each distinct caption goes through the text tower once (digits: 10 per batch);

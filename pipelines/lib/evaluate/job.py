@@ -14,6 +14,7 @@ import torch
 
 from pipelines.lib.destinations import check_output, check_tracking
 from uta_core import tracking
+from uta_core.device import require_cuda
 from uta_core.checkpoint import load_trained_student
 from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
@@ -50,6 +51,11 @@ class EvaluateConfig:
 
 
 def resolve_device(device: str) -> str:
+    if device == "cuda":
+        try:
+            require_cuda("device=cuda")
+        except RuntimeError as err:  # on the driver: the user's to fix, one line
+            raise ValueError(str(err)) from None
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 

@@ -74,7 +74,7 @@ class AlignmentTask:
         self._eval: tuple[torch.Tensor, torch.Tensor] | None = None
         self._classifier_DC: torch.Tensor | None = None
 
-    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, float]:
+    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, torch.Tensor]:
         def micro_loss(m: int, batch: dict[str, np.ndarray]):
             def loss() -> torch.Tensor:
                 rows = {k: _tensor(v) for k, v in batch.items() if k in ("image", "tokens")}

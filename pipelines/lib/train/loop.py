@@ -43,6 +43,7 @@ from uta_core.checkpoint import (
 )
 from uta_core.config import from_dict, to_dict
 from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
+from uta_core.device import require_cuda
 from uta_core.distributed import mean_over_ranks
 from uta_core.optim import lr_at
 
@@ -88,9 +89,13 @@ class Worker:
     def __init__(self, task_name: str, cfg_dict: dict, plan) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.task_name = task_name
         self.cfg = from_dict(task_config_class(task_name), cfg_dict)
+        if self.cfg.cluster.use_gpu:  # else Ray Train would hand out the CPU without a word
+            require_cuda("cluster.use_gpu=true")
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":  # fp32 matmuls (the fp32 parts of a bf16 step) on tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.task_name = task_name
         torch.set_num_threads(max(1, int(self.cfg.cluster.cpus_per_worker)))
         torch.manual_seed(self.cfg.run.seed)  # the same initial model everywhere (DDP also broadcasts rank 0's)
         self.task: TrainTask = build_task(task_name, self.cfg, plan, self.device, self.rank)
@@ -99,7 +104,7 @@ class Worker:
         self.outputs = RunOutputs(self.cfg, self.plan, self.task, self.rank, task_name)
         self.history: list[dict[str, float]] = []
         self.final: dict[str, float] = {}
-        self._window: list[float] = []
+        self._window: list[torch.Tensor] = []  # per-step losses, on the device
         self._window_start = time.perf_counter()
         self._last: dict[str, float] = {}
 
@@ -179,8 +184,8 @@ class Worker:
                 yield batch
 
     def _step(self, group: list[dict]) -> None:
-        self._last = self.task.step(group, self.pos.step)
-        self._window.append(self._last["loss"])
+        self._last = self.task.step(group, self.pos.step)  # device tensors: read only when logging
+        self._window.append(torch.as_tensor(self._last["loss"], dtype=torch.float32))
         self.pos.step += 1
         self.pos.micro_in_epoch += len(group)
 
@@ -241,11 +246,12 @@ class Worker:
         steps = max(1, len(self._window))
         seconds = max(time.perf_counter() - self._window_start, 1e-9)
         images = len(self._window) * self.task.images_per_step * self.world
-        metrics = {"loss": mean_over_ranks(sum(self._window) / steps, self.device),
+        window_loss = torch.stack(self._window).sum().item() / steps if self._window else 0.0  # the one sync
+        metrics = {"loss": mean_over_ranks(window_loss, self.device),
                    "images_per_s": images / seconds, "step_time_s": seconds / steps}
         if self.task.tokens_per_image is not None:
             metrics["tokens_per_s"] = images * self.task.tokens_per_image / seconds
-        extra = {k: v for k, v in self._last.items() if k != "loss"}
+        extra = {k: float(v) for k, v in self._last.items() if k != "loss"}
         metrics.update(extra, step=self.pos.step, epoch=self.pos.epoch,
                        lr=lr_at(self.pos.step - 1, base_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                 warmup_steps=plan.warmup_steps, total_steps=plan.total_steps))

@@ -33,8 +33,9 @@ class TrainTask(Protocol):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, float]:
-        """One optimiser step on ``accumulation`` numpy micro-batches; returns at least loss and grad_norm."""
+    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, torch.Tensor]:
+        """One optimiser step on ``accumulation`` numpy micro-batches; returns at least loss and grad_norm
+        (0-d device tensors: the loop reads them only when it logs, so steps do not wait for the GPU)."""
 
     def evaluate(self) -> dict[str, float]:
         """Rank 0: evaluation metrics (empty when the job evaluates nothing)."""
