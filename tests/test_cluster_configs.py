@@ -15,13 +15,16 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import pytest
 import yaml
 
 from pipelines.lib.ray_setup import free_port
+from uta_core.models.export import load_student
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -486,7 +489,6 @@ def test_local_stop_never_runs_ray_stop():
 
 
 # ------------------------------------------------------- the local cluster, for real
-@pytest.mark.ray
 def checkout_with_outputs(folder: Path) -> Path:
     """A copy of this checkout's code after some use: outputs and data next to the code."""
     for name in ("uta_core", "pipelines", "configs", "tune_spaces"):
@@ -509,9 +511,12 @@ def uploaded_mib(submit_output: str) -> float:
     return int(match.group(1)) / 1024
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(900)
 def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
-    """Also: a submitted pipeline's upload leaves outputs and data behind, and the pipeline
-    refuses a relative output path (it would land in the upload, which Ray deletes)."""
+    """Also, from a checkout holding outputs and data: the upload leaves them behind; a relative
+    output path is refused (it would land in the upload, which Ray deletes); with absolute
+    paths the smoke pre-training runs to the end, its outputs outside the upload."""
     if shutil.which("ray") is None:
         pytest.skip("the ray CLI is not on PATH")
     token = tmp_path / "token"
@@ -524,7 +529,8 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
         "UTA_RAY_PORT": str(free_port()),
         "UTA_RAY_DASHBOARD_PORT": str(dash),
         "UTA_RAY_CLIENT_PORT": str(free_port()),
-        "UTA_RAY_NUM_CPUS": "2",
+        "UTA_RAY_NUM_CPUS": "4",  # the smoke job: 2 workers x 0.5 CPU + room for Ray Data on 2 cores
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     work = tmp_path / "job"
     work.mkdir()
@@ -533,7 +539,7 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
     )
 
     def run(*cmd: str, **extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=240)
+        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=540)
 
     def submit(*entrypoint: str, working_dir: Path = work, **extra: str) -> subprocess.CompletedProcess:
         address = f"http://127.0.0.1:{dash}"
@@ -559,10 +565,23 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
         assert uploaded_mib(text) < 2.0  # the code only
         assert job.returncode != 0 and "error: run.storage_path='runs' is inside this job's uploaded working" in text
         assert "Traceback" not in text
+        out = tmp_path / "shared"  # absolute paths: the smoke pre-training runs to the end from the upload
+        smoke = submit("python", "pipelines/pretrain.py", "--smoke-test", f"run.storage_path={out / 'runs'}",
+                       f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", working_dir=used, RAY_AUTH_MODE="token")
+        logs = smoke.stdout + smoke.stderr
+        assert smoke.returncode == 0 and "succeeded" in logs, logs[-4000:]
+        for workdir in re.findall(r"smoke test in (/\S+uta-pretrain-smoke-\w+)", logs):
+            shutil.rmtree(workdir, ignore_errors=True)  # the job's generated digits + teacher config
     finally:
         stopped = run("bash", str(CLUSTER / "local" / "stop.sh"))
     assert stopped.returncode == 0, stopped.stderr
     assert not (tmp_path / "state" / "ray-head.pid").exists()
+    assert (out / "runs" / "smoke" / "checkpoint_0000006" / "state.pt").is_file()
+    student, meta = load_student(out / "runs" / "smoke" / "export")
+    assert meta["step"] == 6 and student.grid == (8, 8)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id])
+    assert run.info.status == "FINISHED" and "zeroshot_top1" in run.data.metrics
 
 
 def test_every_ray_start_shortens_the_stale_resource_request_expiry():

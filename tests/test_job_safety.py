@@ -41,13 +41,25 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+RAY_STARTS: list = []
+
+
 @pytest.fixture
 def quiet_env(monkeypatch, tmp_path):
-    """No tracking server from the caller's environment; run from an empty folder."""
+    """No tracking server from the caller's environment; run from an empty folder; any attempt
+    to start or join Ray is recorded (and refused), whether or not this session runs a Ray."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
+    RAY_STARTS.clear()
+
+    def no_ray(*args, **kwargs):
+        RAY_STARTS.append((args, kwargs))
+        raise AssertionError("the job started Ray before its checks passed")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_ray)
     return tmp_path
 
 
@@ -57,7 +69,7 @@ def assert_refused(code: int, err: str, *needles: str) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for needle in needles:
         assert needle in lines[0], lines[0]
-    assert not ray.is_initialized()
+    assert RAY_STARTS == []
     return lines[0]
 
 

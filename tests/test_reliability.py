@@ -1,7 +1,8 @@
-"""Fault trials on a real local Ray, as a cluster meets them: a training worker SIGKILLed, a
-job's driver SIGKILLed, a caching job SIGKILLed after some shards. Each ends in one complete
-result: one MLflow run with every step, a checkpoint at the last step, a cache with every
-(key, view) row once (0 duplicates, 0 missing).
+"""Fault trials on a real local Ray, as a cluster meets them: a job's driver SIGKILLed, a
+caching job SIGKILLed after some shards (a SIGKILLed training worker: tests/test_pretrain.py,
+with its cache and checkpoints on S3). Each ends in one complete result: one MLflow run with
+every step, a checkpoint at the last step, a cache with every (key, view) row once (0
+duplicates, 0 missing).
 
 The drivers run as separate processes (``python pipelines/NAME.py``), each with its own local
 Ray, so a kill hits a real driver; inputs are the ``--smoke-test`` ones (tiny, generated).
@@ -85,28 +86,28 @@ def final_state(storage: Path, run_name: str, step: int) -> dict:
 
 # --------------------------------------------------------------------- training
 @pytest.mark.timeout(500)
-def test_a_sigkilled_worker_and_a_sigkilled_driver_resume_in_one_mlflow_run(tmp_path):
-    """Rank 0's process SIGKILLs itself after step 3 (the checkpoint of step 2 is on storage):
-    Ray Train replaces the worker group, which resumes from step 2. Then the driver is SIGKILLed
-    after the checkpoint of step 4, and the resubmitted job resumes from there."""
+def test_a_sigkilled_driver_resumes_on_resubmit_in_the_same_mlflow_run(tmp_path):
+    """The driver (and its local Ray) is SIGKILLed after the checkpoint of step 2; the resubmitted
+    job resumes from the newest checkpoint and continues the same MLflow run. (A SIGKILLed
+    worker: tests/test_pretrain.py, on S3.)"""
     work = tmp_path / "inputs"
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    args = [*pretrain_overrides(work), "run.name=faults", "train.max_steps=10", "run.checkpoint_every=2",
-            "run.log_every=1", "run.max_failures=1", "fail_at_step=3", "fail_with_sigkill=true"]
+    args = [*pretrain_overrides(work), "run.name=faults", "train.max_steps=8", "run.checkpoint_every=2",
+            "run.log_every=1"]
     log = tmp_path / "job.log"
     proc = start("pretrain.py", args, log)
-    wait_for((work / "runs" / "faults" / "checkpoint_0000004" / "state.pt").is_file, proc, log, timeout=300,
-             what="the checkpoint of step 4")
+    wait_for((work / "runs" / "faults" / "checkpoint_0000002" / "state.pt").is_file, proc, log, timeout=300,
+             what="the checkpoint of step 2")
     kill_driver(proc)
     _, run = the_run(uri, "faults")
-    assert run.data.tags["uta.resumed_from_step"] == "2", log.read_text()[-3000:]  # the replaced worker group
+    assert run.info.status == "RUNNING"  # killed: nobody ended it
     finish("pretrain.py", args, log)  # the resubmit
     client, run = the_run(uri, "faults")
-    assert run.info.status == "FINISHED" and 4 <= int(run.data.tags["uta.resumed_from_step"]) < 10
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(set(steps)) == list(range(1, 11)) and steps.count(3) >= 2  # every step, step 3 redone
-    final = final_state(work / "runs", "faults", 10)
-    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {10}  # AdamW never restarted
+    assert run.info.status == "FINISHED" and 2 <= int(run.data.tags["uta.resumed_from_step"]) < 8
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert steps == set(range(1, 9))  # every step logged, in one run
+    final = final_state(work / "runs", "faults", 8)
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {8}  # AdamW never restarted
 
 
 # --------------------------------------------------------------------- caching
