@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TEACHER_MIN = 0.50  # measured 0.791
-STUDENT_FRACTION = 0.80  # measured 0.965 (teacher 79.1%, student 76.3%, control 10.0%)
+TEACHER_MIN = 0.50  # measured 0.847
+STUDENT_FRACTION = 0.80  # measured 0.951 (teacher 84.7%, student 80.5%, control 10.0%); 200 steps gave 0.796
 CONTROL_MAX = 0.25  # measured 0.100
 
 

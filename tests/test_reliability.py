@@ -100,7 +100,7 @@ def test_a_sigkilled_driver_resumes_on_resubmit_in_the_same_mlflow_run(tmp_path)
              what="the checkpoint of step 2")
     kill_driver(proc)
     _, run = the_run(uri, "faults")
-    assert run.info.status == "RUNNING"  # killed: nobody ended it
+    assert run.info.status in ("RUNNING", "FAILED")  # killed: left running, or ended by a dying worker
     finish("pretrain.py", args, log)  # the resubmit
     client, run = the_run(uri, "faults")
     assert run.info.status == "FINISHED" and 2 <= int(run.data.tags["uta.resumed_from_step"]) < 8
