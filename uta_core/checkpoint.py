@@ -74,6 +74,11 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer, scheduler) -> Po
     return Position(**{**state["position"], "resumed": True})
 
 
+def _state_from_bytes(data: bytes) -> dict[str, Any]:
+    """A state file's contents, onto the CPU (a GPU worker's checkpoint loads on a CPU-only driver)."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
 def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:07d}"
 
@@ -94,7 +99,7 @@ def load_stored_state(run_uri: str, step: int, s3: S3Options) -> dict[str, Any] 
     fs, root = filesystem_for(run_uri, s3)
     data = read_bytes(fs, join(root, checkpoint_dir_name(step), STATE_FILE))
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False) if data else None
+        return _state_from_bytes(data) if data else None
     except (RuntimeError, EOFError, ValueError) as err:  # truncated or corrupt
         log.warning("%s/%s is unreadable (%s); trying an older checkpoint", run_uri, checkpoint_dir_name(step), err)
         return None
@@ -116,7 +121,7 @@ def load_trained_student(uri: str, s3: S3Options) -> tuple[UTAStudent, tuple, tu
     if not names:
         raise ValueError(f"model={uri} does not exist or is empty")
     if STATE_FILE in names:  # a Ray Train checkpoint of pipelines/pretrain.py
-        state = torch.load(io.BytesIO(read_bytes(fs, join(root, STATE_FILE))), map_location="cpu", weights_only=False)
+        state = _state_from_bytes(read_bytes(fs, join(root, STATE_FILE)))
         if "student" not in state["config"]:
             raise ValueError(f"model={uri} is a checkpoint of another job (no student); pass a pre-training run")
         return student_from_state(state)

@@ -185,7 +185,7 @@ def _check_empty_output(fs: pafs.FileSystem, root: str, cfg: CacheSpec) -> None:
     if info.type == pafs.FileType.File:
         raise StorageError(f"output.path {cfg.output.path} is a file; pass a folder or s3:// prefix")
     entries = list_dir(fs, root, recursive=False, s3=cfg.s3) if info.type == pafs.FileType.Directory else []
-    if [e for e in entries if not is_atomic_leftover(e.base_name, MANIFEST_NAME)]:  # a killed first save
+    if any(not is_atomic_leftover(e.base_name, MANIFEST_NAME) for e in entries):  # leftovers: a killed first save
         raise StorageError(
             f"output.path {cfg.output.path} is not empty and holds no manifest.json; "
             "pass an empty or new folder (or an existing cache)"

@@ -20,7 +20,6 @@ import signal
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,6 @@ import torch
 from pipelines.lib.train.outputs import RunOutputs
 from pipelines.lib.train.task import TrainTask, build_task, task_config_class
 from uta_core.checkpoint import (
-    CHECKPOINT_DIR,
     Position,
     checkpoint_dir_name,
     load_state,
@@ -109,24 +107,20 @@ class Worker:
         self._last: dict[str, float] = {}
 
     def _restore(self) -> Position:
-        """Continue from the newest complete checkpoint: Ray Train's, or a newer one in the run folder.
+        """Continue from the newest complete checkpoint in the run folder, where Ray Train keeps
+        its own (``checkpoint_<step>``), else from the one Ray Train hands over.
 
         A worker killed (SIGKILL, OOM, lost node) right after a report can take with it the
         report that tells Ray Train about a checkpoint already on storage; Ray would then
-        restart from an older one (or from scratch). Rank 0 picks the step, every rank loads it.
+        restart from an older one (or from scratch). Rank 0 lists the steps, every rank loads
+        the newest it can read whole.
         """
-        checkpoint = ray.train.get_checkpoint()
-        known = CHECKPOINT_DIR.fullmatch(Path(checkpoint.path).name) if checkpoint is not None else None
-        ray_step = int(known.group(1)) if known else (0 if checkpoint is None else None)
         state = None
         for step in self._agreed(stored_checkpoint_steps(self.plan.run_uri, self.cfg.s3)):
-            if ray_step is not None and step <= ray_step:
-                break
             state = load_stored_state(self.plan.run_uri, step, self.cfg.s3)
             if state is not None:
-                log.info("rank %d: checkpoint %d in the run folder is newer than Ray Train's (%s)",
-                         self.rank, step, ray_step or "none")
                 break
+        checkpoint = ray.train.get_checkpoint()
         if state is None and checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 state = load_state(folder)
