@@ -7,7 +7,8 @@
 
 ``model`` is a student export folder (``export/`` of a run), a Ray Train checkpoint
 folder of ``pipelines/pretrain.py`` (``checkpoint_*``, holding ``state.pt``), or a run
-folder (its ``export/``); local or ``s3://``. The classifier is the teacher's text tower
+folder (its ``export/``), or a released UTA checkpoint file (``UTA-B/16``, ``L/14-336``,
+``g/14-336`` from github jihaonew/UTA: its image tower and head); local or ``s3://``. The classifier is the teacher's text tower
 applied once to class names x templates (``build-classifier``), so a cache-mode run never
 builds a teacher; ``zeroshot`` can also build it on the fly from ``teacher`` + prompts.
 Results (top-1 / top-5) are printed as JSON and logged to MLflow.

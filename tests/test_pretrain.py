@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
+from pyarrow.fs import FileSelector
 import pytest
 import torch
 from conftest import FAKE_AWS_ENV
@@ -26,7 +27,7 @@ from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.cache.job import run as run_cache
 from pipelines.lib.evaluate.job import EvaluateConfig, evaluate
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
-from pipelines.lib.pretrain.data import teacher_description
+from pipelines.lib.pretrain.data import online_sources, teacher_description
 from pipelines.lib.train.trainer import make_plan
 from pipelines.pretrain import main
 from uta_core.cache.format import open_cache
@@ -114,9 +115,14 @@ def state(ws, name: str, step: int, storage: str | None = None, endpoint: str | 
     return torch.load(io.BytesIO(read(uri, endpoint)), weights_only=False)
 
 
-def seen_ids(ws, name: str, rank: int, storage: str | None = None, endpoint: str | None = None) -> list[int]:
-    uri = f"{storage or ws.root / 'runs'}/{name}/samples/rank{rank}-epoch0000.txt"
-    return [int(x) for x in read(uri, endpoint).decode().split()]
+def seen_ids(ws, name: str, rank: int, storage: str | None = None, endpoint: str | None = None,
+             epoch: int = 0) -> list[int]:
+    """The ids rank ``rank`` trained on in ``epoch``, in order: its record files in step order."""
+    fs, root = filesystem_for(f"{storage or ws.root / 'runs'}/{name}/samples", S3Options(endpoint_url=endpoint))
+    prefix = f"rank{rank}-epoch{epoch:04d}-from"
+    names = sorted(i.base_name for i in fs.get_file_info(FileSelector(root)) if i.base_name.startswith(prefix))
+    assert names, f"no samples recorded for rank {rank}, epoch {epoch} of {name}"
+    return [int(x) for n in names for x in read_bytes(fs, f"{root}/{n}").decode().split()]
 
 
 # --------------------------------------------------------------------- two workers, both modes, resume
@@ -143,10 +149,14 @@ def test_online_two_workers_stop_resume_learn_on_disjoint_data_and_track_everyth
     for m in client.get_metric_history(run.info.run_id, "lr"):  # the schedule the optimiser used
         assert m.value == pytest.approx(lr_at(m.step - 1, base_lr=2e-3, min_lr=1e-5, warmup_steps=1, total_steps=7))
 
-    # The resumed attempt skipped the 2 micro-batches per rank of steps 1-2 and trained 5 steps x 8 rows.
-    rank0, rank1 = set(seen_ids(ws, "online", 0)), set(seen_ids(ws, "online", 1))
-    assert len(rank0) == len(rank1) == 40 and not rank0 & rank1
-    assert rank0 | rank1 <= {sample_id(k, 0) for k in ws.train_keys}
+    # Each checkpoint records the rows since the last: steps 1-2 by the stopped attempt, 3-7 by the
+    # resumed one, which started right after the checkpoint's rows: 7 x 8 rows per rank, none twice.
+    for rank in (0, 1):
+        names = sorted(p.name for p in (run_dir / "samples").glob(f"rank{rank}-*"))
+        assert names == [f"rank{rank}-epoch0000-from{s:07d}.txt" for s in (0, 2, 4, 6)]
+    rank0, rank1 = seen_ids(ws, "online", 0), seen_ids(ws, "online", 1)
+    assert len(rank0) == len(set(rank0)) == len(rank1) == len(set(rank1)) == 56 and not set(rank0) & set(rank1)
+    assert set(rank0) | set(rank1) <= {sample_id(k, 0) for k in ws.train_keys}
 
     params = run.data.params
     assert params["student.variant"] == "nano" and params["data.teacher_mode"] == "online"
@@ -191,14 +201,18 @@ def test_cache_on_s3_two_workers_learn_without_a_teacher_and_survive_a_sigkilled
     assert run.data.tags["uta.resumed_from_step"] == "2" and run.info.status == "FINISHED"
     final = state(ws, "cache", 6, storage, s3_server)  # AdamW counts its steps: 6 only if step 2's state came back
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {6}
-    # 2 views x 120 images = 240 rows: 15 steps an epoch, so all 6 steps stay inside epoch 0; the
-    # restarted attempt skips the 2 x 8 rows per rank it had trained on before the checkpoint.
-    assert run.data.params["plan.steps_per_epoch"] == "15"
+    # data.cache_views=cycle: epoch 0 trains on stored view 0 of each of the 120 images: 7 steps an
+    # epoch, so all 6 steps stay inside epoch 0.
+    assert run.data.params["plan.steps_per_epoch"] == "7"
     assert run.data.params["plan.teacher.arch"] == ws.arch  # provenance: the cache's teacher, not the config's
-    rank0 = set(seen_ids(ws, "cache", 0, storage, s3_server))
-    rank1 = set(seen_ids(ws, "cache", 1, storage, s3_server))
-    assert len(rank0) == len(rank1) == 32 and not rank0 & rank1
-    assert rank0 | rank1 <= {sample_id(k, v) for k in ws.train_keys for v in range(NUM_VIEWS)}
+    killed = [seen_ids(ws, "cache", rank, storage, s3_server) for rank in (0, 1)]
+    # The same run, never killed: the restarted group trained on exactly the rows it would have.
+    straight = overrides(ws, "cache-straight", "cache", "train.max_steps=6", "run.record_samples=true",
+                         "run.checkpoint_every=2")
+    assert main(straight) == 0
+    assert killed == [seen_ids(ws, "cache-straight", rank) for rank in (0, 1)]
+    assert len(killed[0]) == len(set(killed[0])) == 48 and not set(killed[0]) & set(killed[1])
+    assert set(killed[0]) | set(killed[1]) <= {sample_id(k, 0) for k in ws.train_keys}
     assert "zeroshot_top1" in run.data.metrics
     # The classifier file is what made zero-shot possible: evaluate.py agrees on the S3 export.
     out = evaluate(load_config(EvaluateConfig, None, [
@@ -217,6 +231,33 @@ def test_cache_mode_refuses_a_cache_that_does_not_fit_the_student(ws, capsys, ex
 
 
 # --------------------------------------------------------------------- driver-side planning
+def test_start_up_reads_the_producers_stats_files_and_never_a_shard(ws, s3_server, s3_client, s3_bucket,
+                                                                     monkeypatch):
+    from moto.s3.models import S3Backend
+
+    for path in ws.train.iterdir():
+        s3_client.put_object(Bucket=s3_bucket, Key=f"train/{path.name}", Body=path.read_bytes())
+    read_keys: list[str] = []  # every object body the (in-process) S3 server hands out
+    get_object = S3Backend.get_object
+    monkeypatch.setattr(S3Backend, "get_object",
+                        lambda self, bucket, key, *a, **k: read_keys.append(key) or get_object(self, bucket, key, *a, **k))
+    args = overrides(ws, "startup", "online", f"data.input.paths=s3://{s3_bucket}/train",
+                     f"s3.endpoint_url={s3_server}")[2:]
+    sources = online_sources(load_config(PretrainConfig, DEFAULT_CONFIG, args))
+    assert sources.rows == [32, 32, 32, 24] and sources.counted_from == "img2dataset *_stats.json"
+    assert {f"train/{p.name}" for p in ws.train.glob("*_stats.json")} <= set(read_keys)
+    assert not [k for k in read_keys if k.endswith(".tar")]
+
+    for path in ws.train.glob("*_stats.json"):  # no producer stats: ask, do not count
+        s3_client.delete_object(Bucket=s3_bucket, Key=f"train/{path.name}")
+    read_keys.clear()
+    with pytest.raises(ValueError, match="set data.num_samples"):
+        online_sources(load_config(PretrainConfig, DEFAULT_CONFIG, args))
+    sources = online_sources(load_config(PretrainConfig, DEFAULT_CONFIG, args + ["data.num_samples=120"]))
+    assert sources.rows == [30, 30, 30, 30] and not [k for k in read_keys if k.endswith(".tar")]
+
+
+
 def test_plan_gives_every_rank_whole_steps_and_refuses_too_little_data(ws):
     args = overrides(ws, "plan", "online", "train.global_batch=32", "train.epochs=2", "train.warmup_epochs=1",
                      "train.warmup_steps=null")[2:]

@@ -63,7 +63,7 @@ def test_forward_masked_uses_mask_token(nano):
     torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"giant"}))  # giant: 1B weights, too big for CI
 def test_every_parameter_gets_a_gradient_and_no_nan(variant):
     torch.manual_seed(0)
     model = build_student(variant, img_size=56, patch_size=14, out_dim=32)

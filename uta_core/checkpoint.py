@@ -28,6 +28,7 @@ from torch import nn
 from uta_core.config import from_dict
 from uta_core.data.storage import S3Options, filesystem_for, join, list_dir, read_bytes
 from uta_core.models.export import UTA_CONFIG, load_student
+from uta_core.models.official import is_official_state, load_official_student
 from uta_core.models.student import StudentConfig, UTAStudent
 
 STATE_FILE = "state.pt"
@@ -40,7 +41,8 @@ log = logging.getLogger("uta.checkpoint")
 class Position:
     step: int = 0  # optimiser steps done
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches this rank consumed in ``epoch``
+    micro_in_epoch: int = 0  # micro-batches each rank consumed in ``epoch``
+    cursors: list[dict] | None = None  # per rank: its place in the epoch's stream (uta_core.data.epochs.Cursor)
     mlflow_run_id: str | None = None
     resumed: bool = False
 
@@ -114,9 +116,11 @@ def student_from_state(state: dict[str, Any]) -> tuple[UTAStudent, tuple, tuple,
 
 
 def load_trained_student(uri: str, s3: S3Options) -> tuple[UTAStudent, tuple, tuple, dict]:
-    """A student from an export, a training checkpoint or a run folder (local or s3://)
-    -> (student, mean, std, info)."""
+    """A student from an export, a training checkpoint, a run folder or a released UTA
+    checkpoint file (local or s3://) -> (student, mean, std, info)."""
     fs, root = filesystem_for(uri, s3)
+    if fs.get_file_info(root).is_file:
+        return _official_student_file(uri, read_bytes(fs, root))
     names = {info.path.rsplit("/", 1)[-1] for info in list_dir(fs, root, recursive=False, s3=s3)}
     if not names:
         raise ValueError(f"model={uri} does not exist or is empty")
@@ -136,5 +140,18 @@ def load_trained_student(uri: str, s3: S3Options) -> tuple[UTAStudent, tuple, tu
     if "export" in names:  # a run folder
         return load_trained_student(join(uri, "export"), s3)
     raise ValueError(
-        f"model={uri} is neither a student export ({UTA_CONFIG}), a checkpoint ({STATE_FILE}) nor a run folder"
+        f"model={uri} is neither a student export ({UTA_CONFIG}), a checkpoint ({STATE_FILE}), a run folder "
+        "nor a released UTA checkpoint file"
     )
+
+
+def _official_student_file(uri: str, data: bytes) -> tuple[UTAStudent, tuple, tuple, dict]:
+    """A released UTA checkpoint (github jihaonew/UTA): its image tower + head as the student."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: not a readable weights file
+        raise ValueError(f"model={uri} is a file but not a torch weights file torch.load can read ({err})") from None
+    if not isinstance(state, dict) or not is_official_state(state):
+        raise ValueError(f"model={uri} is a torch file without visual.* keys: not a released UTA checkpoint")
+    ckpt = load_official_student(state)  # OfficialCheckpointError is a ValueError naming the key
+    return ckpt.student, ckpt.mean, ckpt.std, {"step": None, "official": True}

@@ -92,7 +92,8 @@ def write_shards(
     samples_per_shard: int,
     key_offset: int = 0,
 ) -> list[Path]:
-    """Write ``<prefix>-00000.tar``... atomically; keys are globally unique 9-digit strings."""
+    """Write ``<prefix>-00000.tar``... atomically (+ img2dataset's ``<prefix>-00000_stats.json``);
+    keys are globally unique 9-digit strings."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -103,6 +104,9 @@ def write_shards(
         tmp = path.with_suffix(".tar.tmp")
         tmp.write_bytes(webdataset_bytes(samples, with_json=True))
         tmp.replace(path)
+        # img2dataset's per-shard stats: what training reads to know the dataset size.
+        stats = {"count": len(samples), "successes": len(samples), "failed_to_download": 0, "failed_to_resize": 0}
+        (out_dir / f"{prefix}-{shard:05d}_stats.json").write_text(json.dumps(stats))
         paths.append(path)
     return paths
 

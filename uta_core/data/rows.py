@@ -7,9 +7,11 @@ came from; only ``teacher_targets`` differs (run the teacher vs restore stored t
     tokens      (1+N, D) fp16/int8 cache mode only: the teacher's stored tokens
     label       int64              class index, -1 when the sample has none
     sample_id   int64              stable hash of (key, view): audits which rows a rank saw
+    source_pos  int64              which source of the rank's epoch list the row came from
+    row_pos     int64              the row's place in that source (``uta_core.data.epochs``)
 
-Online views come from ``uta_core.data.views`` with the same seeds the cache job uses, so an
-image's view v is pixel-identical in both modes.
+Online views come from ``uta_core.data.views``, seeded by (seed, epoch, key, view): fresh
+every epoch, and in epoch 0 pixel-identical to the cache job's view v of the image.
 
 Shape legend: B rows, H/W view pixels, T = 1+N tokens, D teacher embed dim, M eval images.
 """
@@ -22,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from uta_core.cache.format import decode_pixels, tokens_from_storage
@@ -40,22 +44,33 @@ def sample_id(key: str, view: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _rows_batch(images: list[np.ndarray], labels: list[int], ids: list[int], size: int) -> dict[str, np.ndarray]:
+def _rows_batch(images: list[np.ndarray], labels: list[int], ids: list[int], rows: list[int], source: int,
+                size: int) -> dict[str, np.ndarray]:
     return {
         "image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
         "label": np.asarray(labels, dtype=np.int64),
         "sample_id": np.asarray(ids, dtype=np.int64),
+        "source_pos": np.full(len(rows), source, dtype=np.int64),
+        "row_pos": np.asarray(rows, dtype=np.int64),
     }
 
 
 def online_rows(
-    shard: InputShard, input_cfg: InputConfig, views: ViewConfig, num_views: int, s3: S3Options, block: int = 64
+    shard: InputShard, input_cfg: InputConfig, views: ViewConfig, num_views: int, s3: S3Options, *,
+    epoch: int = 0, start_row: int = 0, source: int = 0, block: int = 64,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One raw shard -> batches of view rows; undecodable samples are skipped with a warning."""
+    """One raw shard -> batches of view rows of ``epoch``; undecodable samples are skipped with a warning.
+
+    Row ``sample_ordinal * num_views + view`` of the shard is its ``row_pos``; rows before
+    ``start_row`` are skipped without decoding their image (a resumed epoch).
+    """
     fs, _ = filesystem_for(shard.uri, s3)
-    images, labels, ids, skipped = [], [], [], 0
+    images, labels, ids, rows, skipped = [], [], [], [], 0
+    first_sample, first_view = divmod(start_row, num_views)
     try:
-        for sample in iter_samples(fs, shard, input_cfg):
+        for ordinal, sample in enumerate(iter_samples(fs, shard, input_cfg)):
+            if ordinal < first_sample:
+                continue
             try:
                 if sample.image is None:
                     raise ImageDecodeError("the sample has no image")
@@ -63,28 +78,43 @@ def online_rows(
             except ImageDecodeError:
                 skipped += 1
                 continue
-            for v, (_, pixels_HW3) in enumerate(sample_views(img, sample.key, num_views, views)):
+            first = first_view if ordinal == first_sample else 0
+            for v, (_, pixels_HW3) in enumerate(sample_views(img, sample.key, num_views, views, epoch, first), first):
                 images.append(pixels_HW3)
                 labels.append(NO_LABEL if sample.label is None else sample.label)
                 ids.append(sample_id(sample.key, v))
+                rows.append(ordinal * num_views + v)
             if len(images) >= block:
-                yield _rows_batch(images, labels, ids, views.size)
-                images, labels, ids = [], [], []
+                yield _rows_batch(images, labels, ids, rows, source, views.size)
+                images, labels, ids, rows = [], [], [], []
     except ShardReadError as err:
         log.warning("%s; keeping the samples read before it", err)
     if skipped:
         log.warning("%s: skipped %d undecodable samples", shard.uri, skipped)
     if images:
-        yield _rows_batch(images, labels, ids, views.size)
+        yield _rows_batch(images, labels, ids, rows, source, views.size)
 
 
-def count_images(shard: InputShard, input_cfg: InputConfig, s3: S3Options) -> int:
-    """Samples with an image in one shard (not decoded: a cheap upper bound of the rows)."""
-    fs, _ = filesystem_for(shard.uri, s3)
-    try:
-        return sum(1 for s in iter_samples(fs, shard, input_cfg) if s.image is not None)
-    except ShardReadError:
-        return 0
+CACHE_COLUMNS = ["key", "view", "pixels", "tokens", "label"]
+
+
+def cache_file_rows(
+    fs, path: str, *, view: int | None = None, start_row: int = 0, source: int = 0, block: int = 64
+) -> Iterator[dict[str, np.ndarray]]:
+    """One cache parquet file -> training rows; ``view`` keeps only that stored view (None: all).
+    ``row_pos`` counts the rows this read keeps; rows before ``start_row`` are not decoded."""
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f, columns=CACHE_COLUMNS)
+    if view is not None:
+        table = table.filter(pc.equal(table["view"], view))
+    for start in range(start_row, table.num_rows, block):
+        chunk = table.slice(start, block)
+        batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in ("key", "view", "pixels", "label")}
+        batch["tokens"] = chunk.column("tokens").combine_chunks().to_numpy_ndarray()
+        rows = cache_rows(batch)
+        rows["source_pos"] = np.full(chunk.num_rows, source, dtype=np.int64)
+        rows["row_pos"] = np.arange(start, start + chunk.num_rows, dtype=np.int64)
+        yield rows
 
 
 def cache_rows(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -1,8 +1,9 @@
 """Image decoding and augmented views with recorded parameters.
 
 A view is fully described by ``ViewParams`` (crop box in source pixels + flip), drawn
-from a seed derived from (base seed, image key, view index). So a rerun of the cache
-job produces the same views, and a stored view can be rebuilt from the source image.
+from a seed derived from (base seed, image key, view index, epoch). So a rerun of the cache
+job produces the same views, a stored view can be rebuilt from the source image, and
+online pre-training draws fresh views every epoch (epoch 0's are the cache job's views).
 
 Shape legend: B batch, H/W view height/width (pixels), 3 RGB channels.
 """
@@ -71,9 +72,11 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image: {_OBJECT_REPR.sub('', str(err)).strip()}") from None
 
 
-def view_seed(base_seed: int, key: str, view_index: int) -> int:
-    """Stable 63-bit seed for one (key, view): independent of worker, order and process."""
-    digest = hashlib.sha256(f"{base_seed}/{key}/{view_index}".encode()).digest()
+def view_seed(base_seed: int, key: str, view_index: int, epoch: int = 0) -> int:
+    """Stable 63-bit seed for one (key, view, epoch): independent of worker, order and process.
+    Epoch 0 keeps the seeds caches were written with."""
+    name = f"{base_seed}/{key}/{view_index}" if epoch == 0 else f"{base_seed}/{epoch}/{key}/{view_index}"
+    digest = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -126,12 +129,12 @@ def center_view(img: Image.Image, size: int) -> np.ndarray:
 
 
 def sample_views(
-    img: Image.Image, key: str, num_views: int, cfg: ViewConfig
+    img: Image.Image, key: str, num_views: int, cfg: ViewConfig, epoch: int = 0, first: int = 0
 ) -> list[tuple[ViewParams, np.ndarray]]:
-    """``num_views`` seeded views of one image: [(params, uint8 (H, W, 3))]."""
+    """Views ``first..num_views-1`` of one image in ``epoch``, seeded: [(params, uint8 (H, W, 3))]."""
     views = []
-    for v in range(num_views):
-        rng = np.random.default_rng(view_seed(cfg.seed, key, v))
+    for v in range(first, num_views):
+        rng = np.random.default_rng(view_seed(cfg.seed, key, v, epoch))
         params = sample_view_params(img.width, img.height, cfg, rng)
         views.append((params, render_view(img, params, cfg.size)))
     return views

@@ -1,6 +1,11 @@
-"""EVA-02 style ViT student (RoPE, SwiGLU, sub-LN) with a kept-token forward.
+"""EVA-02 / UTA ViT student (RoPE, SwiGLU, sub-LN) with a kept-token forward.
 
-Built on timm's ``Eva``. timm can only drop patches at random (``patch_drop_rate``);
+Built on timm's ``Eva``. ``base``, ``large`` and ``giant`` are the towers of the released UTA
+models (github jihaonew/UTA, ``eva_vit_model/eva_vit.py``): separate q/k/v projections with q
+and v biases, SwiGLU with a LayerNorm inside (sub-LN), pre-norm blocks, CLS pooling through a
+final LayerNorm, and 2-D RoPE whose positions are placed on a 16 x 16 *reference* grid
+(``pt_hw_seq_len=16, intp_freq=True``: position i of an n-wide grid sits at i * 16 / n) and
+not on the model's own grid. ``tests/test_official_uta.py`` checks outputs against that code. timm can only drop patches at random (``patch_drop_rate``);
 UTA needs *given* keep indices, so ``forward_kept`` gathers both the tokens and the
 rotary table at those indices. A wrong rotary gather is silent, hence the shuffle test.
 
@@ -26,7 +31,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "small": dict(embed_dim=384, depth=12, num_heads=6),
     "base": dict(embed_dim=768, depth=12, num_heads=12, qkv_fused=False, scale_mlp=True),
     "large": dict(embed_dim=1024, depth=24, num_heads=16, qkv_fused=False, scale_mlp=True),
+    # UTA-g (eva_giant_p14_336 in the official code): its mlp ratio gives 4096 hidden units.
+    "giant": dict(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=2.909133333333333, qkv_fused=False,
+                  scale_mlp=True),
 }
+# EVA-02 and UTA place rotary positions on this reference grid whatever the model's grid.
+ROPE_REFERENCE_GRID = 16
 # The timm model each EVA-02 size is checked against (and that an export names for timm).
 TIMM_NAMES = {v: f"eva02_{v}_patch14_224" for v in ("tiny", "small", "base", "large")}
 EVA02_COMMON = dict(mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True)
@@ -39,6 +49,9 @@ class StudentConfig:
     patch_size: int = 14
     out_dim: int = 512
     drop_path_rate: float = 0.0
+    # Side of the grid RoPE positions are scaled to (EVA-02 / UTA: 16). Students exported
+    # before this setting existed used their own grid side; their timm config.json says so.
+    rope_ref_grid: int = ROPE_REFERENCE_GRID
     overrides: dict[str, Any] = field(default_factory=dict)  # extra timm Eva kwargs
 
     def __post_init__(self) -> None:
@@ -52,6 +65,8 @@ class StudentConfig:
             raise ValueError(f"out_dim must be positive (the teacher's embed dim), got {self.out_dim}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.rope_ref_grid < 1:
+            raise ValueError(f"rope_ref_grid must be >= 1 (EVA-02 / UTA use 16), got {self.rope_ref_grid}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -62,10 +77,10 @@ class StudentConfig:
 def eva_kwargs(cfg: StudentConfig) -> dict[str, Any]:
     """timm ``Eva`` kwargs of the student's trunk (JSON-ready): what the student builds and what
     an export's ``config.json`` tells timm, from one place."""
-    side = cfg.img_size // cfg.patch_size
+    ref = cfg.rope_ref_grid
     return {
         **EVA02_COMMON, **VARIANTS[cfg.variant],
-        "img_size": cfg.img_size, "patch_size": cfg.patch_size, "ref_feat_shape": [side, side],
+        "img_size": cfg.img_size, "patch_size": cfg.patch_size, "ref_feat_shape": [ref, ref],
         "num_classes": 0, "global_pool": "token", **cfg.overrides,
     }
 

@@ -24,6 +24,7 @@ from uta_core.objectives.alignment import ObjectiveConfig
 from uta_core.optim import OptimConfig
 
 TEACHER_MODES = ("online", "cache")
+CACHE_VIEWS = ("cycle", "all")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "pretrain_local.yaml"
 
 
@@ -33,9 +34,17 @@ class DataConfig:
     input: InputConfig | None = None  # raw shards (online mode)
     cache: str | None = None  # cache root written by pipelines/cache_teacher.py (cache mode)
     views: ViewConfig = field(default_factory=ViewConfig)  # online mode; size = student img_size
-    num_views: int = 1  # online mode: seeded views per image, as the cache job samples them
-    shuffle_files: bool = True  # a new shard/file order every epoch
-    shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer; 0 = off
+    num_views: int = 1  # online mode: views per image per epoch, drawn afresh every epoch
+    # online mode: the dataset's image count (open_clip's --train-num-samples); null: read it
+    # from img2dataset's <shard>_stats.json files. Training never reads every shard to count.
+    num_samples: int | None = None
+    # cache mode: "cycle" = epoch e trains on stored view e mod V of every image (one view per
+    # image per epoch, as online); "all" = every stored view every epoch (V x the rows).
+    cache_views: str = "cycle"
+    shuffle_files: bool = True  # a new shard/file order every epoch (seeded: reruns repeat it)
+    # rows in each worker's local shuffle buffer; 0 = off. With a buffer, a resumed epoch may
+    # miss or repeat up to that many rows; without, it replays exactly.
+    shuffle_buffer: int = 0
 
     def __post_init__(self) -> None:
         if self.teacher_mode not in TEACHER_MODES:
@@ -46,6 +55,10 @@ class DataConfig:
             raise ValueError("teacher_mode=cache reads a teacher cache: set data.cache to its root folder/URI")
         if self.num_views < 1:
             raise ValueError(f"num_views={self.num_views} must be >= 1")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 1 (or null: img2dataset's stats files)")
+        if self.cache_views not in CACHE_VIEWS:
+            raise ValueError(f"cache_views={self.cache_views!r} must be one of {', '.join(CACHE_VIEWS)}")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 turns it off)")
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import ray
 
 from pipelines.lib.pretrain.config import PretrainConfig
-from pipelines.lib.pretrain.data import cache_dataset, online_dataset, teacher_description
+from pipelines.lib.pretrain.data import cache_sources, online_sources, teacher_description
 from pipelines.lib.ray_setup import init_ray
 from pipelines.lib.train.trainer import RunPlan, fit, local_num_cpus, make_plan, resolve_paths, run_uri
 
@@ -20,12 +21,12 @@ def fit_pretrain(cfg: PretrainConfig, callbacks: Callable[[RunPlan], list] | Non
     cfg = resolve_paths(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if cfg.data.teacher_mode == "cache":
-        ds, rows, mean, std = cache_dataset(cfg)
+        sources, mean, std = cache_sources(cfg)
     else:
-        (ds, rows), mean, std = online_dataset(cfg), None, None
-    plan = make_plan(cfg.train, cfg.cluster, rows, run_uri(cfg), mean=mean, std=std,
-                     teacher=teacher_description(cfg))
-    return fit(cfg, "pretrain", ds, plan, callbacks(plan) if callbacks else None)
+        sources, mean, std = online_sources(cfg), None, None
+    plan = make_plan(cfg.train, cfg.cluster, sources.total_rows, run_uri(cfg), mean=mean, std=std,
+                     teacher=teacher_description(cfg), sources=dataclasses.asdict(sources))
+    return fit(cfg, "pretrain", None, plan, callbacks(plan) if callbacks else None)
 
 
 def run(cfg: PretrainConfig) -> dict:

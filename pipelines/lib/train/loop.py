@@ -6,9 +6,15 @@ steps (the driver computes them; ``streaming_split(equal=True)`` gives every ran
 rows), so every rank calls ``ray.train.report`` (a barrier) equally often: at checkpoint and
 evaluation steps. Metrics go to MLflow every ``run.log_every`` steps, from rank 0.
 
-Resume: a checkpoint holds the position (step, epoch, micro-batches consumed in the epoch);
-a resumed rank skips those micro-batches of its shard. ``streaming_split`` hands out blocks
-dynamically, so *which* rows they were is not replayed exactly.
+Data: pre-training's ranks read their own sources of each epoch in a replayable order
+(``pipelines/lib/pretrain/data.py``, ``uta_core.data.epochs``); the contrastive stage reads
+Ray Train's split of one dataset (``SplitStream``).
+
+Resume: a checkpoint holds the position (step, epoch, micro-batches consumed in the epoch)
+and, for replayable streams, every rank's cursor: a resumed rank starts right after the last
+row it trained on, so the resumed epoch trains on exactly the rows the killed run had not
+reached. A Ray Train split (``streaming_split`` hands out blocks dynamically) can only skip
+the number of micro-batches consumed, not replay which rows they were.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from uta_core.checkpoint import (
     training_state,
 )
 from uta_core.config import from_dict, to_dict
+from uta_core.data.epochs import Cursor
 from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
 from uta_core.device import require_cuda
 from uta_core.distributed import mean_over_ranks
@@ -140,42 +147,55 @@ class Worker:
         return box[0]
 
     # ----------------------------------------------------------------- epochs
+    def _stream(self):
+        if self.plan.sources is not None:  # pre-training: each rank reads its own sources, replayably
+            from pipelines.lib.pretrain.data import EpochStream, Sources
+
+            rows_per_step = self.cfg.train.micro_batch * self.plan.accumulation
+            return EpochStream(self.cfg, Sources(**self.plan.sources), self.rank, self.world, rows_per_step)
+        return SplitStream(self.cfg, self.rank)
+
+    def _start_cursor(self) -> Cursor:
+        """Where this rank's stream of the current epoch starts: at the top, or after the checkpoint's row."""
+        pos = self.pos
+        if self.plan.sources is None:
+            return Cursor(row=pos.micro_in_epoch)  # a Ray Train split: skip that many micro-batches
+        if pos.micro_in_epoch == 0:
+            return Cursor()
+        if not pos.cursors or len(pos.cursors) != self.world:
+            log.warning("rank %d: the checkpoint holds no cursor for %d workers; epoch %d starts over (rows of its "
+                        "first %d micro-batches are trained again)", self.rank, self.world, pos.epoch,
+                        pos.micro_in_epoch)
+            return Cursor()
+        return Cursor(**pos.cursors[self.rank])
+
     def train(self) -> None:
         """Epochs until ``plan.total_steps``; every rank reports (a barrier) at the same steps."""
         pos, plan = self.pos, self.plan
-        shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+        stream = self._stream()
         start_step = pos.step
         while pos.step < plan.total_steps:
-            stream = self._micro_batches(shard, skip=pos.micro_in_epoch)
-            seen_ids: list[int] = []
-            steps_this_epoch = 0
-            while pos.step < plan.total_steps:
-                group = [b for _, b in zip(range(plan.accumulation), stream)]
+            epoch_steps = stream.steps(pos.epoch)  # None: until the split runs out
+            batches = stream.batches(pos.epoch, self._start_cursor())
+            self._cursor, self._ids_from, self._seen_ids = None, pos.step, []
+            while pos.step < plan.total_steps and (
+                    epoch_steps is None or pos.micro_in_epoch // plan.accumulation < epoch_steps):
+                group = []
+                for _, (batch, cursor) in zip(range(plan.accumulation), batches):
+                    group.append(batch)
+                    self._cursor = cursor
                 if len(group) < plan.accumulation:
                     break  # the epoch is over, on every rank at once (equal splits, equal batches)
                 if self.cfg.run.record_samples:
-                    seen_ids += [int(i) for b in group for i in b["sample_id"]]
+                    self._seen_ids += [int(i) for b in group for i in b["sample_id"]]
                 self._step(group)
-                steps_this_epoch += 1
-                if self.cfg.run.record_samples and pos.step == plan.total_steps:
-                    self._record_samples(seen_ids)
                 self._after_step()
+            batches.close()
             if pos.step < plan.total_steps:
-                self._end_epoch(steps_this_epoch, seen_ids)
+                self._end_epoch(pos.micro_in_epoch // plan.accumulation)
         if pos.step == start_step:  # a rerun of a finished run: evaluate and report once
             self.final = {"step": pos.step, **self._evaluate()}
             report(self.final, None, pos.step)
-
-    def _micro_batches(self, shard, skip: int) -> Iterator[dict]:
-        """This rank's numpy micro-batches of one epoch, after skipping ``skip`` (a resumed epoch)."""
-        batches = shard.iter_batches(
-            batch_size=self.cfg.train.micro_batch, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=hash((self.cfg.run.seed, self.rank, self.pos.epoch)) % 2**31,
-        )
-        for i, batch in enumerate(batches):
-            if i >= skip:
-                yield batch
 
     def _step(self, group: list[dict]) -> None:
         self._last = self.task.step(group, self.pos.step)  # device tensors: read only when logging
@@ -202,6 +222,9 @@ class Worker:
             self._progress(metrics)
             if save or evaluate:
                 state = None
+                if save:
+                    self.pos.cursors = self._gather_cursors()
+                    self._record_samples()
                 if save and self.rank == 0:
                     state = training_state(self.task.model, self.task.optimizer, self.task.scheduler, pos,
                                            to_dict(cfg), dataclasses.asdict(self.plan))
@@ -216,22 +239,38 @@ class Worker:
     def _evaluate(self) -> dict[str, float]:
         return self.task.evaluate() if self.rank == 0 else {}
 
-    def _end_epoch(self, steps_this_epoch: int, seen_ids: list[int]) -> None:
-        if steps_this_epoch == 0:
+    def _gather_cursors(self) -> list[dict] | None:
+        """Every rank's cursor, on every rank (a collective: all ranks save at the same steps)."""
+        if self._cursor is None or self.plan.sources is None:
+            return None
+        mine = dataclasses.asdict(self._cursor)
+        if self.world == 1 or not torch.distributed.is_initialized():
+            return [mine]
+        everyone: list[dict | None] = [None] * self.world
+        torch.distributed.all_gather_object(everyone, mine)
+        return everyone
+
+    def _end_epoch(self, steps_in_epoch: int) -> None:
+        if steps_in_epoch == 0:
             raise RuntimeError(
                 f"epoch {self.pos.epoch} gave rank {self.rank} no full step of {self.plan.accumulation} x "
                 f"{self.cfg.train.micro_batch} rows; the data shrank below one step per rank (undecodable "
                 "images?): lower train.micro_batch or add data"
             )
-        if self.cfg.run.record_samples:
-            self._record_samples(seen_ids)
+        self._record_samples()
         self.pos.epoch += 1
         self.pos.micro_in_epoch = 0
+        self.pos.cursors = None
 
-    def _record_samples(self, ids: list[int]) -> None:
+    def _record_samples(self) -> None:
+        """``run.record_samples``: the ids this rank trained on since the last record, in order, as
+        ``samples/rank<r>-epoch<e>-from<step>.txt``; an epoch's files in step order are its rows."""
+        if not self.cfg.run.record_samples or self.pos.step == self._ids_from:
+            return
         fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)
-        path = join(root, "samples", f"rank{self.rank}-epoch{self.pos.epoch:04d}.txt")
-        write_bytes_atomic(fs, path, "\n".join(map(str, ids)).encode())
+        name = f"rank{self.rank}-epoch{self.pos.epoch:04d}-from{self._ids_from:07d}.txt"
+        write_bytes_atomic(fs, join(root, "samples", name), "\n".join(map(str, self._seen_ids)).encode())
+        self._ids_from, self._seen_ids = self.pos.step, []
 
     # ----------------------------------------------------------------- metrics
     def _window_metrics(self) -> dict[str, float]:
@@ -262,3 +301,25 @@ class Worker:
                          f"{metrics['loss']:.4f} lr {metrics['lr']:.2e}{extras} "
                          f"{metrics['images_per_s']:.1f} images/s\n")
         sys.stdout.flush()
+
+
+class SplitStream:
+    """Ray Train's split of the job's dataset (the contrastive stage): no fixed epoch length, and a
+    resumed epoch skips the number of micro-batches consumed (``Cursor.row``)."""
+
+    def __init__(self, cfg, rank: int) -> None:
+        self.cfg, self.rank = cfg, rank
+        self.shard = ray.train.get_dataset_shard(TRAIN_DATASET)
+
+    def steps(self, epoch: int) -> None:
+        return None
+
+    def batches(self, epoch: int, cursor: Cursor) -> Iterator[tuple[dict, Cursor]]:
+        batches = self.shard.iter_batches(
+            batch_size=self.cfg.train.micro_batch, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=self.cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=hash((self.cfg.run.seed, self.rank, epoch)) % 2**31,
+        )
+        for i, batch in enumerate(batches):
+            if i >= cursor.row:
+                yield batch, Cursor(row=i + 1)

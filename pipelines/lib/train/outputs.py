@@ -46,7 +46,12 @@ class RunOutputs:
             self._run = self._stack.enter_context(
                 tracking.start_run(self.cfg.tracking, self.task.experiment, run_name=run_name, tags=tags))
             tracking.log_config(self.cfg)
-            plan = {k: v for k, v in dataclasses.asdict(self.plan).items() if k not in ("mean", "std", "run_uri")}
+            plan = {k: v for k, v in dataclasses.asdict(self.plan).items()
+                    if k not in ("mean", "std", "run_uri", "sources")}
+            if self.plan.sources:  # per-source lists stay in config.yaml; MLflow gets their summary
+                src = self.plan.sources
+                plan["sources"] = {"kind": src["kind"], "count": len(src["items"]), "rows": sum(src["rows"]),
+                                   "counted_from": src["counted_from"]}
             mlflow.log_params(tracking.redact_params(flatten(plan, "plan")))
             mlflow.log_dict(to_dict(self.cfg), "config.yaml")
             self.task.on_run_start(mlflow.log_artifact)

@@ -43,6 +43,9 @@ class RunPlan:
     mean: list[float] | None = None  # the model's input normalisation (None: set by each worker's teacher)
     std: list[float] | None = None
     teacher: dict[str, Any] | None = None  # where the targets come from (pre-training)
+    # Pre-training: the sources each rank reads itself, epoch by epoch (pipelines/lib/pretrain/data.py
+    # ``Sources``); None: the job hands Ray Train a dataset to split (the contrastive stage).
+    sources: dict[str, Any] | None = None
 
 
 def make_plan(train: TrainConfig, cluster: ClusterConfig, rows: int | None, run_uri: str, **extra: Any) -> RunPlan:
@@ -93,7 +96,7 @@ def save_resolved_config(cfg: Any, plan: RunPlan) -> None:
     write_bytes_atomic(fs, join(root, "config.yaml"), text.encode())
 
 
-def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset, plan: RunPlan,
+def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan,
                   callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; ``callbacks`` (Ray Train ``UserCallback``s) let a sweep listen in."""
     cl = cfg.cluster
@@ -112,12 +115,12 @@ def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset, plan: RunPlan,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
         ),
-        datasets={TRAIN_DATASET: dataset},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[TRAIN_DATASET]),
+        datasets={TRAIN_DATASET: dataset} if dataset is not None else None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[TRAIN_DATASET]) if dataset is not None else None,
     )
 
 
-def fit(cfg: Any, task: str, dataset: ray.data.Dataset, plan: RunPlan, callbacks: list | None = None) -> dict:
+def fit(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan, callbacks: list | None = None) -> dict:
     """Save the resolved config, train, and return the run's report (rank 0's history + Ray's result)."""
     save_resolved_config(cfg, plan)
     log.info("%s: %s rows, %s steps/epoch, %d steps (warm-up %d), accumulation %d, %d workers", plan.run_uri,

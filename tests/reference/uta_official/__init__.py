@@ -1,0 +1,1 @@
+from .uta_clip import CLIP
