@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from uta_core.models.student import EVA02_COMMON, VARIANTS
 
-OBJECTIVES = ("uta", "fd", "mim")
+OBJECTIVES = ("uta", "fd", "mim", "uta_mim")
 TRAIN_FACTOR = 3  # backward ~ 2x forward
 
 

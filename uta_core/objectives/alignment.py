@@ -19,12 +19,15 @@ from torch import nn
 from uta_core.models.student import UTAStudent
 from uta_core.objectives.masking import MaskGenerator, keep_to_mask
 
-OBJECTIVES = ("uta", "fd", "mim")
+OBJECTIVES = ("uta", "fd", "mim", "uta_mim")
+MASK_TOKEN_OBJECTIVES = ("mim", "uta_mim")  # the student sees [MASK] tokens
 
 
 @dataclass(kw_only=True)
 class ObjectiveConfig:
-    name: str = "uta"  # uta | fd (all tokens, no mask) | mim ([MASK] tokens, loss on masked)
+    # uta | fd (all tokens, no mask) | mim ([MASK] tokens, loss on masked) | uta_mim (the paper's
+    # Tab. 6 combination: [MASK] tokens in, alignment on the unmasked tokens + prediction of the masked)
+    name: str = "uta"
     cls_weight: float = 1.0  # weight of the CLS term; 1.0 counts CLS as one more token
 
     def __post_init__(self) -> None:
@@ -98,7 +101,7 @@ def mim_loss(student_BND: torch.Tensor, teacher_BND: torch.Tensor, mask_BN: torc
 
 def prepare_student(student: UTAStudent, objective: ObjectiveConfig) -> None:
     """Freeze the [MASK] token unless the objective uses it (DDP refuses unused parameters)."""
-    student.mask_token.requires_grad_(objective.name == "mim")
+    student.mask_token.requires_grad_(objective.name in MASK_TOKEN_OBJECTIVES)
 
 
 class StudentForward(nn.Module):
@@ -137,7 +140,7 @@ def step_loss(
     pred_BTD = forward(images_B3HW, keep_idx_BK)
     if objective.name == "uta":
         return uta_loss(pred_BTD, gather_kept(teacher_BND, keep_idx_BK), objective.cls_weight)
-    if objective.name == "fd":
+    if objective.name in ("fd", "uta_mim"):  # uta_mim: every token of the [MASK]ed sequence
         return fd_loss(pred_BTD, teacher_BND, objective.cls_weight)
     N = teacher_BND.shape[1] - 1
     return mim_loss(pred_BTD, teacher_BND, keep_to_mask(keep_idx_BK, N))
