@@ -27,7 +27,7 @@ from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.cache.job import run as run_cache
 from pipelines.lib.evaluate.job import EvaluateConfig, evaluate
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
-from pipelines.lib.pretrain.data import online_sources, teacher_description
+from pipelines.lib.pretrain.data import Sources, check_sources, online_sources, teacher_description
 from pipelines.lib.train.trainer import make_plan
 from pipelines.pretrain import main
 from uta_core.cache.format import open_cache
@@ -268,6 +268,12 @@ def test_plan_gives_every_rank_whole_steps_and_refuses_too_little_data(ws):
     assert plan.teacher["arch"] == ws.arch
     with pytest.raises(ValueError, match="fewer than one step"):
         make_plan(cfg.train, cfg.cluster, 30, "unused")  # 15 rows a rank: one micro-batch, not 2
+    # Each rank reads its own shards: every rank needs one, and a whole step's rows.
+    with pytest.raises(ValueError, match="1 input shard"):
+        check_sources(Sources(kind="online", items=["s"], rows=[120]), cfg)
+    with pytest.raises(ValueError, match="less than one step"):  # the rank without the big shard: 2 rows
+        check_sources(Sources(kind="online", items=["a", "b", "c", "d"], rows=[100, 1, 1, 1]), cfg)
+    check_sources(Sources(kind="online", items=["a", "b", "c", "d"], rows=[30, 30, 30, 30]), cfg)
 
 
 def test_online_mode_refuses_a_teacher_grid_or_dim_that_does_not_fit_before_any_worker(ws, capsys):

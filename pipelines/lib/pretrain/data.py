@@ -79,6 +79,18 @@ def cache_sources(cfg: PretrainConfig) -> tuple[Sources, list[float], list[float
     return sources, list(teacher["mean"]), list(teacher["std"])
 
 
+def check_sources(sources: Sources, cfg: PretrainConfig) -> None:
+    """Every rank needs a source and a whole step per epoch: refuse on the driver, before workers start."""
+    world = cfg.cluster.num_workers
+    if len(sources.items) < world:
+        raise ValueError(f"{len(sources.items)} input shard(s) for cluster.num_workers={world}: each worker reads "
+                         "its own shards; use fewer workers or write the data into more shards")
+    rows_per_step = cfg.train.micro_batch * cfg.train.accumulation(world)
+    if epoch_steps(sources.rows, cfg.run.seed, 0, cfg.data.shuffle_files, world, rows_per_step) < 1:
+        raise ValueError(f"a worker's share of the {sources.total_rows} rows is less than one step of {rows_per_step} "
+                         "rows; lower train.micro_batch / train.global_batch or use fewer workers")
+
+
 def check_cache(manifest, cfg: PretrainConfig, uri: str) -> None:
     """Refuse a cache whose tokens or views do not fit the configured student."""
     s = manifest.settings

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import ray
 
 from pipelines.lib.pretrain.config import PretrainConfig
-from pipelines.lib.pretrain.data import cache_sources, online_sources, teacher_description
+from pipelines.lib.pretrain.data import cache_sources, check_sources, online_sources, teacher_description
 from pipelines.lib.ray_setup import init_ray
 from pipelines.lib.train.trainer import RunPlan, fit, local_num_cpus, make_plan, resolve_paths, run_uri
 
@@ -24,6 +24,7 @@ def fit_pretrain(cfg: PretrainConfig, callbacks: Callable[[RunPlan], list] | Non
         sources, mean, std = cache_sources(cfg)
     else:
         sources, mean, std = online_sources(cfg), None, None
+    check_sources(sources, cfg)
     plan = make_plan(cfg.train, cfg.cluster, sources.total_rows, run_uri(cfg), mean=mean, std=std,
                      teacher=teacher_description(cfg), sources=dataclasses.asdict(sources))
     return fit(cfg, "pretrain", None, plan, callbacks(plan) if callbacks else None)
