@@ -231,7 +231,7 @@ def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, wei
                    "eval_run_ids": {k: results.get(f"{k}_mlflow_run_id") for k in ("student", "control")}},
     }
     with tracking.start_run(TrackingConfig(**_tracking(cfg, paths, "demo")), cfg.experiment,
-                            tags={"job": "demo"}) as mlrun:
+                            tags={"job": "demo"}, source="pipelines/demo.py") as mlrun:
         summary["mlflow"]["demo_run_id"] = mlrun.info.run_id if mlrun is not None else None
         (paths.work / "results.json").write_text(json.dumps(summary, indent=2))
         tracking.log_config(cfg)

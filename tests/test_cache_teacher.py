@@ -207,6 +207,8 @@ def test_s3_run_is_tracked_in_mlflow_without_secrets(s3_cache):
     (exp,) = [e for e in client.search_experiments() if e.name == "uta-cache"]
     (mlrun,) = client.search_runs([exp.experiment_id])
     params, metrics = mlrun.data.params, mlrun.data.metrics
+    assert mlrun.info.run_name == "cache-cache"  # named after the output folder, not at random
+    assert mlrun.data.tags["mlflow.source.name"] == "pipelines/cache_teacher.py"
     assert params["output.token_dtype"] == "float16" and params["s3.endpoint_url"] == s3_cache.cfg.s3.endpoint_url
     assert metrics["images"] == s3_cache.report["summary"]["images"] and metrics["images_per_s"] > 0
     assert all(SECRET not in str(v) for v in params.values())
@@ -423,6 +425,9 @@ def test_smoke_test_command(ray_local, tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "shards committed / already done / incomplete  2 / 0 / 0" in out
     (workdir,) = tmp_path.glob("uta-cache-smoke-*")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"  # it says where its MLflow runs are, and how to open them
+    assert f"open them with: ./uta python -m mlflow ui --backend-store-uri {uri}" in out
+    assert (workdir / "mlflow.db").is_file()
     manifest = load_manifest(pafs.LocalFileSystem(), str(workdir / "cache"))
     assert sum(r.rows for r in manifest.shards.values()) == 2 * 12 * NUM_VIEWS
 

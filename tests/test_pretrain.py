@@ -143,6 +143,7 @@ def test_online_two_workers_stop_resume_learn_on_disjoint_data_and_track_everyth
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {7}
     client, run = mlflow_run(ws, "online")  # one MLflow run, continued
     assert run.data.tags["uta.resumed_from_step"] == "2" and run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.source.name"] == "pipelines/pretrain.py"  # not Ray's default_worker.py
     history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: (m.step, m.timestamp))
     assert [m.step for m in history] == [1, 2, 3, 3, 4, 5, 6, 7]  # step 3 before the stop and after the resume
     assert history[-1].value < history[0].value - 0.1, [m.value for m in history]

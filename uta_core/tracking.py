@@ -79,9 +79,12 @@ def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
 
 @contextlib.contextmanager
 def start_run(
-    cfg: TrackingConfig, default_experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None
+    cfg: TrackingConfig, default_experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
+    source: str | None = None,
 ) -> Iterator[Any]:
-    """``with start_run(cfg, "uta-cache") as run:`` -> an active MLflow run, or None when tracking is off."""
+    """``with start_run(cfg, "uta-cache", source="pipelines/cache_teacher.py") as run:`` -> an active
+    MLflow run, or None when tracking is off. ``source`` is the run's "Source" in the UI (MLflow
+    would name the process's script: Ray's ``default_worker.py`` in a training worker)."""
     if not cfg.enabled:
         yield None
         return
@@ -98,6 +101,9 @@ def start_run(
     tags = dict(tags or {})
     if cfg.parent_run_id:
         tags["mlflow.parentRunId"] = cfg.parent_run_id  # MLflow's own nesting tag
+    if source:
+        tags.setdefault("mlflow.source.name", source)
+        tags.setdefault("mlflow.source.type", "JOB")
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name, tags=tags) as run:
         yield run
 

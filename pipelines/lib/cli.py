@@ -39,6 +39,9 @@ def start_job(args: argparse.Namespace, smoke_overrides: Callable[[Path], list[s
         workdir = Path(tempfile.mkdtemp(prefix=f"uta-{job}-smoke-"))
         print(f"smoke test in {workdir}")
         overrides = smoke_overrides(workdir) + overrides
+        uri = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("tracking.tracking_uri=")), None)
+        if uri:  # where its runs go, and the command that opens them
+            print(f"MLflow runs in {uri}; open them with: ./uta python -m mlflow ui --backend-store-uri {uri}")
     return overrides
 
 

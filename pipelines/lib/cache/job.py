@@ -96,7 +96,9 @@ def execute(plan: CachePlan) -> dict:
         device, num_actors, actor_cpus, threads = compute_resources(cfg)
         compute = f"{device} {plan.manifest.settings.teacher['precision'] if device == 'cuda' else 'fp32'}"
         ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-        with tracking.start_run(cfg.tracking, "uta-cache", tags={"job": "cache_teacher"}):
+        run_name = cfg.tracking.run_name or f"cache-{plan.root_uri.rstrip('/').rsplit('/', 1)[-1]}"
+        with tracking.start_run(cfg.tracking, "uta-cache", run_name=run_name, tags={"job": "cache_teacher"},
+                                source="pipelines/cache_teacher.py"):
             tracking.log_config(cfg)
             prepare_output(plan)
             log.info("%s: %d shards to do (%d redone), %d already committed; %s, %d actor(s) x %g CPU, "

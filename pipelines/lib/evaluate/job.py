@@ -94,7 +94,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     metrics = zeroshot_accuracy(student, pixels, labels, weights_DC, mean, std, batch_size=cfg.batch_size,
                                 device=device)
     metrics["images"] = int(labels.numel())
-    with tracking.start_run(cfg.tracking, "uta-evaluate", tags={"job": "evaluate"}) as run:
+    with tracking.start_run(cfg.tracking, "uta-evaluate", tags={"job": "evaluate"},
+                            source="pipelines/evaluate.py") as run:
         tracking.log_config(cfg)
         tracking.log_metrics(metrics)
         run_id = run.info.run_id if run is not None else None

@@ -36,7 +36,7 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
     try:
         experiment = EXPERIMENT  # the trials' runs are nested under the sweep's run, in its experiment
         parent_cfg = dataclasses.replace(base_cfg.tracking, experiment=experiment)
-        with tracking.start_run(parent_cfg, experiment, run_name=args.name) as parent:
+        with tracking.start_run(parent_cfg, experiment, run_name=args.name, source="pipelines/sweep.py") as parent:
             tracking.log_config(space)
             sweep = {"name": args.name, "experiment": experiment, "storage_path": storage,
                      "trials_path": join(storage, f"{args.name}-trials"), "metric": space.metric,

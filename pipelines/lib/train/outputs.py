@@ -44,7 +44,8 @@ class RunOutputs:
             tags = {"job": self.job, "uta.run_name": self.cfg.run.name, **self.task.run_tags()}
             run_name = self.cfg.tracking.run_name or self.cfg.run.name
             self._run = self._stack.enter_context(
-                tracking.start_run(self.cfg.tracking, self.task.experiment, run_name=run_name, tags=tags))
+                tracking.start_run(self.cfg.tracking, self.task.experiment, run_name=run_name, tags=tags,
+                                   source=f"pipelines/{self.job}.py"))
             tracking.log_config(self.cfg)
             plan = {k: v for k, v in dataclasses.asdict(self.plan).items()
                     if k not in ("mean", "std", "run_uri", "sources")}
