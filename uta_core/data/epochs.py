@@ -19,15 +19,12 @@ dataset size (``data.num_samples``, open_clip's ``--train-num-samples``).
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.fs as pafs
 
-from uta_core.data.shards import InputShard
-
-log = logging.getLogger("uta.data")
+from uta_core.data.shards import InputShard, folder_image_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,9 +34,6 @@ class Cursor:
     passes: int = 0  # how often the rank's list was started again (only when sources run short)
     source: int = 0  # index into the rank's list of this epoch
     row: int = 0  # position of the next row inside that source (online: sample * views + view)
-
-    def after(self, source: int, row: int, passes: int) -> "Cursor":
-        return Cursor(passes=passes, source=source, row=row + 1)
 
 
 def epoch_order(num_sources: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -99,9 +93,4 @@ def spread(total: int, parts: int) -> list[int]:
 
 def folder_images(fs: pafs.FileSystem, shard: InputShard) -> int:
     """Image files of a folder shard, from a listing (as ``iter_samples`` walks it)."""
-    from uta_core.data.views import IMAGE_EXTENSIONS
-    from uta_core.data.storage import list_dir
-
-    exts = tuple("." + e for e in IMAGE_EXTENSIONS)
-    return sum(1 for info in list_dir(fs, shard.path, recursive=shard.label is not None)
-               if info.type == pafs.FileType.File and info.path.lower().endswith(exts))
+    return sum(1 for _ in folder_image_files(fs, shard))

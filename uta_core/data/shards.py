@@ -232,12 +232,17 @@ def _tar_sample(key: str, parts: dict[str, bytes]) -> Sample:
     return Sample(key=key, image=image, label=label, caption=caption)
 
 
-def _iter_folder(fs: pafs.FileSystem, shard: InputShard) -> Iterator[Sample]:
+def folder_image_files(fs: pafs.FileSystem, shard: InputShard) -> Iterator[pafs.FileInfo]:
+    """The image files of a folder shard, as listed (no file is opened)."""
     recursive = shard.label is not None  # a flat root holds class folders' siblings: top level only
     exts = tuple("." + e for e in IMAGE_EXTENSIONS)
     for info in list_dir(fs, shard.path, recursive=recursive):
-        if info.type != pafs.FileType.File or not info.path.lower().endswith(exts):
-            continue
+        if info.type == pafs.FileType.File and info.path.lower().endswith(exts):
+            yield info
+
+
+def _iter_folder(fs: pafs.FileSystem, shard: InputShard) -> Iterator[Sample]:
+    for info in folder_image_files(fs, shard):
         rel = info.path[len(shard.root or shard.path):].lstrip("/")
         with fs.open_input_stream(info.path) as f:
             image = f.read()

@@ -118,8 +118,7 @@ def _check_rope(student: UTAStudent, visual: dict[str, torch.Tensor]) -> None:
 
 def load_official_student(state: dict[str, Any]) -> OfficialCheckpoint:
     """An official UTA state dict -> the student (head included) + the untouched text tower."""
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = _unwrap(state)
     visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     text = {k[len("text."):]: v for k, v in state.items() if k.startswith("text.")}
     other = sorted(k for k in state if not k.startswith(("visual.", "text.")) and k != "logit_scale")
@@ -148,6 +147,10 @@ def load_official_student(state: dict[str, Any]) -> OfficialCheckpoint:
 
 def is_official_state(state: dict[str, Any]) -> bool:
     """Whether a loaded torch file looks like an official UTA checkpoint (a CLIP with visual.* keys)."""
-    if "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    return any(isinstance(k, str) and k.startswith("visual.") for k in state)
+    return any(isinstance(k, str) and k.startswith("visual.") for k in _unwrap(state))
+
+
+def _unwrap(state: dict[str, Any]) -> dict[str, Any]:
+    """The state dict itself, also when saved as ``{"state_dict": ...}``."""
+    inner = state.get("state_dict")
+    return inner if isinstance(inner, dict) else state

@@ -53,9 +53,10 @@ def online_sources(cfg: PretrainConfig) -> Sources:
     """Raw shards and their sample counts, from metadata only (never a pass over the data)."""
     precheck_teacher(cfg)
     inputs = discover(cfg.data.input, cfg.s3)
-    counts, origin = producer_counts(inputs.fs, inputs.shards), "img2dataset *_stats.json"
-    if cfg.data.num_samples is not None:
+    if cfg.data.num_samples is not None:  # stated by the user: no stats file is read
         counts, origin = spread(cfg.data.num_samples, len(inputs.shards)), "data.num_samples"
+    else:
+        counts, origin = producer_counts(inputs.fs, inputs.shards), "img2dataset *_stats.json"
     if counts is None:
         raise ValueError(
             f"the number of images in {cfg.data.input.paths} is unknown and training never reads every shard to "
