@@ -50,7 +50,7 @@ from pipelines.lib.demo.config import (
     load_demo_config,
     stage_config,
 )
-from pipelines.lib.demo.report import mlflow_history, plot_curves, print_table
+from pipelines.lib.demo.report import mlflow_history, plot_curves, print_table, retrieval_rows
 from pipelines.lib.evaluate import job as evaluate_job
 from pipelines.lib.pretrain import job as pretrain_job
 from pipelines.lib.pretrain.config import PretrainConfig
@@ -60,10 +60,11 @@ from pipelines.lib.train.outputs import EXPORT_DIR
 from uta_core import tracking
 from uta_core.config import to_dict
 from uta_core.data.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
+from uta_core.data.captions import load_caption_set
 from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
-from uta_core.eval.evaluator import load_classifier, zeroshot_accuracy
+from uta_core.eval.evaluator import load_classifier, retrieval_metrics, zeroshot_accuracy
 from uta_core.models.export import export_student
 from uta_core.models.student import UTAStudent
 from uta_core.models.teacher import Teacher, TeacherConfig
@@ -112,7 +113,8 @@ def student_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> PretrainC
         "data": {"teacher_mode": "cache", "cache": str(paths.cache), "input": None},
         "student": {"img_size": cfg.digits.size},
         "run": {"name": paths.student_run, "storage_path": str(paths.work)},
-        "eval": {"input": {"paths": [str(paths.digits / "heldout")]}, "classifier_path": str(paths.classifier)},
+        "eval": {"input": {"paths": [str(paths.digits / "heldout")]}, "classifier_path": str(paths.classifier),
+                 "retrieval_input": {"paths": [str(paths.digits / "heldout")]}},
         "tracking": _tracking(cfg, paths, "demo-student"),
     }
     return stage_config(PretrainConfig, "student", wiring, cfg.student)
@@ -122,18 +124,22 @@ def write_classifier(cfg: DemoConfig, paths: Paths, arch: str, weights: str) -> 
     ecfg = evaluate_job.EvaluateConfig(
         teacher=TeacherConfig(arch=arch, pretrained=weights, precision="fp32"),
         classnames=list(CLASS_NAMES), templates=list(TEMPLATES), output=str(paths.classifier), device="cpu",
+        retrieval_input=InputConfig(paths=[str(paths.digits / "heldout")]),
     )
     evaluate_job.build_classifier_file(ecfg)
 
 
 def evaluate_all(cfg: DemoConfig, paths: Paths, arch: str, weights: str, scfg: PretrainConfig) -> dict[str, Any]:
-    """Zero-shot top-1 on the held-out split: teacher, UTA student, untrained control."""
+    """Zero-shot top-1 and image <-> text recall on the held-out split: teacher, UTA student, untrained control."""
     heldout = InputConfig(paths=[str(paths.digits / "heldout")])
     teacher = Teacher.from_open_clip(arch, weights)
-    weights_DC = load_classifier(str(paths.classifier))["weights"]
+    classifier = load_classifier(str(paths.classifier))
     pixels, labels = load_eval_set(heldout, S3Options(), teacher.image_size, 100_000)
-    teacher_top1 = zeroshot_accuracy(teacher.encode_image, pixels, labels, weights_DC, teacher.mean,
+    teacher_top1 = zeroshot_accuracy(teacher.encode_image, pixels, labels, classifier["weights"], teacher.mean,
                                      teacher.std)["zeroshot_top1"]
+    cap_pixels, captions = load_caption_set(heldout, S3Options(), teacher.image_size, 100_000)
+    retrieval = {"teacher": retrieval_metrics(teacher.encode_image, cap_pixels, captions, classifier["captions"],
+                                              teacher.mean, teacher.std)}
     torch.manual_seed(cfg.control_seed)
     control_dir = paths.work / "control" / "export"
     export_student(UTAStudent(scfg.student).eval(), control_dir, mean=teacher.mean, std=teacher.std,
@@ -141,12 +147,15 @@ def evaluate_all(cfg: DemoConfig, paths: Paths, arch: str, weights: str, scfg: P
     results = {"teacher": teacher_top1, "images": int(labels.numel()), "classes": len(CLASS_NAMES)}
     for name, model_dir in (("student", paths.student_export), ("control", control_dir)):
         ecfg = evaluate_job.EvaluateConfig(
-            model=str(model_dir), input=heldout, classifier_path=str(paths.classifier), device="cpu",
-            tracking=TrackingConfig(**_tracking(cfg, paths, f"demo-eval-{name}")),
+            model=str(model_dir), input=heldout, retrieval_input=heldout, classifier_path=str(paths.classifier),
+            device="cpu", tracking=TrackingConfig(**_tracking(cfg, paths, f"demo-eval-{name}")),
         )
         out = evaluate_job.evaluate(ecfg)
         results[name] = out["zeroshot_top1"]
         results[f"{name}_mlflow_run_id"] = out["mlflow_run_id"]
+        retrieval[name] = {k: v for k, v in out.items() if k.startswith("retrieval_") and "_r" in k[10:]}
+    results["retrieval"] = retrieval
+    results["caption_texts"] = len(set(captions))
     return results
 
 
@@ -223,6 +232,7 @@ def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, wei
              "cache": str(paths.cache), "loss curves": str(curves), "results": str(paths.work / "results.json")}
     summary = {
         "zeroshot_top1": {k: results[k] for k in ("teacher", "student", "control")},
+        "retrieval": results["retrieval"],
         "student_over_teacher": results["ratio"], "heldout_images": results["images"], "seconds": times,
         "files": files, "config": to_dict(cfg),
         "mlflow": {"tracking_uri": paths.tracking_uri, "experiment": cfg.experiment,
@@ -236,8 +246,11 @@ def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, wei
         (paths.work / "results.json").write_text(json.dumps(summary, indent=2))
         tracking.log_config(cfg)
         tracking.log_metrics({f"zeroshot_top1_{k}": v for k, v in summary["zeroshot_top1"].items()}
+                             | {f"{metric}_{model}": v for model, row in results["retrieval"].items()
+                                for metric, v in row.items()}
                              | {"student_over_teacher": results["ratio"]}
                              | {f"seconds_{k}": v for k, v in times.items()})
+        tracking.log_table(retrieval_rows(results["retrieval"]), "retrieval.json")
         if mlrun is not None:
             import mlflow
 

@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 
 from pipelines.lib.cli import setup_logging, user_error
 from pipelines.lib.evaluate.job import EvaluateConfig, build_classifier_file, evaluate
+from uta_core import tracking
 from uta_core.config import load_config
 
 COMMANDS = ("build-classifier", "zeroshot")
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         return user_error(err)
     print(json.dumps(result, indent=1, default=str))
+    if result.get("mlflow_run_id"):  # stdout stays JSON; where the run is goes to stderr
+        print(tracking.where_runs_are(result["tracking_uri"], result["mlflow_run_id"]), file=sys.stderr)
     return 0
 
 

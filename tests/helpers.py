@@ -49,3 +49,49 @@ def write_model_config(directory: Path, name: str = TINY_ARCH, **cfg: Any) -> Pa
     path = Path(directory) / f"{name}.json"
     path.write_text(json.dumps(tiny_clip_config(**cfg)))
     return path
+
+
+def write_clip_benchmark_dataset(root: Path, pixels_MHW3, labels_M, classnames, templates) -> Path:
+    """Labelled images as a clip_benchmark ``wds/`` dataset (its own writer, ``convert_dataset``):
+    ``<root>/test/*.tar`` + classnames.txt + zeroshot_classification_templates.txt (``{c}`` style)."""
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_dataset
+    from PIL import Image
+
+    class Labelled(list):
+        pass
+
+    data = Labelled((Image.fromarray(p.numpy()), int(y)) for p, y in zip(pixels_MHW3, labels_M))
+    data.classes, data.templates = list(classnames), [t.replace("{}", "{c}") for t in templates]
+    convert_dataset(data, "test", str(root), transform=PIL_to_bytes("png"), verbose=False)
+    return root
+
+
+# clip_benchmark 1.6.2 (the newest release) computes top-k accuracy with ``float()`` of a
+# one-element 1-d array, which numpy >= 2.4 refuses (TypeError). Its CLI runs here unchanged
+# but for that one function, replaced by the same sum written with ``.item()``.
+_CLIP_BENCHMARK_CLI = """
+import sys
+import clip_benchmark.metrics.zeroshot_classification as zc
+def accuracy(output, target, topk=(1,)):
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+zc.accuracy = accuracy
+from clip_benchmark.cli import main
+sys.argv[0] = "clip_benchmark"
+sys.exit(main())
+"""
+
+
+def run_clip_benchmark(model_dir: Path, dataset_root: Path, output: Path) -> dict:
+    """``clip_benchmark eval`` (its CLI, in its own process) on a local-dir open_clip model."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-c", _CLIP_BENCHMARK_CLI, "eval", "--model", f"local-dir:{model_dir}",
+           "--pretrained", "none", "--dataset", "wds/uta", "--dataset_root", str(dataset_root),
+           "--task", "zeroshot_classification", "--no_amp", "--num_workers", "0", "--batch_size", "64",
+           "--output", str(output), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(output.read_text())["metrics"]

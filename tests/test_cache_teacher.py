@@ -426,7 +426,8 @@ def test_smoke_test_command(ray_local, tmp_path, monkeypatch, capsys):
     assert "shards committed / already done / incomplete  2 / 0 / 0" in out
     (workdir,) = tmp_path.glob("uta-cache-smoke-*")
     uri = f"sqlite:///{workdir / 'mlflow.db'}"  # it says where its MLflow runs are, and how to open them
-    assert f"open them with: ./uta python -m mlflow ui --backend-store-uri {uri}" in out
+    assert f"mlflow ui --backend-store-uri {uri}" in out
+    assert "http://127.0.0.1:5000/#/experiments/" in out and "?workflowType=machine_learning" in out
     assert (workdir / "mlflow.db").is_file()
     manifest = load_manifest(pafs.LocalFileSystem(), str(workdir / "cache"))
     assert sum(r.rows for r in manifest.shards.values()) == 2 * 12 * NUM_VIEWS

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_clip_benchmark, write_clip_benchmark_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER_MIN = 0.50  # measured 0.847
@@ -47,4 +48,25 @@ def test_fast_demo_student_matches_teacher_without_captions(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(results["mlflow"]["demo_run_id"])
     assert run.data.metrics["zeroshot_top1_student"] == pytest.approx(top1["student"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"loss_curves.png", "results.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"loss_curves.png", "results.json",
+                                                                        "retrieval.json"}
+    # Retrieval on the held-out captions: the student retrieves like its teacher, the control does not.
+    recall = results["retrieval"]
+    assert recall["student"]["retrieval_i2t_r1"] >= STUDENT_FRACTION * recall["teacher"]["retrieval_i2t_r1"], recall
+    assert recall["control"]["retrieval_i2t_r1"] <= CONTROL_MAX, recall
+    assert "i2t R@1" in proc.stdout and "?workflowType=machine_learning" in proc.stdout
+    # The student's export is an open_clip CLIP: clip_benchmark's CLI scores it as the demo did.
+    from uta_core.data.digits import CLASS_NAMES, TEMPLATES
+    from uta_core.data.rows import load_eval_set
+    from uta_core.data.shards import InputConfig
+    from uta_core.data.storage import S3Options
+
+    heldout = InputConfig(paths=[str(work / "digits" / "heldout")])
+    pixels, labels = load_eval_set(heldout, S3Options(), pixels_size(work), 100_000)
+    root = write_clip_benchmark_dataset(tmp_path / "clip_benchmark", pixels, labels, CLASS_NAMES, TEMPLATES)
+    metrics = run_clip_benchmark(Path(results["files"]["student export"]), root, tmp_path / "cb.json")
+    assert metrics["acc1"] == pytest.approx(top1["student"], abs=1e-6)
+
+
+def pixels_size(work: Path) -> int:
+    return json.loads((work / "demo-student" / "export" / "uta_student.json").read_text())["student"]["img_size"]

@@ -38,7 +38,8 @@ from helpers import mask_gen
 from uta_core.data.shards import InputConfig, discover, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for, read_bytes
 from uta_core.models.student import build_student
-from uta_core.models.teacher import build_teacher
+from uta_core.models.open_clip_export import load_open_clip
+from uta_core.models.teacher import Teacher, build_teacher
 from uta_core.objectives.alignment import ObjectiveConfig, StudentForward, draw_keep, step_loss
 from uta_core.optim import lr_at
 from uta_core.data.rows import TeacherTargets, cache_rows, online_rows, sample_id
@@ -67,7 +68,7 @@ def ws(ray_local, tmp_path_factory):
     classifier = root / "classifier.pt"
     assert evaluate_main(["build-classifier", f"teacher.arch={arch}", f"teacher.pretrained={weights}",
                           f"classnames=[{', '.join(CLASS_NAMES)}]", "templates=['a photo of the digit {}.']",
-                          f"output={classifier}"]) == 0
+                          f"retrieval_input.paths={root / 'digits' / 'heldout'}", f"output={classifier}"]) == 0
     train_cfg = InputConfig(paths=[str(root / "digits" / "train")])
     inputs = discover(train_cfg, S3Options())
     train_keys = [s.key for shard in inputs.shards for s in iter_samples(inputs.fs, shard, train_cfg)]
@@ -85,6 +86,7 @@ def overrides(ws, name: str, mode: str, *extra: str) -> list[str]:
         "train.micro_batch=8", "train.warmup_steps=1", "optim.lr=2e-3",
         "cluster.num_workers=2", "cluster.cpus_per_worker=0.5",
         f"eval.input.paths={ws.heldout}", f"eval.classifier_path={ws.classifier}", "eval.max_images=40",
+        f"eval.retrieval_input.paths={ws.heldout}",
         f"tracking.tracking_uri={ws.mlflow}",
     ]
     if mode == "online":
@@ -163,20 +165,34 @@ def test_online_two_workers_stop_resume_learn_on_disjoint_data_and_track_everyth
     assert params["student.variant"] == "nano" and params["data.teacher_mode"] == "online"
     assert params["plan.total_steps"] == "7" and params["plan.steps_per_epoch"] == "7"
     assert not any(FAKE_AWS_ENV["AWS_SECRET_ACCESS_KEY"] in v for v in params.values())
-    for key in ("loss", "lr", "images_per_s", "tokens_per_s", "zeroshot_top1", "zeroshot_top5"):
+    for key in ("loss", "lr", "images_per_s", "tokens_per_s", "zeroshot_top1", "zeroshot_top5",
+                "retrieval_i2t_r1", "retrieval_t2i_r5", "retrieval_t2i_r10"):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"masking_probability.png", "loss_curve.png", "config.yaml", "student"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "student")} >= {
         "student/model.safetensors", "student/config.json", "student/head.safetensors"}
 
-    # The export is the final checkpoint's student.
+    # The export is the final checkpoint's student; open_clip loads it as a CLIP with the teacher's
+    # text tower; MLflow holds it as a model.
     final = state(ws, "online", 7)
     exported, meta = load_student(ws.root / "runs" / "online" / "export")
     for k, v in exported.state_dict().items():
         if k != "mask_token":  # MIM-only, not part of an export
             torch.testing.assert_close(v, final["model"][k], msg=k)
     assert meta["step"] == 7 and final["position"]["step"] == 7
+    clip, _, tokenizer = load_open_clip(ws.root / "runs" / "online" / "export")
+    teacher = Teacher.from_open_clip(ws.arch, ws.weights)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_image(x), exported(x)[:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(clip.encode_text(tokenizer(["the digit four."])),
+                                   teacher.encode_text(["the digit four."]), atol=1e-5, rtol=1e-5)
+        mlflow.set_tracking_uri(ws.mlflow)
+        logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/student_model")
+        pixels = torch.rand(2, 3, 32, 32)
+        normed = (pixels - torch.tensor(meta["mean"])[:, None, None]) / torch.tensor(meta["std"])[:, None, None]
+        torch.testing.assert_close(logged(pixels), exported(normed)[:, 0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.timeout(400)
@@ -218,8 +234,14 @@ def test_cache_on_s3_two_workers_learn_without_a_teacher_and_survive_a_sigkilled
     # The classifier file is what made zero-shot possible: evaluate.py agrees on the S3 export.
     out = evaluate(load_config(EvaluateConfig, None, [
         f"model={storage}/cache", f"input.paths={ws.heldout}", f"classifier_path={ws.classifier}",
-        "max_images=40", "tracking.enabled=false", f"s3.endpoint_url={s3_server}"]))
+        f"retrieval_input.paths={ws.heldout}", "max_images=40", "tracking.enabled=false",
+        f"s3.endpoint_url={s3_server}"]))
     assert out["step"] == 6 and out["zeroshot_top1"] == pytest.approx(run.data.metrics["zeroshot_top1"])
+    for key in ("retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_t2i_r5"):  # from the file's caption embeddings
+        assert out[key] == pytest.approx(run.data.metrics[key]), key
+    # Cache mode builds no teacher to train, but the export's open_clip CLIP gets the cache's text tower.
+    exported = read(f"{storage}/cache/export/open_clip_model.safetensors", s3_server)
+    assert b"text_projection" in exported
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -112,7 +112,8 @@ def student_from_state(state: dict[str, Any]) -> tuple[UTAStudent, tuple, tuple,
     student = UTAStudent(from_dict(StudentConfig, state["config"]["student"]))
     student.load_state_dict(state["model"])
     plan = state["plan"]
-    return student.eval(), tuple(plan["mean"]), tuple(plan["std"]), {"step": state["position"]["step"]}
+    return student.eval(), tuple(plan["mean"]), tuple(plan["std"]), {"step": state["position"]["step"],
+                                                                     "teacher": plan.get("teacher")}
 
 
 def load_trained_student(uri: str, s3: S3Options) -> tuple[UTAStudent, tuple, tuple, dict]:
@@ -136,7 +137,8 @@ def load_trained_student(uri: str, s3: S3Options) -> tuple[UTAStudent, tuple, tu
                 if data is not None:
                     (Path(folder) / name).write_bytes(data)
             student, meta = load_student(folder)
-        return student, tuple(meta["mean"]), tuple(meta["std"]), {"step": meta.get("step")}
+        return student, tuple(meta["mean"]), tuple(meta["std"]), {"step": meta.get("step"),
+                                                                  "teacher": meta.get("teacher")}
     if "export" in names:  # a run folder
         return load_trained_student(join(uri, "export"), s3)
     raise ValueError(

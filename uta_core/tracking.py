@@ -30,6 +30,8 @@ class TrackingConfig:
     experiment: str | None = None  # None: the pipeline's own (e.g. uta-cache)
     run_name: str | None = None
     parent_run_id: str | None = None  # nest this run under another (a sweep's trials under the sweep)
+    log_model: bool = True  # training runs: log the final student as an MLflow model (mlflow.pytorch)
+    register_as: str | None = None  # ... and register it under this name (a new version each run)
 
     def __post_init__(self) -> None:
         if self.experiment == "":
@@ -108,6 +110,41 @@ def start_run(
         yield run
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+ML_VIEW = "?workflowType=machine_learning"  # MLflow 3 opens an experiment in its GenAI view without it
+
+
+def ui_link(tracking_uri: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI page of a run (or of an experiment's run table), in the model-training view."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+    if experiment_id is None:
+        return f"{base}/#/experiments{ML_VIEW}"
+    page = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return base + page + ML_VIEW
+
+
+def where_runs_are(tracking_uri: str, run_id: str | None = None, experiment: str | None = None) -> str:
+    """Lines a job ends with: where its MLflow runs are, the command that opens them, the page."""
+    uri = redact_urls(tracking_uri)
+    experiment_id = None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        if run_id:
+            experiment_id = client.get_run(run_id).info.experiment_id
+        elif experiment:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else None
+    except Exception:  # the links are a convenience: a store that cannot be read now is no error
+        pass
+    lines = [f"MLflow: {uri}" + (f" (run {run_id})" if run_id else "")]
+    if not tracking_uri.startswith(("http://", "https://")):
+        lines.append(f"  open it:  mlflow ui --backend-store-uri {uri}   (here: ./uta python -m mlflow ui ...)")
+    lines.append(f"  then:     {ui_link(tracking_uri, experiment_id, run_id)}")
+    return "\n".join(lines)
+
+
 def log_config(cfg: Any) -> None:
     """Log a dataclass config as flattened, redacted params (no-op without an active run)."""
     import mlflow
@@ -130,6 +167,14 @@ def log_json(data: Mapping[str, Any], artifact_file: str) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_dict(dict(data), artifact_file)
+
+
+def log_table(table: Mapping[str, list], artifact_file: str) -> None:
+    """Log columns of equal length as an MLflow table artefact (shown as a table in the UI)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_table(data=dict(table), artifact_file=artifact_file)
 
 
 def end_killed_runs(tracking_uri: str, experiment: str, run_name: str, status: str, tags: Mapping[str, str]) -> int:

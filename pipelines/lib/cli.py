@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -25,9 +26,22 @@ def job_parser(doc: str, default_config: Path, smoke_help: str, example: str) ->
     return parser
 
 
+class _Format(logging.Formatter):
+    """``12:00:01 uta.cache: message``; the level only when it is not INFO."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname} "
+        return f"{self.formatTime(record, '%H:%M:%S')} {level}{record.name}: {record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
 def setup_logging() -> None:
-    """Warnings from libraries, progress from our own ``uta.*`` loggers."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Warnings from libraries, progress from our own ``uta.*`` loggers; MLflow's INFO chatter off."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Format())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("uta").setLevel(logging.INFO)
 
 
@@ -40,8 +54,8 @@ def start_job(args: argparse.Namespace, smoke_overrides: Callable[[Path], list[s
         print(f"smoke test in {workdir}")
         overrides = smoke_overrides(workdir) + overrides
         uri = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("tracking.tracking_uri=")), None)
-        if uri:  # where its runs go, and the command that opens them
-            print(f"MLflow runs in {uri}; open them with: ./uta python -m mlflow ui --backend-store-uri {uri}")
+        if uri:  # where its runs go, and the command that opens them (printed again at the end)
+            print(f"MLflow runs go to {uri}")
     return overrides
 
 

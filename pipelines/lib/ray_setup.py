@@ -19,6 +19,32 @@ log = logging.getLogger("uta.ray")
 # so it must be in the environment of every Ray process (the image and `ray start` set it too).
 RAY_PROCESS_ENV = {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# Ray's workers print Ray Train's and Ray Data's internals and library chatter; the console shows
+# our stages and progress instead, and the worker output stays in the session's log files.
+# UTA_WORKER_LOGS=console streams it to the driver as Ray does by default.
+WORKER_LOGS_ENV = "UTA_WORKER_LOGS"
+
+
+def worker_logs_to_console() -> bool:
+    return os.environ.get(WORKER_LOGS_ENV, "files") == "console"
+
+
+def quiet_ray_console() -> None:
+    """Ray Data's INFO lines (execution plans, "finished in") go to its log file only, not the console."""
+    import ray.data  # noqa: F401  (configures the ray.data logger)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.setLevel(logging.WARNING)
+
+
+def announce_logs() -> None:
+    try:
+        logs = ray._private.worker._global_node.get_logs_dir_path()  # no public accessor in Ray 2.60
+    except AttributeError:
+        logs = "/tmp/ray/session_latest/logs on each node"
+    if not worker_logs_to_console():
+        log.info("Ray worker logs: %s (%s=console prints them here)", logs, WORKER_LOGS_ENV)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
@@ -31,7 +57,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         if num_cpus is not None:
             log.warning("ray.num_cpus=%s is ignored when connecting to a running cluster", num_cpus)
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=worker_logs_to_console())
+        quiet_ray_console()
+        announce_logs()
         return True
     start_local_ray(num_cpus)
     return True
@@ -53,14 +81,18 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     put_project_on_pythonpath()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # "local": never attach silently to a `ray start` cluster left over on this machine.
+    init_kwargs.setdefault("log_to_driver", worker_logs_to_console())
+    init_kwargs.setdefault("logging_level", logging.WARNING)  # our own line below says where it is
     context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=port, **init_kwargs)
+    quiet_ray_console()
     url = context.dashboard_url or ""
     if not url.endswith(f":{port}"):
         log.warning("the Ray dashboard is not on port %s (%r): placement groups of stopped Tune trials "
                     "may not be released", port, url)
     else:
         log.info("local Ray with %s CPUs, dashboard http://%s", num_cpus or os.cpu_count(), url)
+    announce_logs()
 
 
 def put_project_on_pythonpath() -> None:

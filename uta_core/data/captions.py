@@ -6,10 +6,11 @@ Shape legend: M rows of one shard, B batch, H/W decoded pixels, S view size.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 from uta_core.data.rows import NO_LABEL, sample_id
-from uta_core.data.shards import InputConfig, InputShard, ShardReadError, iter_samples
+from uta_core.data.shards import InputConfig, InputShard, ShardReadError, discover, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for
 from uta_core.data.views import ImageDecodeError, ViewConfig, center_view, decode_image, render_view, sample_view_params
 
@@ -42,6 +43,24 @@ def caption_rows(shard: InputShard, input_cfg: InputConfig, s3: S3Options, size:
         "label": np.array(labels, dtype=np.int64),
         "sample_id": np.array(ids, dtype=np.int64),
     }
+
+
+def load_caption_set(
+    input_cfg: InputConfig, s3: S3Options, size: int, max_images: int
+) -> tuple[torch.Tensor, list[str]]:
+    """Captioned eval images as centre views, uint8 (M, size, size, 3), and their captions (retrieval)."""
+    pixels, captions = [], []
+    for shard in discover(input_cfg, s3).shards:
+        rows = caption_rows(shard, input_cfg, s3, size)
+        take = max_images - sum(len(c) for c in captions)
+        pixels.append(rows["pixels"][:take])
+        captions.append(list(rows["caption"][:take]))
+        if take <= len(rows["caption"]):
+            break
+    texts = [c for chunk in captions for c in chunk]
+    if not texts:
+        raise ValueError(f"retrieval input {input_cfg.paths} holds no captioned images (.txt or caption_column)")
+    return torch.from_numpy(np.concatenate(pixels)), texts
 
 
 def augment(pixels_BHW3: np.ndarray, views: ViewConfig, rng: np.random.Generator) -> np.ndarray:

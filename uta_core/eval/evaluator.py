@@ -4,10 +4,14 @@ A student's embedding is its CLS token after the head; a teacher's or a CLIP's i
 ``encode_image``. The classifier is built once from a text tower and can be stored in a small
 torch file, so that training workers in cache mode never need the teacher.
 
-Classifier file: ``{"weights": (D, C) float32, "classnames": [...], "templates": [...],
-"teacher": {arch, pretrained, embed_dim}}``.
+Retrieval (image <-> text recall@1/5/10) runs on captioned images against the same text tower;
+the classifier file can carry the caption embeddings of an eval set (``captions``) for the same
+reason.
 
-Shape legend: M images, D joint embed dim, C classes.
+Classifier file: ``{"weights": (D, C) float32, "classnames": [...], "templates": [...],
+"teacher": {arch, pretrained, embed_dim}, "captions": {"texts": [...], "embeddings": (U, D)} (optional)}``.
+
+Shape legend: M images, D joint embed dim, C classes, U distinct caption texts.
 """
 
 from __future__ import annotations
@@ -17,13 +21,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from uta_core.data.views import to_model_input
 from uta_core.data.storage import S3Options, filesystem_for, read_bytes, write_bytes_atomic
 from uta_core.models.student import UTAStudent
 from uta_core.models.teacher import Teacher
-from uta_core.eval.zeroshot import build_classifier, classify, templates_and_classnames, topk_accuracy
+from uta_core.eval.zeroshot import (build_classifier, caption_positives, classify, recall_at_k,
+                                    templates_and_classnames, topk_accuracy)
 
 
 def prompts(
@@ -122,3 +128,43 @@ def zeroshot_accuracy(
         )
     acc = topk_accuracy(classify(emb_MD, weights_DC), labels_M, ks=(1, 5))
     return {"zeroshot_top1": acc[1], "zeroshot_top5": acc[5]}
+
+
+# --------------------------------------------------------------------- retrieval
+RECALL_KS = (1, 5, 10)
+
+
+def caption_bank(encode_text: Callable[[list[str]], torch.Tensor], captions: Sequence[str]) -> dict[str, Any]:
+    """Normalised text embeddings of the distinct captions: ``{"texts": [U], "embeddings": (U, D)}``."""
+    texts = sorted(set(captions))
+    return {"texts": texts, "embeddings": F.normalize(encode_text(texts).float(), dim=-1).cpu()}
+
+
+def retrieval_metrics(
+    encode_image: Callable[[torch.Tensor], torch.Tensor] | nn.Module,
+    pixels_MHW3: torch.Tensor,
+    captions: Sequence[str],
+    bank: dict[str, Any],
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Image->text and text->image recall@1/5/10: ``{"retrieval_i2t_r1": ..., "retrieval_t2i_r10": ...}``."""
+    texts, positives_MU = caption_positives(captions)
+    index = {t: u for u, t in enumerate(bank["texts"])}
+    missing = [t for t in texts if t not in index]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} eval captions have no text embedding (e.g. {missing[0]!r}): build the classifier "
+            "file with retrieval_input=<the same captioned shards>"
+        )
+    text_UD = bank["embeddings"][[index[t] for t in texts]]
+    emb_MD = image_embeddings(encode_image, pixels_MHW3, mean, std, batch_size=batch_size, device=device)
+    recall = recall_at_k(emb_MD, text_UD, positives_MU, RECALL_KS)
+    out = {}
+    for k in RECALL_KS:
+        out[f"retrieval_i2t_r{k}"] = recall[f"image_to_text_R@{k}"]
+        out[f"retrieval_t2i_r{k}"] = recall[f"text_to_image_R@{k}"]
+    return out

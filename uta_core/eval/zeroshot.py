@@ -96,12 +96,42 @@ def retrieval_recall(
     I, T = image_emb_ID.shape[0], text_emb_TD.shape[0]
     t2i_T = text_to_image_T.to(image_emb_ID.device).long()
     _check_captions(t2i_T, I, T)
+    positives_IT = t2i_T[None, :] == torch.arange(I, device=t2i_T.device)[:, None]
+    return recall_at_k(image_emb_ID, text_emb_TD, positives_IT, ks)
+
+
+def caption_positives(captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """Distinct caption texts and which image each belongs to: (texts U, positives (I, U) bool).
+
+    Images that share a caption text share one text (digits: ten texts for every image), so a
+    retrieved duplicate is not a miss; with distinct captions this is the usual benchmark.
+    """
+    texts = sorted(set(captions))
+    index = {t: u for u, t in enumerate(texts)}
+    positives_IU = torch.zeros(len(captions), len(texts), dtype=torch.bool)
+    positives_IU[torch.arange(len(captions)), torch.tensor([index[c] for c in captions])] = True
+    return texts, positives_IU
+
+
+def recall_at_k(
+    image_emb_ID: torch.Tensor,
+    text_emb_TD: torch.Tensor,
+    positives_IT: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Recall@k both ways by cosine similarity; ``positives_IT[i, t]``: text t describes image i.
+
+    Image->text: a hit when any text of the image is in its top k texts; text->image: when any
+    of its images is in its top k images.
+    """
+    I, T = image_emb_ID.shape[0], text_emb_TD.shape[0]
+    pos_IT = positives_IT.to(image_emb_ID.device)
     img_ID = F.normalize(image_emb_ID.float(), dim=-1)
     txt_TD = F.normalize(text_emb_TD.float(), dim=-1)
     top_texts_IK = _topk_rows(img_ID, txt_TD, min(max(ks), T))  # text indices
     top_images_TK = _topk_rows(txt_TD, img_ID, min(max(ks), I))  # image indices
-    i2t_hit_IK = t2i_T[top_texts_IK] == torch.arange(I, device=t2i_T.device)[:, None]
-    t2i_hit_TK = top_images_TK == t2i_T[:, None]
+    i2t_hit_IK = pos_IT.gather(1, top_texts_IK)
+    t2i_hit_TK = pos_IT.T.gather(1, top_images_TK)
     out = {}
     for k in ks:
         out[f"image_to_text_R@{k}"] = i2t_hit_IK[:, : min(k, T)].any(dim=1).float().mean().item()

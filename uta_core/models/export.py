@@ -68,6 +68,7 @@ def export_student(
             "mean": list(mean),
             "std": list(std),
             "num_classes": 0,
+            "classifier": "head",  # timm drops it when asked for another num_classes (fine-tuning)
         },
     }
     (out / TIMM_CONFIG).write_text(json.dumps(timm_cfg, indent=2))

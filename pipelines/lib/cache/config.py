@@ -23,7 +23,7 @@ class RayConfig:
     read_num_cpus: float = 1.0  # per decode/view task
     batch_size: int = 64  # views per teacher forward
     images_per_block: int = 64  # read tasks emit blocks of this many images' views
-    progress_bars: bool = True
+    progress_bars: bool = True  # the job's bar (shards committed, views, ETA); Ray Data's own stay off
 
     def __post_init__(self) -> None:
         for name in ("num_cpus", "num_actors", "actor_threads"):

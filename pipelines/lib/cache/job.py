@@ -8,6 +8,7 @@ Format: docs/CACHE_FORMAT.md; the data flow: docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +22,7 @@ import ray
 
 from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.destinations import check_output, check_tracking
+from pipelines.lib.progress import DriverProgress
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from uta_core import tracking
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
@@ -95,10 +97,10 @@ def execute(plan: CachePlan) -> dict:
     try:
         device, num_actors, actor_cpus, threads = compute_resources(cfg)
         compute = f"{device} {plan.manifest.settings.teacher['precision'] if device == 'cuda' else 'fp32'}"
-        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of ours instead (below)
         run_name = cfg.tracking.run_name or f"cache-{plan.root_uri.rstrip('/').rsplit('/', 1)[-1]}"
         with tracking.start_run(cfg.tracking, "uta-cache", run_name=run_name, tags={"job": "cache_teacher"},
-                                source="pipelines/cache_teacher.py"):
+                                source="pipelines/cache_teacher.py") as mlrun:
             tracking.log_config(cfg)
             prepare_output(plan)
             log.info("%s: %d shards to do (%d redone), %d already committed; %s, %d actor(s) x %g CPU, "
@@ -110,8 +112,15 @@ def execute(plan: CachePlan) -> dict:
                 committer = ShardCommitter(plan, compute=compute)
                 try:
                     ds = build_dataset(plan, device, num_actors, actor_cpus, threads)
-                    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                        committer.add(table)
+                    views = 0
+                    progress = (DriverProgress(f"cache {run_name}", len(plan.pending), unit="shard", remote=False)
+                                if cfg.ray.progress_bars else contextlib.nullcontext())
+                    with progress as bar:
+                        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                            committer.add(table)
+                            views += table.num_rows
+                            if bar is not None:
+                                bar.set(len(committer.result.committed), note=f"{views:,} views")
                 except BaseException:
                     committer.abort()
                     raise
@@ -124,7 +133,8 @@ def execute(plan: CachePlan) -> dict:
             ray.shutdown()
     return {"output": plan.root_uri, "summary": stats, "committed": result.committed,
             "incomplete": result.incomplete, "partial": result.partial, "already_done": plan.done,
-            "redone": plan.redo}
+            "redone": plan.redo, "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None,
+            "tracking_uri": tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)}
 
 
 def check_destinations(cfg: CacheConfig) -> None:
@@ -157,3 +167,5 @@ def print_report(report: dict) -> None:
     if report["partial"]:
         print(f"shards whose input broke part-way (committed with the rows read; the manifest records the "
               f"error; a rerun reads them again): {', '.join(report['partial'])}")
+    if report.get("mlflow_run_id"):
+        print(tracking.where_runs_are(report["tracking_uri"], report["mlflow_run_id"]))

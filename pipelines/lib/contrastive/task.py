@@ -27,6 +27,7 @@ from uta_core.eval.zeroshot import build_classifier
 from uta_core.models.clip import ClipForward, build_clip, mean_std, save_clip, tokenizer_for
 from uta_core.checkpoint import load_trained_student
 from uta_core.models.export import export_student
+from uta_core.models.open_clip_export import write_open_clip
 from uta_core.models.stage2 import build_stage2_model
 from uta_core.models.teacher import Teacher, build_teacher
 from uta_core.objectives.contrastive import (
@@ -122,6 +123,8 @@ class ContrastiveTask:
                        extra={"stage": "contrastive", "step": step, "run": self.cfg.run.name})
         text = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.startswith("visual.")}
         torch.save(text, folder / "text.pt")
+        teacher = self.cfg.model.teacher
+        write_open_clip(folder, self.model, teacher.arch, teacher.pretrained)
 
     def on_run_start(self, log_artifact) -> None:
         pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.lib.demo.config import DemoConfig, Paths
+from uta_core import tracking
 
 
 def mlflow_history(uri: str, run_id: str | None, key: str) -> list[tuple[int, float]]:
@@ -39,6 +40,31 @@ def plot_curves(path: Path, teacher_loss, student_loss, student_zs, results: dic
     fig.savefig(path, dpi=110)
 
 
+MODELS = ("teacher", "student", "control")
+KS = (1, 5, 10)
+
+
+def retrieval_rows(retrieval: dict[str, dict[str, float]]) -> dict[str, list]:
+    """Recall@k per model as table columns (MLflow's table artefact)."""
+    table: dict[str, list] = {"model": list(MODELS)}
+    for direction in ("i2t", "t2i"):
+        for k in KS:
+            table[f"{direction} R@{k}"] = [retrieval[m][f"retrieval_{direction}_r{k}"] for m in MODELS]
+    return table
+
+
+def print_retrieval(retrieval: dict[str, dict[str, float]], images: int, texts: int) -> None:
+    print(f"Retrieval on the same {images} digits and their {texts} distinct captions: recall@k, i2t = image->text, "
+          "t2i = text->image (images that share a caption share its text)")
+    head = "".join(f"{f'{d} R@{k}':>10}" for d in ("i2t", "t2i") for k in KS)
+    print(f"  {'model':<36}{head}")
+    names = {"teacher": "CLIP teacher", "student": "UTA student", "control": "untrained control"}
+    for model in MODELS:
+        row = retrieval[model]
+        cells = "".join(f"{row[f'retrieval_{d}_r{k}']:>10.1%}" for d in ("i2t", "t2i") for k in KS)
+        print(f"  {names[model]:<36}{cells}")
+
+
 def print_table(results: dict, times: dict[str, float], paths: Paths, cfg: DemoConfig, files: dict) -> None:
     chance = 1.0 / results["classes"]
     ratio = results["ratio"]
@@ -57,12 +83,10 @@ def print_table(results: dict, times: dict[str, float], paths: Paths, cfg: DemoC
     verdict = "holds" if ok else "does NOT hold in this run"
     print(f"  claim (student >= {cfg.expect.min_ratio:.0%} of teacher, control <= {cfg.expect.max_control:.0%}): "
           f"{verdict}")
+    print_retrieval(results["retrieval"], results["images"], results["caption_texts"])
     print("Time: " + " | ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print(f"Outputs: {paths.work}")
     for name, value in files.items():
         print(f"  {name:<16} {value}")
-    print(f"MLflow: experiment '{cfg.experiment}' in {paths.tracking_uri} (runs: demo, demo-teacher, "
-          "demo-cache, demo-student, demo-eval-*)")
-    print(f"  open the UI:  mlflow ui --backend-store-uri {paths.tracking_uri}")
-    print(f"  (in the project env: ./uta python -m mlflow ui --backend-store-uri {paths.tracking_uri}),"
-          " then http://127.0.0.1:5000")
+    print(f"MLflow experiment '{cfg.experiment}' (runs: demo, demo-teacher, demo-cache, demo-student, demo-eval-*):")
+    print(tracking.where_runs_are(paths.tracking_uri, experiment=cfg.experiment))

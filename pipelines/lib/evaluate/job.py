@@ -1,8 +1,10 @@
-"""Zero-shot evaluation of a trained student, and the classifier file training uses.
+"""Zero-shot evaluation of a trained student (classification and retrieval), and the classifier
+file training uses.
 
 ``model`` is a student export folder, a pre-training checkpoint folder or a run folder
 (``uta_core.checkpoint.load_trained_student``); the classifier is the teacher's text tower
-applied once to class names x templates, so a cache-mode run never builds a teacher.
+applied once to class names x templates (and, with ``retrieval_input``, to the eval captions),
+so a cache-mode run never builds a teacher.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pipelines.lib.destinations import check_output, check_tracking
 from uta_core import tracking
 from uta_core.device import require_cuda
 from uta_core.checkpoint import load_trained_student
+from uta_core.data.captions import load_caption_set
 from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
-from uta_core.eval.evaluator import load_classifier, prompts, save_classifier, teacher_classifier, zeroshot_accuracy
+from uta_core.eval.evaluator import (RECALL_KS, caption_bank, load_classifier, prompts, retrieval_metrics,
+                                    save_classifier, teacher_classifier, zeroshot_accuracy)
 from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
 from uta_core.tracking import TrackingConfig
 
@@ -29,7 +33,8 @@ log = logging.getLogger("uta.evaluate")
 @dataclass(kw_only=True)
 class EvaluateConfig:
     model: str | None = None  # export folder, checkpoint folder or run folder (local or s3://)
-    input: InputConfig | None = None  # labelled eval shards
+    input: InputConfig | None = None  # labelled eval shards (zero-shot classification)
+    retrieval_input: InputConfig | None = None  # captioned eval shards (image <-> text recall@1/5/10)
     classifier_path: str | None = None  # zeroshot: read; build-classifier: see `output`
     output: str | None = None  # build-classifier: where the classifier file goes
     teacher: TeacherConfig | None = None  # to build a classifier (its text tower)
@@ -71,32 +76,60 @@ def build_classifier_file(cfg: EvaluateConfig) -> dict:
         raise ValueError("build-classifier needs output=<path or s3:// URI> for the classifier file")
     check_output("output", cfg.output, file=True)
     names, templates = prompts(cfg.prompts, cfg.classnames, cfg.templates)
-    classifier = teacher_classifier(_teacher(cfg, resolve_device(cfg.device)), names, templates)
+    teacher = _teacher(cfg, resolve_device(cfg.device))
+    classifier = teacher_classifier(teacher, names, templates)
+    if cfg.retrieval_input is not None:
+        _, captions = load_caption_set(cfg.retrieval_input, cfg.s3, teacher.image_size, cfg.max_images)
+        classifier["captions"] = caption_bank(teacher.encode_text, captions)
     save_classifier(classifier, cfg.output, cfg.s3)
     return {"output": cfg.output, "classes": len(names), "templates": len(templates),
-            "dim": int(classifier["weights"].shape[0])}
+            "dim": int(classifier["weights"].shape[0]),
+            "caption_texts": len(classifier.get("captions", {}).get("texts", []))}
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    """Zero-shot top-1/5 of ``cfg.model`` on ``cfg.input``; logged to MLflow."""
-    if not cfg.model or cfg.input is None:
-        raise ValueError("zeroshot needs model=<export/checkpoint/run folder> and input.paths=<labelled shards>")
+    """Zero-shot top-1/5 on ``cfg.input`` and retrieval recall@1/5/10 on ``cfg.retrieval_input``
+    of ``cfg.model``; logged to MLflow (metrics + a retrieval table)."""
+    if not cfg.model or (cfg.input is None and cfg.retrieval_input is None):
+        raise ValueError("zeroshot needs model=<export/checkpoint/run folder> and input.paths=<labelled shards> "
+                         "and/or retrieval_input.paths=<captioned shards>")
     check_tracking(cfg.tracking)
     device = resolve_device(cfg.device)
     student, mean, std, info = load_trained_student(cfg.model, cfg.s3)
     student.to(device)
-    if cfg.classifier_path:
-        weights_DC = load_classifier(cfg.classifier_path, cfg.s3)["weights"]
-    else:
-        names, templates = prompts(cfg.prompts, cfg.classnames, cfg.templates)
-        weights_DC = teacher_classifier(_teacher(cfg, device), names, templates)["weights"]
-    pixels, labels = load_eval_set(cfg.input, cfg.s3, student.cfg.img_size, cfg.max_images)
-    metrics = zeroshot_accuracy(student, pixels, labels, weights_DC, mean, std, batch_size=cfg.batch_size,
-                                device=device)
-    metrics["images"] = int(labels.numel())
+    classifier = load_classifier(cfg.classifier_path, cfg.s3) if cfg.classifier_path else {}
+    teacher = None if classifier and (cfg.retrieval_input is None or "captions" in classifier) else _teacher(cfg, device)
+    metrics: dict[str, float] = {}
+    if cfg.input is not None:
+        if "weights" in classifier:
+            weights_DC = classifier["weights"]
+        else:
+            names, templates = prompts(cfg.prompts, cfg.classnames, cfg.templates)
+            weights_DC = teacher_classifier(teacher, names, templates)["weights"]
+        pixels, labels = load_eval_set(cfg.input, cfg.s3, student.cfg.img_size, cfg.max_images)
+        metrics |= zeroshot_accuracy(student, pixels, labels, weights_DC, mean, std, batch_size=cfg.batch_size,
+                                     device=device)
+        metrics["images"] = int(labels.numel())
+    if cfg.retrieval_input is not None:
+        pixels, captions = load_caption_set(cfg.retrieval_input, cfg.s3, student.cfg.img_size, cfg.max_images)
+        bank = classifier["captions"] if "captions" in classifier else caption_bank(teacher.encode_text, captions)
+        metrics |= retrieval_metrics(student, pixels, captions, bank, mean, std, batch_size=cfg.batch_size,
+                                     device=device)
+        metrics["retrieval_images"], metrics["retrieval_texts"] = len(captions), len(set(captions))
     with tracking.start_run(cfg.tracking, "uta-evaluate", tags={"job": "evaluate"},
                             source="pipelines/evaluate.py") as run:
         tracking.log_config(cfg)
         tracking.log_metrics(metrics)
+        if cfg.retrieval_input is not None:
+            tracking.log_table(retrieval_table(metrics), "retrieval.json")
         run_id = run.info.run_id if run is not None else None
-    return {"model": cfg.model, **info, **metrics, "mlflow_run_id": run_id}
+    return {"model": cfg.model, **info, **metrics, "mlflow_run_id": run_id,
+            "tracking_uri": tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)}
+
+
+def retrieval_table(metrics: dict[str, float]) -> dict[str, list]:
+    """Recall@k as a two-row table (image->text, text->image) for MLflow's table view."""
+    table: dict[str, list] = {"direction": ["image -> text", "text -> image"]}
+    for k in RECALL_KS:
+        table[f"R@{k}"] = [metrics[f"retrieval_i2t_r{k}"], metrics[f"retrieval_t2i_r{k}"]]
+    return table

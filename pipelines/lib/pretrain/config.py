@@ -65,9 +65,10 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """Zero-shot classification of the student against the teacher's text embeddings."""
+    """Zero-shot classification and retrieval of the student against the teacher's text embeddings."""
 
     input: InputConfig | None = None  # labelled shards (.cls / class folders / label column); None = off
+    retrieval_input: InputConfig | None = None  # captioned shards: image <-> text recall@1/5/10; None = off
     every: int = 0  # optimiser steps between evaluations; 0 = at the end only
     classifier_path: str | None = None  # torch file {classnames, templates, weights (D, C)}
     prompts: str | None = None  # a built-in prompt set ("imagenet"), else classnames + templates
@@ -88,7 +89,7 @@ class EvalConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.input is not None
+        return self.input is not None or self.retrieval_input is not None
 
 
 @dataclass(kw_only=True)
@@ -122,7 +123,7 @@ class PretrainConfig:
                     "eval in teacher_mode=cache needs eval.classifier_path (workers never build a teacher): "
                     "write one with `python pipelines/evaluate.py build-classifier`"
                 )
-            if ev.prompts is None and ev.classnames is None:
+            if ev.input is not None and ev.prompts is None and ev.classnames is None:
                 raise ValueError("eval needs eval.classifier_path, eval.prompts or eval.classnames + eval.templates")
 
     def _check_online_teacher(self) -> None:

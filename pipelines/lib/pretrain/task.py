@@ -11,6 +11,7 @@ Shape legend: B micro-batch, K kept patches, N patches, D teacher embed dim.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
 
@@ -20,14 +21,19 @@ import torch
 
 from pipelines.lib.pretrain.config import PretrainConfig
 from uta_core.data.rows import TeacherTargets, load_eval_set
-from uta_core.eval.evaluator import load_classifier, prompts, teacher_classifier, zeroshot_accuracy
+from uta_core.data.captions import load_caption_set
+from uta_core.eval.evaluator import (caption_bank, load_classifier, prompts, retrieval_metrics, teacher_classifier,
+                                    zeroshot_accuracy)
 from uta_core.models.export import export_student
 from uta_core.models.student import UTAStudent
-from uta_core.models.teacher import Teacher, build_teacher
+from uta_core.models.open_clip_export import write_open_clip
+from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
 from uta_core.objectives.alignment import StudentForward, draw_keep, prepare_student, step_loss
 from uta_core.objectives.mask_maps import masking_probability, plot_masking_maps
 from uta_core.objectives.masking import MaskGenerator
 from uta_core.optim import build_optimizer, build_scheduler, train_step
+
+log = logging.getLogger("uta.pretrain")
 
 
 def check_teacher(teacher: Teacher, student: UTAStudent) -> None:
@@ -71,8 +77,7 @@ class AlignmentTask:
         self.tokens_per_image = 1 + kept  # student tokens through the blocks
         self.images_per_step = cfg.train.micro_batch * plan.accumulation
         self.amp = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
-        self._eval: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._classifier_DC: torch.Tensor | None = None
+        self._eval: tuple | None = None  # pixels, labels, classifier, retrieval set (read once)
 
     def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, torch.Tensor]:
         def micro_loss(m: int, batch: dict[str, np.ndarray]):
@@ -93,20 +98,67 @@ class AlignmentTask:
         if not ev.enabled:
             return {}
         if self._eval is None:
-            self._eval = load_eval_set(ev.input, self.cfg.s3, self.cfg.student.img_size, ev.max_images)
-            if ev.classifier_path is not None:
-                self._classifier_DC = load_classifier(ev.classifier_path, self.cfg.s3)["weights"]
+            self._eval = self._load_eval()
+        metrics: dict[str, float] = {}
+        pixels, labels, classifier_DC, retrieval = self._eval
+        if labels is not None:
+            metrics |= zeroshot_accuracy(self.student, pixels, labels, classifier_DC, self.mean, self.std,
+                                         batch_size=ev.batch_size, device=self.device)
+        if retrieval is not None:
+            cap_pixels, captions, bank = retrieval
+            metrics |= retrieval_metrics(self.student, cap_pixels, captions, bank, self.mean, self.std,
+                                         batch_size=ev.batch_size, device=self.device)
+        return metrics
+
+    def _load_eval(self):
+        """Eval images, labels and text embeddings: read once, from the classifier file or the online teacher."""
+        ev, size = self.cfg.eval, self.cfg.student.img_size
+        classifier = load_classifier(ev.classifier_path, self.cfg.s3) if ev.classifier_path is not None else {}
+        pixels = labels = classifier_DC = retrieval = None
+        if ev.input is not None:
+            pixels, labels = load_eval_set(ev.input, self.cfg.s3, size, ev.max_images)
+            if "weights" in classifier:
+                classifier_DC = classifier["weights"]
             else:  # online mode only (the config refuses cache mode without a file)
                 names, templates = prompts(ev.prompts, ev.classnames, ev.templates)
-                self._classifier_DC = teacher_classifier(self.teacher, names, templates)["weights"]
-        pixels, labels = self._eval
-        return zeroshot_accuracy(self.student, pixels, labels, self._classifier_DC, self.mean, self.std,
-                                 batch_size=ev.batch_size, device=self.device)
+                classifier_DC = teacher_classifier(self.teacher, names, templates)["weights"]
+        if ev.retrieval_input is not None:
+            cap_pixels, captions = load_caption_set(ev.retrieval_input, self.cfg.s3, size, ev.max_images)
+            if "captions" in classifier:
+                bank = classifier["captions"]
+            elif self.teacher is not None:
+                bank = caption_bank(self.teacher.encode_text, captions)
+            else:
+                raise ValueError("eval.retrieval_input in teacher_mode=cache needs caption embeddings in "
+                                 "eval.classifier_path: build it with retrieval_input=<the same shards>")
+            retrieval = (cap_pixels, captions, bank)
+        return pixels, labels, classifier_DC, retrieval
 
     def export(self, folder: Path, step: int) -> None:
         extra = {"run_name": self.cfg.run.name, "step": step, "teacher": self.plan.teacher,
                  "teacher_mode": self.cfg.data.teacher_mode}
         export_student(self.student, folder, mean=tuple(self.mean), std=tuple(self.std), extra=extra)
+        teacher = self.teacher or self._text_teacher()
+        if teacher is not None:
+            write_open_clip(folder, teacher.model, teacher.arch, teacher.pretrained)
+
+    def _text_teacher(self) -> Teacher | None:
+        """The cache's teacher, rebuilt for its text tower (the open_clip CLIP of the export); None when
+        its weights cannot be had here or differ from the cache's."""
+        spec = self.plan.teacher or {}
+        try:
+            teacher = build_teacher(TeacherConfig(arch=spec["arch"], pretrained=spec.get("pretrained"),
+                                                  image_size=spec.get("image_size")),
+                                    random_seed=self.cfg.teacher_random_seed, s3=self.cfg.s3)
+        except (ValueError, OSError, RuntimeError) as err:
+            log.warning("the export has no open_clip CLIP: the cache's teacher could not be built (%s); "
+                        "add it with `python pipelines/export.py`", err)
+            return None
+        if spec.get("fingerprint") not in (None, teacher.weights_fingerprint()):
+            log.warning("the export has no open_clip CLIP: the teacher built from %s is not the cache's "
+                        "(weights fingerprint differs); add it with `python pipelines/export.py`", spec["arch"])
+            return None
+        return teacher
 
     def on_run_start(self, log_artifact) -> None:
         prob_HW = masking_probability(self.mask_gen, num_samples=2000)

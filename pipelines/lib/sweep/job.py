@@ -45,7 +45,10 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
             tuner = make_tuner(space, base, sweep, concurrent_trials(base_cfg, args.max_concurrent))
             results = tuner.fit()
             out_dir = Path(tempfile.mkdtemp(prefix="uta-sweep-")) if is_s3(storage) else Path(storage) / args.name
-            return log_results(results, space, out_dir)
+            csv = log_results(results, space, out_dir)
+        if parent is not None:  # the sweep's run, with a child run per trial
+            print(tracking.where_runs_are(base_cfg.tracking.tracking_uri, parent.info.run_id))
+        return csv
     finally:
         if started:
             ray.shutdown()

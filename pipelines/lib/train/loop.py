@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from pipelines.lib.progress import WorkerProgress
 from pipelines.lib.train.outputs import RunOutputs
 from pipelines.lib.train.task import TrainTask, build_task, task_config_class
 from uta_core.checkpoint import (
@@ -62,7 +62,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict | None:
     from pipelines.lib.train.trainer import RunPlan  # the driver's module, imported lazily (no cycle)
 
     logging.getLogger("uta").setLevel(logging.INFO)
-    worker = Worker(loop_config["task"], loop_config["config"], RunPlan(**loop_config["plan"]))
+    worker = Worker(loop_config["task"], loop_config["config"], RunPlan(**loop_config["plan"]),
+                    loop_config.get("progress"))
     worker.outputs.open(worker.pos)
     worker.pos.mlflow_run_id = worker.outputs.run_id
     try:
@@ -91,9 +92,10 @@ def report(metrics: dict[str, float], state: dict[str, Any] | None, step: int) -
 class Worker:
     """One rank's task, position and metric window; ``train`` runs the epochs."""
 
-    def __init__(self, task_name: str, cfg_dict: dict, plan) -> None:
+    def __init__(self, task_name: str, cfg_dict: dict, plan, progress: str | None = None) -> None:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.progress = WorkerProgress(progress, active=self.rank == 0)
         self.cfg = from_dict(task_config_class(task_name), cfg_dict)
         if self.cfg.cluster.use_gpu:  # else Ray Train would hand out the CPU without a word
             require_cuda("cluster.use_gpu=true")
@@ -174,6 +176,7 @@ class Worker:
         pos, plan = self.pos, self.plan
         stream = self._stream()
         start_step = pos.step
+        self.progress.step(pos.step, {})  # where the bar starts (a resumed run: at its checkpoint)
         while pos.step < plan.total_steps:
             epoch_steps = stream.steps(pos.epoch)  # None: until the split runs out
             batches = stream.batches(pos.epoch, self._start_cursor())
@@ -202,6 +205,7 @@ class Worker:
         self._window.append(torch.as_tensor(self._last["loss"], dtype=torch.float32))
         self.pos.step += 1
         self.pos.micro_in_epoch += len(group)
+        self.progress.step(self.pos.step)
 
     def _after_step(self) -> None:
         """Log when due; report to Ray Train (checkpoint, evaluation) when due; test fault injection.
@@ -295,12 +299,8 @@ class Worker:
         if self.rank != 0:
             return
         self.history.append({k: float(v) for k, v in metrics.items()})
-        extras = "".join(f" {k} {metrics[k]:.4f}" for k in ("temperature", "zeroshot_top1") if k in metrics)
-        # Not print(): Ray Train routes print through its logger, which shows every line twice.
-        sys.stdout.write(f"[{self.task_name}] step {metrics['step']}/{self.plan.total_steps} loss "
-                         f"{metrics['loss']:.4f} lr {metrics['lr']:.2e}{extras} "
-                         f"{metrics['images_per_s']:.1f} images/s\n")
-        sys.stdout.flush()
+        shown = ("loss", "images_per_s", "temperature", "zeroshot_top1")
+        self.progress.step(self.pos.step, {k: float(metrics[k]) for k in shown if k in metrics})
 
 
 class SplitStream:

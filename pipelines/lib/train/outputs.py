@@ -17,7 +17,10 @@ from typing import Any
 from uta_core import tracking
 from uta_core.checkpoint import Position
 from uta_core.config import flatten, to_dict
-from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
+from uta_core.data.storage import filesystem_for, is_s3, join, write_bytes_atomic
+from uta_core.models.export import UTA_CONFIG
+from uta_core.models.mlflow_model import log_student_model
+from uta_core.models.open_clip_export import link_open_clip
 
 EXPORT_DIR = "export"
 
@@ -81,11 +84,15 @@ class RunOutputs:
                 fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)
                 for name in sorted(os.listdir(folder)):
                     write_bytes_atomic(fs, join(root, EXPORT_DIR, name), (Path(folder) / name).read_bytes())
+                if not is_s3(self.plan.run_uri):  # its open_clip config names the folder it sits in
+                    link_open_clip(join(root, EXPORT_DIR))
             if self._run is not None:
                 import mlflow
 
                 mlflow.log_artifacts(folder, self.task.artifact_name)
                 self._log_loss_curve(folder)
+                if self.cfg.tracking.log_model and (Path(folder) / UTA_CONFIG).is_file():
+                    log_student_model(folder, register_as=self.cfg.tracking.register_as)
 
     def _log_loss_curve(self, folder: str) -> None:
         import mlflow

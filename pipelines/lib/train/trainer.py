@@ -8,6 +8,7 @@ the last checkpoint (Ray Train restores it; the loop skips the micro-batches con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -21,6 +22,7 @@ import yaml
 from ray.train.torch import TorchTrainer
 
 from pipelines.lib.destinations import check_output, check_tracking
+from pipelines.lib.progress import DriverProgress
 from pipelines.lib.train.config import ClusterConfig, TrainConfig
 from pipelines.lib.train.loop import TRAIN_DATASET, train_loop_per_worker
 from uta_core import tracking
@@ -97,8 +99,9 @@ def save_resolved_config(cfg: Any, plan: RunPlan) -> None:
 
 
 def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan,
-                  callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer of one run; ``callbacks`` (Ray Train ``UserCallback``s) let a sweep listen in."""
+                  callbacks: list | None = None, progress: str | None = None) -> TorchTrainer:
+    """The TorchTrainer of one run; ``callbacks`` (Ray Train ``UserCallback``s) let a sweep listen in;
+    ``progress`` names the driver's progress board (``pipelines/lib/progress.py``)."""
     cl = cfg.cluster
     resources = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if cl.use_gpu else {})}
     storage_path, storage_fs = cfg.run.storage_path, None
@@ -106,7 +109,8 @@ def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: R
         storage_path, storage_fs = storage_path[len(S3_SCHEME):], s3_filesystem(cfg.s3)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "config": to_dict(cfg), "plan": dataclasses.asdict(plan)},
+        train_loop_config={"task": task, "config": to_dict(cfg), "plan": dataclasses.asdict(plan),
+                           "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -114,6 +118,7 @@ def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: R
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # Ray Train's INFO: its log files
         ),
         datasets={TRAIN_DATASET: dataset} if dataset is not None else None,
         dataset_config=ray.train.DataConfig(datasets_to_split=[TRAIN_DATASET]) if dataset is not None else None,
@@ -121,13 +126,16 @@ def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: R
 
 
 def fit(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan, callbacks: list | None = None) -> dict:
-    """Save the resolved config, train, and return the run's report (rank 0's history + Ray's result)."""
+    """Save the resolved config, train, and return the run's report (rank 0's history + Ray's result).
+    A run of its own draws a progress bar; a sweep's trial (``callbacks``) reports to Tune instead."""
     save_resolved_config(cfg, plan)
     log.info("%s: %s rows, %s steps/epoch, %d steps (warm-up %d), accumulation %d, %d workers", plan.run_uri,
              plan.rows_per_epoch if plan.rows_per_epoch is not None else "uncounted",
              plan.steps_per_epoch or "-", plan.total_steps, plan.warmup_steps, plan.accumulation,
              cfg.cluster.num_workers)
-    result = build_trainer(cfg, task, dataset, plan, callbacks).fit()
+    progress = DriverProgress(f"{task} {cfg.run.name}", plan.total_steps) if callbacks is None else None
+    with progress or contextlib.nullcontext():
+        result = build_trainer(cfg, task, dataset, plan, callbacks, progress.name if progress else None).fit()
     rank0 = result.return_value or {}
     history = rank0.get("history", [])
     return {
@@ -146,7 +154,7 @@ def print_report(report: dict, keys: tuple[str, ...]) -> None:
     rows += [(k, f"{metrics[k]:.4g}" if isinstance(metrics[k], float) else str(metrics[k]))
              for k in keys if k in metrics]
     rows += [("checkpoint", report["checkpoint"] or "-"), ("export", report["export"] or "-")]
-    if report["mlflow_run_id"]:
-        rows.append(("mlflow", f"{report['tracking_uri']} run {report['mlflow_run_id']}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if report["mlflow_run_id"]:
+        print(tracking.where_runs_are(report["tracking_uri"], report["mlflow_run_id"]))

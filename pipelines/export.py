@@ -1,0 +1,51 @@
+"""Export a trained student as one local folder for timm, open_clip, clip_benchmark and MLflow.
+
+    python pipelines/export.py model=runs/uta-local output=exports/uta-local
+    python pipelines/export.py model=s3://bucket/runs/uta-l14 output=exports/uta-l14 s3.endpoint_url=...
+    python pipelines/export.py model=UTA-B.pt teacher.arch=EVA02-B-16 output=exports/uta-b
+    python pipelines/export.py model=exports/uta-local     # after moving the folder: relink it
+    python pipelines/export.py model=runs/uta-local output=exports/x tracking.register_as=uta-student
+
+Then ``timm.create_model("local-dir:<output>", pretrained=True)`` is the student's trunk and
+``open_clip.create_model_and_transforms("local-dir:<output>")`` the student + the teacher's text
+tower as a CLIP (``clip_benchmark eval --model local-dir:<output> ...``). With
+``tracking.enabled=true`` (or ``tracking.register_as``) it is also logged as an MLflow model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.lib.cli import setup_logging, user_error
+from pipelines.lib.export.job import ExportConfig, run
+from uta_core import tracking
+from uta_core.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--config", type=Path, default=None, help="optional YAML config")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model=runs/x output=exports/x")
+    args = parser.parse_args(argv)
+    setup_logging()
+    overrides = list(args.overrides)
+    if any(o.startswith("tracking.register_as=") for o in overrides):
+        overrides.append("tracking.enabled=true")
+    try:
+        result = run(load_config(ExportConfig, args.config, overrides))
+    except ValueError as err:
+        return user_error(err)
+    print(json.dumps(result, indent=1))
+    if result.get("mlflow_run_id"):  # stdout stays JSON; where the run is goes to stderr
+        print(tracking.where_runs_are(result["tracking_uri"], result["mlflow_run_id"]), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
