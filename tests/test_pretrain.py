@@ -132,7 +132,7 @@ def seen_ids(ws, name: str, rank: int, storage: str | None = None, endpoint: str
 def test_online_two_workers_stop_resume_learn_on_disjoint_data_and_track_everything(ws):
     # 120 images / 2 ranks = 60 rows each -> 7 micro-batches of 8: 7 steps = one epoch.
     args = overrides(ws, "online", "online", "train.max_steps=7", "run.record_samples=true",
-                     "run.checkpoint_every=2", "run.max_failures=0")
+                     "run.checkpoint_every=2", "run.max_failures=0", "tracking.register_as=uta-test-online")
     assert main(args + ["fail_at_step=3"]) == 1  # stopped after step 3; the last checkpoint is step 2
     run_dir = ws.root / "runs" / "online"
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_0000002"]
@@ -190,6 +190,8 @@ def test_online_two_workers_stop_resume_learn_on_disjoint_data_and_track_everyth
                                    teacher.encode_text(["the digit four."]), atol=1e-5, rtol=1e-5)
         mlflow.set_tracking_uri(ws.mlflow)
         logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/student_model")
+        (version,) = client.search_model_versions("name='uta-test-online'")  # tracking.register_as
+        assert version.run_id == run.info.run_id
         pixels = torch.rand(2, 3, 32, 32)
         normed = (pixels - torch.tensor(meta["mean"])[:, None, None]) / torch.tensor(meta["std"])[:, None, None]
         torch.testing.assert_close(logged(pixels), exported(normed)[:, 0], atol=1e-5, rtol=1e-5)

@@ -117,7 +117,7 @@ class DriverProgress:
         for text in messages:
             (self._bar.write if self._bar is not None else print)(text, file=sys.stderr)
         step = int(state.get("step", self.initial))
-        if "step" in state and not self._seen:  # a resumed run starts where its checkpoint was
+        if "step" in state and self._remote and not self._seen:  # a resumed run starts at its checkpoint
             self._seen = True
             self.initial, self._start = step, time.perf_counter()
             if self._bar is not None:

@@ -29,6 +29,13 @@ def worker_logs_to_console() -> bool:
     return os.environ.get(WORKER_LOGS_ENV, "files") == "console"
 
 
+class _NotOurBars(logging.Filter):
+    """Ray Data warns that its progress bars are off: the jobs draw their own (pipelines/lib/progress.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
 def quiet_ray_console() -> None:
     """Ray Data's INFO lines (execution plans, "finished in") go to its log file only, not the console."""
     import ray.data  # noqa: F401  (configures the ray.data logger)
@@ -36,6 +43,8 @@ def quiet_ray_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":
             handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _NotOurBars) for f in handler.filters):
+                handler.addFilter(_NotOurBars())
 
 
 def announce_logs() -> None:

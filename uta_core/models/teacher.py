@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from dataclasses import dataclass
 
 import open_clip
@@ -190,11 +191,23 @@ def build_teacher(
     """The configured teacher; random-init weights only with a ``random_seed``, and then seeded,
     so every process (cache actors, training workers, the driver) builds the same ones."""
     check_weights_chosen(cfg.arch, cfg.pretrained, random_seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(random_seed or 0)
-        teacher = Teacher.from_open_clip(cfg.arch, cfg.pretrained, image_size=cfg.image_size,
-                                         precision=cfg.precision, device="cpu", s3=s3)
+    quiet = _RandomOnPurpose() if random_seed is not None and cfg.pretrained is None else None
+    if quiet:  # open_clip warns "No pretrained weights loaded": here that is what was asked for
+        logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random_seed or 0)
+            teacher = Teacher.from_open_clip(cfg.arch, cfg.pretrained, image_size=cfg.image_size,
+                                             precision=cfg.precision, device="cpu", s3=s3)
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
     return teacher.to(device)
+
+
+class _RandomOnPurpose(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
 
 
 # --------------------------------------------------------------------- token paths

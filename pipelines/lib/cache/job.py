@@ -113,7 +113,7 @@ def execute(plan: CachePlan) -> dict:
                 try:
                     ds = build_dataset(plan, device, num_actors, actor_cpus, threads)
                     views = 0
-                    progress = (DriverProgress(f"cache {run_name}", len(plan.pending), unit="shard", remote=False)
+                    progress = (DriverProgress("caching", len(plan.pending), unit="shard", remote=False)
                                 if cfg.ray.progress_bars else contextlib.nullcontext())
                     with progress as bar:
                         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
