@@ -4,6 +4,8 @@
         teacher.pretrained=laion2b_s34b_b88k prompts=imagenet output=outputs/imagenet_classifier.pt
     python pipelines/evaluate.py zeroshot model=runs/uta-local/export \\
         input.paths='data/val/*.tar' classifier_path=outputs/imagenet_classifier.pt
+    python pipelines/evaluate.py zeroshot model=runs/uta-local/export teacher.arch=ViT-B-16 \\
+        teacher.pretrained=laion2b_s34b_b88k retrieval_input.paths='data/coco_val/*.tar'
 
 ``model`` is a student export folder (``export/`` of a run), a Ray Train checkpoint
 folder of ``pipelines/pretrain.py`` (``checkpoint_*``, holding ``state.pt``), or a run
@@ -11,7 +13,10 @@ folder (its ``export/``), or a released UTA checkpoint file (``UTA-B/16``, ``L/1
 ``g/14-336`` from github jihaonew/UTA: its image tower and head); local or ``s3://``. The classifier is the teacher's text tower
 applied once to class names x templates (``build-classifier``), so a cache-mode run never
 builds a teacher; ``zeroshot`` can also build it on the fly from ``teacher`` + prompts.
-Results (top-1 / top-5) are printed as JSON and logged to MLflow.
+``retrieval_input`` (captioned shards) adds image->text and text->image recall@1/5/10; its
+caption embeddings come from the classifier file when ``build-classifier`` was given the same
+``retrieval_input``, else from the teacher. Results are printed as JSON and logged to MLflow
+(metrics, and the recall as a ``retrieval.json`` table).
 """
 
 from __future__ import annotations
