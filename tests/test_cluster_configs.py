@@ -570,6 +570,12 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
                        f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", working_dir=used, RAY_AUTH_MODE="token")
         logs = smoke.stdout + smoke.stderr
         assert smoke.returncode == 0 and "succeeded" in logs, logs[-4000:]
+        # The job's console, as `ray job submit` shows it: our progress line and where the runs are;
+        # Ray's internals stay in the cluster's log files.
+        assert re.search(r"pretrain smoke: 100%\|[^\n]*\| 6/6 \[[0-9:]+<00:00, [^\]]+\] loss -?[0-9.]+", logs), logs
+        assert "?workflowType=machine_learning" in logs and "Ray worker logs: " in logs
+        for noise in ("TrainingReport(", "Execution plan", "Checkpoint successfully created", "Parsing model"):
+            assert noise not in logs, noise
         for workdir in re.findall(r"smoke test in (/\S+uta-pretrain-smoke-\w+)", logs):
             shutil.rmtree(workdir, ignore_errors=True)  # the job's generated digits + teacher config
     finally:

@@ -41,7 +41,9 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
             sweep = {"name": args.name, "experiment": experiment, "storage_path": storage,
                      "trials_path": join(storage, f"{args.name}-trials"), "metric": space.metric,
                      "parent_run_id": parent.info.run_id if parent else None}
-            base["tracking"] = {**base.get("tracking", {}), "tracking_uri": base_cfg.tracking.tracking_uri}
+            # Trials compare settings: no MLflow model per trial unless asked for (export the best one).
+            base["tracking"] = {"log_model": False, **base.get("tracking", {}),
+                                "tracking_uri": base_cfg.tracking.tracking_uri}
             tuner = make_tuner(space, base, sweep, concurrent_trials(base_cfg, args.max_concurrent))
             results = tuner.fit()
             out_dir = Path(tempfile.mkdtemp(prefix="uta-sweep-")) if is_s3(storage) else Path(storage) / args.name
