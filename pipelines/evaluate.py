@@ -22,16 +22,14 @@ caption embeddings come from the classifier file when ``build-classifier`` was g
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lib.cli import setup_logging, user_error
+from pipelines.lib.cli import print_result, setup_logging, user_error
 from pipelines.lib.evaluate.job import EvaluateConfig, build_classifier_file, evaluate
-from uta_core import tracking
 from uta_core.config import load_config
 
 COMMANDS = ("build-classifier", "zeroshot")
@@ -53,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         result = build_classifier_file(cfg) if args.command == "build-classifier" else evaluate(cfg)
     except ValueError as err:
         return user_error(err)
-    print(json.dumps(result, indent=1, default=str))
-    if result.get("mlflow_run_id"):  # stdout stays JSON; where the run is goes to stderr
-        print(tracking.where_runs_are(result["tracking_uri"], result["mlflow_run_id"]), file=sys.stderr)
+    print_result(result)
     return 0
 
 

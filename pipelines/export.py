@@ -15,16 +15,14 @@ tower as a CLIP (``clip_benchmark eval --model local-dir:<output> ...``). With
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lib.cli import setup_logging, user_error
+from pipelines.lib.cli import print_result, setup_logging, user_error
 from pipelines.lib.export.job import ExportConfig, run
-from uta_core import tracking
 from uta_core.config import load_config
 
 
@@ -41,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(load_config(ExportConfig, args.config, overrides))
     except ValueError as err:
         return user_error(err)
-    print(json.dumps(result, indent=1))
-    if result.get("mlflow_run_id"):  # stdout stays JSON; where the run is goes to stderr
-        print(tracking.where_runs_are(result["tracking_uri"], result["mlflow_run_id"]), file=sys.stderr)
+    print_result(result)
     return 0
 
 

@@ -4,6 +4,7 @@ exit codes (0 done, 1 failed, 2 a user error: one line, no traceback)."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import ray.train
 
+from uta_core import tracking
 from uta_core.config import load_config
 from uta_core.secrets import redact_urls
 
@@ -73,6 +75,13 @@ def run_training_job(
         return user_error(f"training failed: {err}", code=1)
     report(result)
     return 0
+
+
+def print_result(result: dict) -> None:
+    """A job's result as JSON on stdout; where its MLflow run is on stderr (stdout stays JSON)."""
+    print(json.dumps(result, indent=1, default=str))
+    if result.get("mlflow_run_id"):
+        print(tracking.where_runs_are(result["tracking_uri"], result["mlflow_run_id"]), file=sys.stderr)
 
 
 def user_error(message: object, code: int = 2) -> int:

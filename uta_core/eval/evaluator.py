@@ -140,6 +140,16 @@ def caption_bank(encode_text: Callable[[list[str]], torch.Tensor], captions: Seq
     return {"texts": texts, "embeddings": F.normalize(encode_text(texts).float(), dim=-1).cpu()}
 
 
+def eval_caption_bank(classifier: dict[str, Any], teacher: Teacher | None, captions: Sequence[str]) -> dict[str, Any]:
+    """The eval captions' text embeddings: the classifier file's (``captions``), else the teacher's."""
+    if "captions" in classifier:
+        return classifier["captions"]
+    if teacher is None:
+        raise ValueError("retrieval without a teacher needs caption embeddings in the classifier file: build it "
+                         "with `evaluate.py build-classifier ... retrieval_input.paths=<the same shards>`")
+    return caption_bank(teacher.encode_text, captions)
+
+
 def retrieval_metrics(
     encode_image: Callable[[torch.Tensor], torch.Tensor] | nn.Module,
     pixels_MHW3: torch.Tensor,

@@ -22,7 +22,7 @@ from uta_core.data.captions import load_caption_set
 from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
-from uta_core.eval.evaluator import (RECALL_KS, caption_bank, load_classifier, prompts, retrieval_metrics,
+from uta_core.eval.evaluator import (RECALL_KS, caption_bank, eval_caption_bank, load_classifier, prompts, retrieval_metrics,
                                     save_classifier, teacher_classifier, zeroshot_accuracy)
 from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
 from uta_core.tracking import TrackingConfig
@@ -112,9 +112,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         metrics["images"] = int(labels.numel())
     if cfg.retrieval_input is not None:
         pixels, captions = load_caption_set(cfg.retrieval_input, cfg.s3, student.cfg.img_size, cfg.max_images)
-        bank = classifier["captions"] if "captions" in classifier else caption_bank(teacher.encode_text, captions)
-        metrics |= retrieval_metrics(student, pixels, captions, bank, mean, std, batch_size=cfg.batch_size,
-                                     device=device)
+        metrics |= retrieval_metrics(student, pixels, captions, eval_caption_bank(classifier, teacher, captions),
+                                     mean, std, batch_size=cfg.batch_size, device=device)
         metrics["retrieval_images"], metrics["retrieval_texts"] = len(captions), len(set(captions))
     with tracking.start_run(cfg.tracking, "uta-evaluate", tags={"job": "evaluate"},
                             source="pipelines/evaluate.py") as run:

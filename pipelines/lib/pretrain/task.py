@@ -22,8 +22,8 @@ import torch
 from pipelines.lib.pretrain.config import PretrainConfig
 from uta_core.data.rows import TeacherTargets, load_eval_set
 from uta_core.data.captions import load_caption_set
-from uta_core.eval.evaluator import (caption_bank, load_classifier, prompts, retrieval_metrics, teacher_classifier,
-                                    zeroshot_accuracy)
+from uta_core.eval.evaluator import (eval_caption_bank, load_classifier, prompts, retrieval_metrics,
+                                    teacher_classifier, zeroshot_accuracy)
 from uta_core.models.export import export_student
 from uta_core.models.student import UTAStudent
 from uta_core.models.open_clip_export import write_open_clip
@@ -124,14 +124,7 @@ class AlignmentTask:
                 classifier_DC = teacher_classifier(self.teacher, names, templates)["weights"]
         if ev.retrieval_input is not None:
             cap_pixels, captions = load_caption_set(ev.retrieval_input, self.cfg.s3, size, ev.max_images)
-            if "captions" in classifier:
-                bank = classifier["captions"]
-            elif self.teacher is not None:
-                bank = caption_bank(self.teacher.encode_text, captions)
-            else:
-                raise ValueError("eval.retrieval_input in teacher_mode=cache needs caption embeddings in "
-                                 "eval.classifier_path: build it with retrieval_input=<the same shards>")
-            retrieval = (cap_pixels, captions, bank)
+            retrieval = (cap_pixels, captions, eval_caption_bank(classifier, self.teacher, captions))
         return pixels, labels, classifier_DC, retrieval
 
     def export(self, folder: Path, step: int) -> None:
