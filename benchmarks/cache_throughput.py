@@ -1,18 +1,25 @@
-"""Teacher caching on this machine: whole-job images/s, bytes per view, fp16 vs int8 fidelity.
+"""The teacher cache at real token geometry: per codec, whole-job views/s, driver CPU per view,
+bytes per view, token fidelity, and the training loader's views/s on one core.
 
-    ./uta bench cache_throughput [--images 128] [--shards 4] [--num-cpus 2]
+    ./uta bench cache_throughput                       # ViT-L/14 geometry on this machine's CPUs
+    ./uta bench cache_throughput --arch ViT-L-14-quickgelu --pretrained openai --images 20000 \
+        --shards 40 --codecs float16,lowrank_int8      # a GPU node: real teacher, bf16, batch 256
 
-One run caches the same WebDataset shards twice with a small random-init ViT teacher
-(ViT-S-ish: width 384, 6 layers, patch 16, 224 px -> 14x14 tokens, D = 512), once with
-fp16 and once with int8 tokens, on a local Ray. Input images are 256 px crops of the two
-photographs scikit-learn ships (JPEG q90, as img2dataset stores them), so the PNG view
-sizes are those of natural images. Then, on every cached view, it recomputes the fp32
-teacher tokens from the stored pixels and compares:
-- cos(fp16, fp32) and cos(int8 restored, fp32), and mean |difference| of the two;
-- the UTA loss (random mask ratio 0.4, CLS counted as a token) of a student proxy
-  against fp32 / fp16 / int8 targets. The proxy is the fp32 tokens plus Gaussian noise
-  (token cosine ~0.7, a half-trained student); a random student gives differences near 0.
-- for reference, the L2-normalise x 127 int8 scheme the first format draft proposed.
+Teacher: by default ``--geometry L14``, a random-init 1-layer, width-64 open_clip tower with
+ViT-L/14's geometry (224 px, patch 14, 768-d joint space -> 257 x 768 tokens per view), so
+the job's data path is measured at real sizes while the teacher costs little. ``--arch``
+(+ ``--pretrained``) runs any open_clip model instead (on a GPU: ``ray.device=auto`` picks
+CUDA and the teacher runs bf16). Input: 256 px JPEG crops of scikit-learn's two photographs.
+
+For each codec, one cache job on one local Ray; then, from the cache it wrote:
+- job views/s (the job's clock: pipeline start to last commit) and the driver's CPU per view
+  (CPU time of the driver process over the pipeline / views);
+- bytes per view on disk, and of it the codec's token bytes and the stored JPEG view;
+- cosine of restored vs the fp32 teacher's tokens on every cached view (CLS; patches mean, min);
+- the training loader (``uta_core.data.rows.cache_file_rows``: read a part file, decode the
+  JPEG views, hand on the token bytes) on one thread, views/s; and the codec's restore on CPU
+  (on a GPU trainer it runs on the device).
+Run it alone: two cores shared with another job give noise.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -37,20 +45,24 @@ from PIL import Image
 from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.cache.job import execute
 from pipelines.lib.ray_setup import init_ray
-from uta_core.cache.format import open_cache, read_cache_rows
+from uta_core.cache.format import load_codec, open_cache
 from uta_core.cache.plan import build_cache_teacher, plan_cache
 from uta_core.config import load_config
-from uta_core.data.views import to_model_input
-from uta_core.objectives.alignment import gather_kept, uta_loss
-from uta_core.objectives.masking import MaskConfig, MaskGenerator
 from uta_core.data.digits import webdataset_bytes
+from uta_core.data.rows import cache_file_rows
 from uta_core.data.shards import Sample
+from uta_core.data.views import to_model_input
 
-SMALL_TEACHER = {
-    "embed_dim": 512,
-    "vision_cfg": {"image_size": 224, "patch_size": 16, "width": 384, "layers": 6, "head_width": 64},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+GEOMETRIES = {  # (image size, patch, joint dim): a narrow tower of that geometry
+    "L14": (224, 14, 768),
+    "tiny": (32, 4, 32),  # the CI's smoke run
 }
+
+
+def narrow_tower(size: int, patch: int, dim: int) -> dict:
+    return {"embed_dim": dim, "vision_cfg": {"image_size": size, "patch_size": patch, "width": 64, "layers": 1,
+                                             "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 1, "layers": 1}}
 
 
 def photo_crops(count: int, size: int = 256, seed: int = 0) -> list[Sample]:
@@ -68,106 +80,121 @@ def photo_crops(count: int, size: int = 256, seed: int = 0) -> list[Sample]:
     return samples
 
 
-def cache_once(workdir: Path, shards: Path, token_dtype: str, num_cpus: int) -> tuple[dict, float]:
-    cfg = load_config(CacheConfig, None, [
-        f"input.paths={shards}", f"output.path={workdir / token_dtype}", f"output.token_dtype={token_dtype}",
-        f"teacher.arch={workdir / 'uta-bench-small.json'}", "teacher.pretrained=null", "teacher_random_seed=0",
-        "views.size=224", "num_views=2", f"ray.num_cpus={num_cpus}", "ray.batch_size=32",
-        "ray.images_per_block=16", "ray.progress_bars=false", "tracking.enabled=false",
+def cache_config(args, workdir: Path, codec: str, teacher: list[str], size: int) -> CacheConfig:
+    return load_config(CacheConfig, None, [
+        f"input.paths={workdir / 'shards'}", f"output.path={workdir / codec}", f"output.token_codec={codec}",
+        f"output.token_rank={args.rank}", f"output.basis_views={args.basis_views}", *teacher,
+        f"views.size={size}", f"num_views={args.views}", f"ray.num_cpus={args.num_cpus}",
+        f"ray.images_per_block={args.images_per_block}", "ray.progress_bars=false", "tracking.enabled=false",
     ])
-    start = time.perf_counter()
-    report = execute(plan_cache(cfg))  # the job's own clock starts after planning
-    return report, time.perf_counter() - start
 
 
-def load_rows(uri: str) -> tuple[dict, torch.Tensor, torch.Tensor, int, int]:
-    """All rows sorted by (key, view): pixels, tokens (restored to float), token and pixel bytes."""
-    fs, _, manifest, paths = open_cache(uri)
-    table = pa.concat_tables([pq.read_table(p, filesystem=fs) for p in paths])
-    order = sorted(range(table.num_rows), key=lambda i: (table["key"][i].as_py(), table["view"][i].as_py()))
-    table = table.take(order)
-    pixels, tokens = read_cache_rows(table)
-    pixel_bytes = sum(len(b) for b in table.column("pixels").to_pylist())
-    file_bytes = sum(r.bytes for r in manifest.shards.values())
-    return manifest, pixels, tokens, pixel_bytes, file_bytes
+def loader_rate(fs, paths: list[str], codec) -> tuple[float, float]:
+    """(views/s of cache_file_rows on one core, views/s of the codec's restore on one CPU thread)."""
+    threads = (pa.cpu_count(), torch.get_num_threads())
+    pa.set_cpu_count(1)  # Arrow decompresses on a thread pool: one core, as the rate is per core
+    torch.set_num_threads(1)
+    read_s = restore_s = 0.0
+    views = 0
+    for path in paths:
+        start = time.perf_counter()
+        batches = list(cache_file_rows(fs, path, block=256))
+        read_s += time.perf_counter() - start
+        for batch in batches:
+            start = time.perf_counter()
+            codec.decode(batch["tokens"])
+            restore_s += time.perf_counter() - start
+            views += len(batch["tokens"])
+    pa.set_cpu_count(threads[0])
+    torch.set_num_threads(threads[1])
+    return views / read_s, views / restore_s
 
 
-def l2_times_127(t_BTD: torch.Tensor) -> torch.Tensor:
-    """The first draft's int8 scheme, for comparison."""
-    q = torch.round(F.normalize(t_BTD, dim=-1) * 127).clamp(-127, 127)
-    return F.normalize(q, dim=-1)
+def fidelity(cfg: CacheConfig, fs, root, manifest, codec) -> dict[str, float]:
+    """Restored tokens vs the fp32 teacher's on the stored (decoded) views of every cached row."""
+    teacher = build_cache_teacher(cfg)  # CPU fp32: the reference
+    cos = []
+    for path, _ in manifest.files():
+        for batch in cache_file_rows(fs, f"{root}/{path}", block=64):
+            pixels = torch.from_numpy(batch["image"])
+            with torch.no_grad():
+                ref = teacher.encode_tokens(to_model_input(pixels, teacher.mean, teacher.std)).float()
+            restored = codec.decode(batch["tokens"])
+            cos.append(F.cosine_similarity(restored, ref, dim=-1))
+    cos_BT = torch.cat(cos)
+    return {"cls": cos_BT[:, 0].mean().item(), "patch_mean": cos_BT[:, 1:].mean().item(),
+            "patch_min": cos_BT[:, 1:].min().item()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--images", type=int, default=128)
-    parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="L14")
+    parser.add_argument("--arch", default=None, help="an open_clip model instead of the narrow tower")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--size", type=int, default=None, help="view size with --arch (default: the model's)")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--images-per-block", type=int, default=32)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--codecs", default="float16,int8,lowrank_int8")
+    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--basis-views", type=int, default=256)
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the fp32 reference (slow for a big teacher)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.num_cpus)
+
     workdir = Path(tempfile.mkdtemp(prefix="uta-cache-bench-"))
-    (workdir / "uta-bench-small.json").write_text(json.dumps(SMALL_TEACHER))
-    shard_dir = workdir / "shards"
-    shard_dir.mkdir()
-    samples = photo_crops(args.images)
+    if args.arch:
+        teacher = [f"teacher.arch={args.arch}", f"teacher.pretrained={args.pretrained or 'null'}"]
+        if not args.pretrained:
+            teacher.append("teacher_random_seed=0")
+        size = args.size or 224
+        described = f"{args.arch} ({args.pretrained or 'random init'})"
+    else:
+        size, patch, dim = GEOMETRIES[args.geometry]
+        (workdir / "narrow.json").write_text(json.dumps(narrow_tower(size, patch, dim)))
+        teacher = [f"teacher.arch={workdir / 'narrow.json'}", "teacher.pretrained=null", "teacher_random_seed=0"]
+        described = f"1-layer width-64 tower, {size} px / patch {patch} / {dim}-d (random init)"
+    (workdir / "shards").mkdir()
+    samples = photo_crops(args.images, size=max(size + 32, 64))
     per = -(-args.images // args.shards)
     for i in range(args.shards):
-        (shard_dir / f"{i:05d}.tar").write_bytes(webdataset_bytes(samples[i * per : (i + 1) * per], image_ext="jpg"))
+        (workdir / "shards" / f"{i:05d}.tar").write_bytes(
+            webdataset_bytes(samples[i * per : (i + 1) * per], image_ext="jpg"))
 
-    init_ray(num_cpus=args.num_cpus)  # one local Ray for both runs
-    runs = {dtype: cache_once(workdir, shard_dir, dtype, args.num_cpus) for dtype in ("float16", "int8")}
-
-    m16, pix16, tok16, pixel_bytes, bytes16 = load_rows(str(workdir / "float16"))
-    m8, pix8, tok8, _, bytes8 = load_rows(str(workdir / "int8"))
-    assert torch.equal(pix16, pix8), "the two runs must cache identical views"
-    views = pix16.shape[0]
-    cfg = load_config(CacheConfig, None, [
-        "input.paths=x", "output.path=x", f"teacher.arch={workdir / 'uta-bench-small.json'}",
-        "teacher.pretrained=null", "teacher_random_seed=0", "views.size=224"])
-    teacher = build_cache_teacher(cfg)
-    with torch.no_grad():
-        ref = torch.cat([teacher.encode_tokens(to_model_input(pix16[i : i + 32], teacher.mean, teacher.std))
-                         for i in range(0, views, 32)])
-    cos16 = F.cosine_similarity(tok16, ref, dim=-1)
-    cos8 = F.cosine_similarity(tok8, ref, dim=-1)
-    cos_l2 = F.cosine_similarity(l2_times_127(ref), ref, dim=-1)
-
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(ref.shape, generator=gen) * ref.norm(dim=-1, keepdim=True) / ref.shape[-1] ** 0.5
-    student = ref + 1.0 * noise  # token cosine to the teacher ~0.7
-    keep = MaskGenerator(MaskConfig(strategy="random", mask_ratio=0.4), tuple(m16.settings.grid))(views, gen)
-    losses = {name: uta_loss(gather_kept(student, keep), gather_kept(t, keep)).item()
-              for name, t in (("fp32", ref), ("fp16", tok16), ("int8", tok8), ("int8 L2x127", l2_times_127(ref)))}
-    student_cos = F.cosine_similarity(student, ref, dim=-1).mean().item()
-
-    T, D = m16.settings.token_shape
-    rows = [
-        ("images / views / shards", f"{args.images} / {views} / {args.shards}"),
-        ("teacher", f"random-init ViT width 384, 6 layers, /16 @ 224 px -> {T} x {D} tokens"),
-        ("CPU for Ray", f"{args.num_cpus} cores (shared machine)"),
-    ]
-    for dtype, (report, wall) in runs.items():
+    init_ray(num_cpus=args.num_cpus)  # one local Ray for every codec
+    rows, header = [], None
+    for name in args.codecs.split(","):
+        cfg = cache_config(args, workdir, name, teacher, size)
+        report = execute(plan_cache(cfg))
         s = report["summary"]
-        rows.append((f"{dtype}: job images/s (views/s)", f"{s['images_per_s']:.2f} ({s['views'] / s['seconds']:.2f})"))
-        rows.append((f"{dtype}: wall incl. planning + actor start", f"{wall:.1f} s -> {args.images / wall:.2f} images/s"))
-    rows += [
-        ("bytes/view fp16 (file)", f"{bytes16 / views:,.0f}"),
-        ("bytes/view int8 (file)", f"{bytes8 / views:,.0f}"),
-        ("  of which tokens fp16 / int8 (raw)", f"{T * D * 2:,} / {T * D:,}"),
-        ("  of which PNG pixels", f"{pixel_bytes / views:,.0f}"),
-        ("cos(fp16, fp32) mean / min", f"{cos16.mean():.6f} / {cos16.min():.6f}"),
-        ("cos(int8, fp32) mean / min", f"{cos8.mean():.6f} / {cos8.min():.6f}"),
-        ("mean |cos(int8,fp32) - cos(fp16,fp32)|", f"{(cos8 - cos16).abs().mean():.2e}"),
-        ("cos(int8 L2x127 draft, fp32) mean / min", f"{cos_l2.mean():.6f} / {cos_l2.min():.6f}"),
-        (f"UTA loss, student proxy (cos {student_cos:.2f}): fp32", f"{losses['fp32']:.6f}"),
-        ("  loss(fp16) - loss(fp32)", f"{losses['fp16'] - losses['fp32']:+.2e}"),
-        ("  loss(int8) - loss(fp32)", f"{losses['int8'] - losses['fp32']:+.2e}"),
-        ("  loss(int8) - loss(fp16)", f"{losses['int8'] - losses['fp16']:+.2e}"),
-        ("  loss(int8 L2x127 draft) - loss(fp32)", f"{losses['int8 L2x127'] - losses['fp32']:+.2e}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"| {'measure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
-    print("\n".join(f"| {k:<{width}} | {v} |" for k, v in rows))
+        fs, root, manifest, paths = open_cache(str(workdir / name))
+        codec = load_codec(fs, root, manifest)
+        views = s["views"]
+        read_rate, restore_rate = loader_rate(pafs.LocalFileSystem(), paths, codec)
+        T, D = manifest.settings.token_shape
+        fid = None if args.no_fidelity else fidelity(cfg, fs, root, manifest, codec)
+        header = (T, D, views)
+        rows.append([
+            name, f"{views / s['seconds']:.1f}", f"{s['driver_cpu_ms_per_view']:.3f}",
+            f"{s['bytes_per_view'] / 1e3:.1f}", f"{codec.bytes_per_view / 1e3:.1f}",
+            f"{(2 * T * D) / codec.bytes_per_view:.1f}x",
+            "-" if fid is None else f"{fid['cls']:.5f}",
+            "-" if fid is None else f"{fid['patch_mean']:.5f} / {fid['patch_min']:.4f}",
+            f"{read_rate:.0f}", f"{restore_rate:.0f}",
+        ])
+    T, D, views = header
+    load = os.getloadavg()
+    print(f"teacher: {described} -> {T} x {D} tokens per view; {args.images} images x {args.views} views = "
+          f"{views} views in {args.shards} shards; local Ray with {args.num_cpus} CPUs; torch threads "
+          f"{torch.get_num_threads()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    cols = ["codec", "job views/s", "driver ms/view", "KB/view on disk", "token KB/view", "fp16 / codec",
+            "cos CLS", "cos patches mean / min", "loader views/s (1 thread)", "restore views/s (CPU)"]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |")
     return 0
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from uta_core.cache.format import tokens_to_storage
+from uta_core.cache.codecs import TokenCodec
 from uta_core.data.views import to_model_input
 from uta_core.models.flops import step_flops, student_shape, teacher_shape
 from uta_core.objectives.masking import MaskConfig, MaskGenerator
@@ -64,6 +64,11 @@ def one_step(forward, optimizer, scheduler, batch, targets, mask_gen, step: int)
     return time.perf_counter() - start
 
 
+def fp16_codec(teacher: Teacher) -> TokenCodec:
+    """The cache's default codec at this teacher's token geometry."""
+    return TokenCodec(name="float16", token_shape=(1 + teacher.grid[0] * teacher.grid[1], teacher.embed_dim))
+
+
 def plain_loop(args, teacher: Teacher, batch: dict, mask_gen) -> dict[str, list[float]]:
     """Each mode in blocks (warm-up steps untimed), cache/online/teacher-only, ``args.rounds`` times.
 
@@ -71,8 +76,8 @@ def plain_loop(args, teacher: Teacher, batch: dict, mask_gen) -> dict[str, list[
     forward between two student steps evicts the memory and kernel caches the next step reuses.
     """
     forward, optimizer, scheduler = make_student(args, teacher.embed_dim)
-    cache_targets, online_targets = TeacherTargets(teacher.mean, teacher.std), TeacherTargets(
-        teacher.mean, teacher.std, teacher)
+    cache_targets = TeacherTargets(teacher.mean, teacher.std, codec=fp16_codec(teacher))
+    online_targets = TeacherTargets(teacher.mean, teacher.std, teacher)
     modes = {
         "cache": lambda i: one_step(forward, optimizer, scheduler, batch, cache_targets, mask_gen, i),
         "online": lambda i: one_step(forward, optimizer, scheduler, {"image": batch["image"]}, online_targets,
@@ -106,14 +111,14 @@ def ray_loop(args, teacher: Teacher, batch: dict, mask_gen) -> dict:
     n = args.warmup + args.steps
     rows = [{"image": batch["image"][i % args.batch].numpy(), "tokens": batch["tokens"][i % args.batch].numpy()}
             for i in range(n * args.batch)]
-    mean, std, out_dim = teacher.mean, teacher.std, teacher.embed_dim
+    mean, std, out_dim, codec = teacher.mean, teacher.std, teacher.embed_dim, fp16_codec(teacher)
 
     def loop(config):
         if args.threads:
             torch.set_num_threads(args.threads)
         forward, optimizer, scheduler = make_student(args, out_dim)
         forward = ray.train.torch.prepare_model(forward)
-        targets = TeacherTargets(mean, std)
+        targets = TeacherTargets(mean, std, codec=codec)
         shard = ray.train.get_dataset_shard("train")
         times = {"ray": [], "plain": [], "report": [], "threads": torch.get_num_threads()}
         for _ in range(args.rounds):
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (args.batch, args.img_size, args.img_size, 3), dtype=torch.uint8, generator=gen)
     tokens = teacher.encode_tokens(to_model_input(pixels, teacher.mean, teacher.std))
-    batch = {"image": pixels, "tokens": torch.from_numpy(tokens_to_storage(tokens, "float16"))}  # as cached
+    codec = fp16_codec(teacher)
+    batch = {"image": pixels, "tokens": torch.from_numpy(codec.encode(tokens))}  # as cached
 
     times = plain_loop(args, teacher, batch, mask_gen)
     if not args.skip_ray:

@@ -35,7 +35,7 @@ from uta_core.data.storage import StorageError
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     smoke_help = "cache a few digits shards with a tiny random-init teacher in a temp folder"
-    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "output.token_dtype=int8").parse_args(argv)
+    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "output.token_codec=lowrank_int8").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+
+import pytest
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -25,3 +27,22 @@ def test_student_step_benchmark_runs_tiny_on_cpu_and_prints_its_table(capsys):
     assert set(rows) == {"uta", "fd"}
     uta_tflops, fd_tflops = float(rows["uta"][4]), float(rows["fd"][4])
     assert uta_tflops > 0 and fd_tflops > 0 and rows["uta"][5].endswith("%")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_cache_throughput_benchmark_runs_tiny_and_prints_every_codec(ray_local, capsys):
+    bench = _load("cache_throughput")
+    argv = ["--geometry", "tiny", "--images", "12", "--shards", "2", "--images-per-block", "4", "--num-cpus", "2",
+            "--rank", "8", "--basis-views", "16"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| codec")}
+    assert set(rows) == {"float16", "int8", "lowrank_int8"}
+    assert "65 x 32 tokens per view" in out and "load average" in out
+    for codec, token_kb, ratio in (("float16", 4.2, 1.0), ("int8", 2.1, 2.0), ("lowrank_int8", 0.7, 5.9)):
+        views_per_s, driver_ms, _, kb, fp16_ratio, cos_cls, cos_patch, loader, restore = rows[codec]
+        assert float(views_per_s) > 0 and float(driver_ms) > 0 and float(loader) > 0 and float(restore) > 0
+        assert float(kb) == token_kb and float(fp16_ratio.rstrip("x")) == ratio
+        assert float(cos_cls) > 0.999 and float(cos_patch.split("/")[0]) > (0.999 if codec != "lowrank_int8" else 0.5)

@@ -1,8 +1,10 @@
-"""The caching job's Ray-free pieces driven by hand: commit on the announced count, in any
-order, with duplicates; empty shards; partial shards never committed."""
+"""The caching job's Ray-free pieces driven by hand: part files written by write tasks, committed
+by the driver from their metadata alone, on the announced count, in any order, with a retried
+task's duplicates dropped; empty shards; partial shards never committed, their parts deleted."""
 
 import json
 
+import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -10,11 +12,11 @@ import torch
 from conftest import write_digits_webdataset
 from helpers import tiny_clip_model, write_model_config
 
-from uta_core.cache.format import load_manifest, shard_path, tmp_path
 from pipelines.lib.cache.config import CacheConfig
 from uta_core.cache.commit import ShardCommitter
+from uta_core.cache.format import load_codec, load_manifest
 from uta_core.cache.plan import plan_cache, prepare_output
-from uta_core.cache.rows import TokenEncoder, ViewTask, shard_view_tables
+from uta_core.cache.rows import PART_SCHEMA, PartWriter, TokenEncoder, ViewTask, shard_view_tables
 from uta_core.config import load_config
 from uta_core.data.digits import digits_samples, webdataset_bytes
 
@@ -44,56 +46,113 @@ def config(setup, out) -> CacheConfig:
     ])
 
 
-def encoded_tables(plan):
-    """Every shard's view tables, through the teacher, as the Ray pipeline would produce them."""
-    encoder = TokenEncoder(plan.cfg, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
+def written_parts(plan):
+    """Every shard's blocks through the teacher and a write task, as the Ray pipeline runs them:
+    part files on disk, and the metadata tables the driver gets."""
+    codec = load_codec(plan.fs, plan.root, plan.manifest)
+    encoder = TokenEncoder(plan.cfg, codec, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
+    writer = PartWriter(root_uri=plan.cfg.output.path, s3=plan.cfg.s3, settings=plan.manifest.settings,
+                        bytes_per_view=codec.bytes_per_view, compression="zstd", token_compression="none",
+                        row_group_mb=64)
     task = ViewTask.from_plan(plan, images_per_block=plan.cfg.ray.images_per_block)
-    return {name: [encoder(t) for t in shard_view_tables(task, name, shard)] for name, shard in plan.pending.items()}
+    blocks = {name: list(shard_view_tables(task, name, shard)) for name, shard in plan.pending.items()}
+    return {name: [writer(encoder(t)) for t in tables] for name, tables in blocks.items()}, blocks, writer, encoder
 
 
-def test_shards_commit_when_their_announced_count_arrives_in_any_order(setup, tmp_path):
-    plan = plan_cache(config(setup, tmp_path / "cache"))
+def part_files(root, name):
+    return sorted(p.name for p in (root / "shards" / name).glob("*.parquet")) if (root / "shards" / name).exists() else []
+
+
+def test_shards_commit_from_part_metadata_in_any_order_without_duplicates(setup, tmp_path):
+    root = tmp_path / "cache"
+    plan = plan_cache(config(setup, root))
     prepare_output(plan)
-    tables = encoded_tables(plan)
-    assert [len(tables[n]) for n in ("00000", "00001", "00002")] == [3, 3, 0]  # 6 images / 2 per block
-    committer = ShardCommitter(plan, compute="cpu fp32")
-    final_0 = tables["00000"].pop()  # the block that announces the shard's row count
-    for table in reversed(tables["00000"] + tables["00001"]):  # interleaved, out of order
+    parts, blocks, writer, encoder = written_parts(plan)
+    assert [len(parts[n]) for n in ("00000", "00001", "00002")] == [3, 3, 0]  # 6 images / 2 per block
+    for table in parts["00000"] + parts["00001"]:  # what the driver handles: metadata, no pixel or token
+        assert table.schema == PART_SCHEMA and table.nbytes < 1000
+    committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
+    final_0 = parts["00000"].pop()  # the part that announces the shard's row count
+    for table in reversed(parts["00000"] + parts["00001"]):  # interleaved, out of order
         committer.add(table)
-    committer.add(tables["00001"][0])  # a retried task's duplicate rows
+    retried = writer(encoder(blocks["00001"][0]))  # a retried task: the same rows in a new part file
+    assert len(part_files(root, "00001")) == 4
+    committer.add(retried)
     assert load_manifest(FS, plan.root).shards.keys() == {"00001"}
-    assert not FS.get_file_info(shard_path(plan.root, "00000")).type == pafs.FileType.File
     committer.add(final_0)
     result = committer.finish()
     assert sorted(result.committed) == ["00000", "00001", "00002"] and result.incomplete == []
+    assert result.duplicate_parts == 1 and len(part_files(root, "00001")) == 3  # the duplicate is deleted
     manifest = load_manifest(FS, plan.root)
     for name in ("00000", "00001"):
-        table = pq.read_table(shard_path(plan.root, name))
+        record = manifest.shards[name]
+        assert [p.file.rsplit("/", 1)[1] for p in record.parts] == part_files(root, name)  # row order = name order
+        table = pq.read_table([str(root / p.file) for p in record.parts])
         pairs = list(zip(table.column("key").to_pylist(), table.column("view").to_pylist()))
-        assert len(pairs) == len(set(pairs)) == 12 == manifest.shards[name].rows
+        assert len(pairs) == len(set(pairs)) == 12 == record.rows == sum(p.rows for p in record.parts)
+        # Rows in the shard's order: image ordinal x views + view.
+        keys = list(dict.fromkeys(table.column("key").to_pylist()))
+        assert pairs == [(k, v) for k in keys for v in (0, 1)]
+        for p in record.parts:
+            data = (root / p.file).read_bytes()
+            assert (len(data), __import__("hashlib").sha256(data).hexdigest()) == (p.bytes, p.sha256)
     empty = manifest.shards["00002"]
-    assert (empty.rows, empty.images, empty.skipped) == (0, 0, 3)
-    assert pq.read_table(shard_path(plan.root, "00002")).num_rows == 0
+    assert (empty.rows, empty.images, empty.skipped, empty.parts) == (0, 0, 3, [])
     assert result.skipped == 3 and result.views == 24
+    assert not (root / "_tmp").exists()
 
 
-def test_a_partial_shard_is_never_committed(setup, tmp_path):
-    plan = plan_cache(config(setup, tmp_path / "cache"))
+def test_a_partial_shard_is_never_committed_and_its_parts_go(setup, tmp_path):
+    root = tmp_path / "cache"
+    plan = plan_cache(config(setup, root))
     prepare_output(plan)
-    tables = encoded_tables(plan)
-    committer = ShardCommitter(plan, compute="cpu fp32")
-    for table in tables["00000"][1:] + tables["00001"]:  # 00000 misses a block: a lost task
+    parts, *_ = written_parts(plan)
+    committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
+    for table in parts["00000"][1:] + parts["00001"]:  # 00000 misses a part: a lost task
         committer.add(table)
     result = committer.finish()
     assert result.committed == ["00001", "00002"] and result.incomplete == ["00000"]
     assert set(load_manifest(FS, plan.root).shards) == {"00001", "00002"}
-    assert FS.get_file_info(tmp_path_of(plan, "00000")).type == pafs.FileType.NotFound
-    assert FS.get_file_info(shard_path(plan.root, "00000")).type == pafs.FileType.NotFound
-    # Its stats stay for a post-mortem; the rerun redoes exactly that shard.
-    stats = json.loads((tmp_path / "cache" / "_tmp" / "00000.stats.json").read_text())
+    lost = parts["00000"][0].column("file")[0].as_py().rsplit("/", 1)[1]
+    assert part_files(root, "00000") == [lost]  # the parts it heard of are deleted; the lost one ...
+    # Its stats stay for a post-mortem; the rerun redoes exactly that shard, and clears the lost part.
+    stats = json.loads((root / "_tmp" / "00000.stats.json").read_text())
     assert stats["rows"] == 12
-    assert list(plan_cache(config(setup, tmp_path / "cache")).pending) == ["00000"]
+    again = plan_cache(config(setup, root))
+    assert list(again.pending) == ["00000"] and [p.rsplit("/", 1)[1] for p in again.stray] == [lost]
+    prepare_output(again)
+    assert part_files(root, "00000") == []
 
 
-def tmp_path_of(plan, name):
-    return tmp_path(plan.root, name)
+def test_a_rerun_deletes_parts_no_committed_shard_lists(setup, tmp_path):
+    """A driver killed between a write and the manifest's save leaves parts behind: they go."""
+    root = tmp_path / "cache"
+    plan = plan_cache(config(setup, root))
+    prepare_output(plan)
+    parts, *_ = written_parts(plan)
+    committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
+    for table in parts["00001"]:
+        committer.add(table)
+    assert len(part_files(root, "00000")) == 3  # written, never committed: the driver "died" here
+    again = plan_cache(config(setup, root))
+    assert sorted(again.pending) == ["00000", "00002"] and again.done == ["00001"]
+    assert len(again.stray) == 3 and all("/00000/" in p for p in again.stray)
+    prepare_output(again)
+    assert part_files(root, "00000") == [] and len(part_files(root, "00001")) == 3
+
+
+def test_part_rows_restore_to_the_teachers_tokens(setup, tmp_path):
+    root = tmp_path / "cache"
+    plan = plan_cache(config(setup, root))
+    prepare_output(plan)
+    parts, blocks, _, encoder = written_parts(plan)
+    first = parts["00000"][0].to_pylist()[0]
+    table = pq.read_table(str(root / first["file"]))
+    codec = load_codec(plan.fs, plan.root, plan.manifest)
+    from uta_core.cache.format import read_cache_rows
+    from uta_core.data.views import to_model_input
+    pixels, tokens = read_cache_rows(table, codec)
+    t = encoder.teacher
+    ref = t.encode_tokens(to_model_input(pixels, t.mean, t.std))
+    torch.testing.assert_close(tokens, ref.half().float(), rtol=0, atol=0)
+    assert np.asarray(json.loads(first["seq_ranges"])).tolist() == [[0, table.num_rows]]

@@ -30,7 +30,7 @@ from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from pipelines.lib.pretrain.data import Sources, check_sources, online_sources, teacher_description
 from pipelines.lib.train.trainer import make_plan
 from pipelines.pretrain import main
-from uta_core.cache.format import open_cache
+from uta_core.cache.format import load_codec, open_cache
 from uta_core.config import load_config
 from uta_core.data.digits import CLASS_NAMES, write_digits_splits
 from uta_core.models.export import load_student
@@ -64,6 +64,7 @@ def ws(ray_local, tmp_path_factory):
         f"input.paths={root / 'digits' / 'train'}", f"output.path={cache}", f"teacher.arch={arch}",
         f"teacher.pretrained={weights}", "teacher.precision=fp32", "views.size=32", f"num_views={NUM_VIEWS}",
         "ray.batch_size=32", "ray.progress_bars=false", "tracking.enabled=false",
+        "output.pixel_format=png",  # lossless: the cache's pixels equal the online views (compared below)
     ]))
     classifier = root / "classifier.pt"
     assert evaluate_main(["build-classifier", f"teacher.arch={arch}", f"teacher.pretrained={weights}",
@@ -313,13 +314,12 @@ def test_online_mode_refuses_a_teacher_grid_or_dim_that_does_not_fit_before_any_
 def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
     cfg = load_config(PretrainConfig, DEFAULT_CONFIG, overrides(ws, "x", "online")[2:])
     # Cache rows, as the cache-mode dataset maps them.
-    fs, _, manifest, paths = open_cache(str(ws.cache))
+    fs, root, manifest, paths = open_cache(str(ws.cache))
     table = pq.read_table(paths[0], filesystem=fs, columns=["key", "view", "pixels", "tokens", "label"])
-    cached = cache_rows({c: table.column(c).to_numpy(zero_copy_only=False) if c != "tokens"
-                         else table.column(c).combine_chunks().to_numpy_ndarray() for c in table.column_names})
+    cached = cache_rows({c: table.column(c) for c in table.column_names})
     # Online rows of the same source shard, with the cache's views.
     shard = discover(cfg.data.input, cfg.s3).shards[0]
-    assert manifest.shards[Path(paths[0]).stem].source == shard.uri
+    assert manifest.shards[Path(paths[0]).parent.name].source == shard.uri
     online = [b for b in online_rows(shard, cfg.data.input, cfg.data.views, NUM_VIEWS, cfg.s3)]
     online = {k: np.concatenate([b[k] for b in online]) for k in online[0]}
     order = {int(i): n for n, i in enumerate(online["sample_id"])}
@@ -332,7 +332,7 @@ def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
     images_on, teacher_on = TeacherTargets(teacher.mean, teacher.std, teacher)(
         {"image": torch.from_numpy(online["image"][pick])}, device)
     mean, std = manifest.settings.teacher["mean"], manifest.settings.teacher["std"]
-    images_ca, teacher_ca = TeacherTargets(tuple(mean), tuple(std))(
+    images_ca, teacher_ca = TeacherTargets(tuple(mean), tuple(std), codec=load_codec(fs, root, manifest))(
         {"image": torch.from_numpy(cached["image"][:12]), "tokens": torch.from_numpy(cached["tokens"][:12])}, device)
     torch.testing.assert_close(images_on, images_ca, rtol=0, atol=0)
 

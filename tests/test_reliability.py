@@ -116,8 +116,10 @@ SHARDS, PER_SHARD, VIEWS = 8, 48, 2
 
 @pytest.mark.timeout(500)
 def test_a_killed_caching_job_reruns_to_every_key_and_view_once(tmp_path):
+    # The compact codec: its basis is fitted by the first run and must be reused by the rerun.
     args = [*cache_overrides(tmp_path, shards=SHARDS, per_shard=PER_SHARD), "ray.batch_size=16",
-            "ray.images_per_block=8", "ray.progress_bars=false", f"num_views={VIEWS}"]
+            "ray.images_per_block=8", "ray.progress_bars=false", f"num_views={VIEWS}",
+            "output.token_codec=lowrank_int8", "output.token_rank=8", "output.basis_views=64"]
     manifest = tmp_path / "cache" / MANIFEST_NAME
 
     def committed() -> int:
@@ -132,9 +134,15 @@ def test_a_killed_caching_job_reruns_to_every_key_and_view_once(tmp_path):
     kill_driver(proc)
     at_kill = committed()
     assert 3 <= at_kill < SHARDS, f"the kill came after {at_kill} of {SHARDS} shards: not mid-job"
+    basis = json.loads(manifest.read_text())["token_basis"]
     finish("cache_teacher.py", args, log)  # the rerun skips the committed shards, redoes the rest
-    keys = [(k, v) for part in sorted((tmp_path / "cache" / "shards").glob("*.parquet"))
-            for k, v in zip(*pq.read_table(part, columns=["key", "view"]).to_pydict().values())]
+    final = json.loads(manifest.read_text())
+    assert final["token_basis"] == basis  # the rows of both runs decode with the same basis
+    listed = [p["file"] for rec in final["shards"].values() for p in rec["parts"]]
+    on_disk = sorted(str(p.relative_to(tmp_path / "cache")) for p in (tmp_path / "cache" / "shards").rglob("*.parquet"))
+    assert sorted(listed) == on_disk  # every part the killed run left half-done is gone
+    keys = [(k, v) for part in listed
+            for k, v in zip(*pq.read_table(tmp_path / "cache" / part, columns=["key", "view"]).to_pydict().values())]
     counts = collections.Counter(keys)
     expected = {(s.key, v) for s in digits_samples(SHARDS * PER_SHARD, size=32) for v in range(VIEWS)}
     duplicates = [kv for kv, n in counts.items() if n > 1]

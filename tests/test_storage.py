@@ -11,7 +11,7 @@ import pytest
 from uta_core.data.storage import (
     S3Options,
     StorageError,
-    commit_file,
+    delete_files,
     expand,
     glob_regex,
     open_hashing_sink,
@@ -89,27 +89,27 @@ def test_hashing_sink_checksum_is_the_files_sha256(tmp_path):
     assert pq.read_table(path).equals(table)
 
 
-def test_local_commit_moves_into_a_new_folder(tmp_path):
+def test_local_delete_files_and_remove_dir(tmp_path):
     fs = pafs.LocalFileSystem()
-    tmp, final = str(tmp_path / "_tmp" / "a.parquet"), str(tmp_path / "shards" / "a.parquet")
-    _write_parquet_through_sink(fs, tmp)
-    commit_file(fs, tmp, final, S3Options())
-    assert not os.path.exists(tmp) and pq.read_table(final).num_rows == 1000
-    remove_dir(fs, str(tmp_path / "_tmp"))
-    remove_dir(fs, str(tmp_path / "_tmp"))  # idempotent
-    assert not (tmp_path / "_tmp").exists()
+    paths = [str(tmp_path / "shards" / "a" / f"{i}.parquet") for i in range(3)]
+    for path in paths:
+        _write_parquet_through_sink(fs, path)
+    delete_files(fs, paths[:2] + [str(tmp_path / "missing.parquet")], S3Options())
+    assert sorted(p.name for p in (tmp_path / "shards" / "a").iterdir()) == ["2.parquet"]
+    remove_dir(fs, str(tmp_path / "shards"))
+    remove_dir(fs, str(tmp_path / "shards"))  # idempotent
+    assert not (tmp_path / "shards").exists()
 
 
-def test_s3_commit_copies_then_deletes_the_temporary_object(s3_server, s3_client, s3_bucket):
+def test_s3_delete_files_leaves_no_folder_marker(s3_server, s3_client, s3_bucket):
     opts = S3Options(endpoint_url=s3_server)
     fs = s3_filesystem(opts)
-    tmp, final = f"{s3_bucket}/c/_tmp/a.parquet", f"{s3_bucket}/c/shards/a.parquet"
-    sink, _ = _write_parquet_through_sink(fs, tmp)
-    commit_file(fs, tmp, final, opts)
+    paths = [f"{s3_bucket}/c/shards/a/{i}.parquet" for i in range(3)]
+    for path in paths:
+        _write_parquet_through_sink(fs, path)
+    delete_files(fs, paths[:2] + [f"{s3_bucket}/c/shards/a/missing.parquet"], opts)
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
-    assert keys == ["c/shards/a.parquet"]
-    body = s3_client.get_object(Bucket=s3_bucket, Key="c/shards/a.parquet")["Body"].read()
-    assert hashlib.sha256(body).hexdigest() == sink.sha256
+    assert keys == ["c/shards/a/2.parquet"]
     remove_dir(fs, f"{s3_bucket}/c")
     assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0  # no folder marker left
 

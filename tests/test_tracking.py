@@ -7,12 +7,12 @@ from uta_core.tracking import TrackingConfig, redact_params, resolve_tracking_ur
 
 def test_redact_drops_secret_keys_and_masks_url_credentials():
     params = {
-        "output.token_dtype": "int8", "s3.endpoint_url": "http://minio:9000", "aws_secret_access_key": "x",
+        "output.token_codec": "int8", "s3.endpoint_url": "http://minio:9000", "aws_secret_access_key": "x",
         "s3.session_token": "y", "db.password": "z", "auth.header": "w",
         "tracking.tracking_uri": "https://user:pw@mlflow.example/", "input.paths": ["a", "b"],
     }
     out = redact_params(params)
-    assert out == {"output.token_dtype": "int8", "s3.endpoint_url": "http://minio:9000",
+    assert out == {"output.token_codec": "int8", "s3.endpoint_url": "http://minio:9000",
                    "tracking.tracking_uri": "https://***@mlflow.example/", "input.paths": "['a', 'b']"}
 
 

@@ -1,9 +1,12 @@
-"""Committing cache shards (driver side): rows of many shards in, one committed parquet per shard out.
+"""Committing cache shards (driver side): part-file metadata in, manifest records out.
 
-``ShardCommitter`` appends rows to one temporary parquet per shard; once a shard's
-(deduplicated) row count reaches its announced total, it closes, commits (rename / S3
-copy) and records it in the manifest. Commits stream as shards finish, in any order, with
-exact per-shard counts; a partial shard is never committed.
+Write tasks put each shard's rows straight into part files and hand on one metadata row per
+part (``uta_core.cache.rows.PART_SCHEMA``): file, rows, bytes, sha256, the shard rows it holds
+(``seq_ranges``) and, from the shard's last block, its total row count. ``ShardCommitter``
+keeps, per shard, the parts whose rows it does not have yet (a retried task's parts hold rows
+it has: they are dropped and deleted); once a shard's rows reach the announced total, its
+record (parts in row order) goes into the manifest. The manifest is the commit: a reader
+never sees a shard before all its parts are written. The driver handles metadata only.
 """
 
 from __future__ import annotations
@@ -11,26 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from uta_core.cache.format import (
-    TMP_DIR,
-    TOKENS_PARQUET_ENCODING,
-    ShardRecord,
-    cache_schema,
-    now,
-    save_manifest,
-    shard_path,
-    tmp_path,
-)
+from uta_core.cache.format import TMP_DIR, PartRecord, ShardRecord, now, save_manifest, tmp_path
 from uta_core.cache.plan import CachePlan
-from uta_core.cache.rows import SHARD_COLUMN, TOTAL_COLUMN
-from uta_core.data.storage import commit_file, delete_file, join, open_hashing_sink, read_bytes, remove_dir
+from uta_core.data.storage import delete_file, delete_files, join, read_bytes, remove_dir
 
 log = logging.getLogger("uta.cache")
 
@@ -44,87 +35,68 @@ class CacheResult:
     views: int = 0
     skipped: int = 0
     bytes_written: int = 0
+    duplicate_parts: int = 0  # parts of retried tasks whose rows had arrived already (dropped)
+    driver_cpu_s: float = 0.0  # CPU time of the driver process while the pipeline ran
 
 
 @dataclass(kw_only=True)
 class _OpenShard:
-    sink: Any
-    writer: pq.ParquetWriter
-    seen: set = field(default_factory=set)
+    parts: list[tuple[int, PartRecord]] = field(default_factory=list)  # (first row, part)
+    covered: list[tuple[int, int]] = field(default_factory=list)  # [first, end) of the rows accepted
     rows: int = 0
     expected: int | None = None
-    buffer: list = field(default_factory=list)
-    buffered_bytes: int = 0
+
+
+def _overlaps(covered: list[tuple[int, int]], ranges: list[list[int]]) -> bool:
+    return any(a < end and start < b for a, b in ranges for start, end in covered)
 
 
 class ShardCommitter:
-    """Driver side: rows of many shards in, one committed parquet per finished shard out."""
+    """Driver side: metadata of part files in, one manifest record per finished shard out."""
 
-    def __init__(self, plan: CachePlan, *, compute: str) -> None:
-        self.plan, self.compute = plan, compute
+    def __init__(self, plan: CachePlan, *, compute: str, save_every_s: float = 5.0) -> None:
+        self.plan, self.compute, self.save_every_s = plan, compute, save_every_s
         self.fs, self.root = plan.fs, plan.root
-        self.schema = cache_schema(plan.manifest.settings)
-        self.row_group_bytes = plan.cfg.output.row_group_mb << 20
         self.open: dict[str, _OpenShard] = {}
+        self.dropped: list[str] = []  # part files to delete: duplicates, parts of unfinished shards
         self.result = CacheResult()
+        self._unsaved, self._saved_at = False, time.monotonic()
 
-    def add(self, table: pa.Table) -> None:
-        for name in pc.unique(table.column(SHARD_COLUMN)).to_pylist():
-            part = table.filter(pc.equal(table.column(SHARD_COLUMN), name))
-            self._add_part(name, part)
+    def add(self, parts: pa.Table) -> None:
+        """Metadata rows of written parts (``PART_SCHEMA``); never pixels or tokens."""
+        for row in parts.to_pylist():
+            self._add_part(row)
+        self._save()
 
-    def _add_part(self, name: str, part: pa.Table) -> None:
+    def _add_part(self, row: dict) -> None:
+        name, ranges = row["shard"], json.loads(row["seq_ranges"])
         if name not in self.plan.pending:
-            raise RuntimeError(f"rows for unexpected shard {name!r}")
-        if name in self.result.committed:  # a retried task re-emitted rows of a finished shard
+            raise RuntimeError(f"a part of unexpected shard {name!r}")
+        shard = None if name in self.result.committed else self.open.setdefault(name, _OpenShard())
+        if shard is None or _overlaps(shard.covered, ranges):  # a retried task re-wrote rows we have
+            self.dropped.append(row["file"])
+            self.result.duplicate_parts += 1
             return
-        shard = self.open.get(name) or self._start(name)
-        total = pc.max(part.column(TOTAL_COLUMN)).as_py()
-        if total >= 0:
-            shard.expected = total
-        fresh = [(k, v) not in shard.seen for k, v in zip(part.column("key").to_pylist(), part.column("view").to_pylist())]
-        if not all(fresh):  # a retried task may re-emit rows
-            part = part.filter(pa.array(fresh))
-        shard.seen.update(zip(part.column("key").to_pylist(), part.column("view").to_pylist()))
-        rows = pa.Table.from_arrays([part.column(n) for n in self.schema.names], schema=self.schema)
-        shard.buffer.append(rows)
-        shard.buffered_bytes += rows.nbytes
-        shard.rows += rows.num_rows
-        if shard.buffered_bytes >= self.row_group_bytes:
-            self._flush(shard)
+        shard.parts.append((ranges[0][0], PartRecord(file=row["file"], rows=row["rows"], bytes=row["bytes"],
+                                                     sha256=row["sha256"])))
+        shard.covered += [(a, b) for a, b in ranges]
+        shard.rows += row["rows"]
+        if row["total"] >= 0:
+            shard.expected = row["total"]
         if shard.expected is not None and shard.rows >= shard.expected:
             self._commit(name)
 
-    def _start(self, name: str) -> _OpenShard:
-        sink = open_hashing_sink(self.fs, tmp_path(self.root, name))
-        small = [n for n in self.schema.names if n not in ("pixels", "tokens", "caption")]
-        codec = self.plan.cfg.output.compression
-        writer = pq.ParquetWriter(sink, self.schema, compression=codec, use_dictionary=False, write_statistics=small,
-                                  column_encoding=TOKENS_PARQUET_ENCODING)
-        self.open[name] = _OpenShard(sink=sink, writer=writer)
-        return self.open[name]
-
-    def _flush(self, shard: _OpenShard) -> None:
-        if shard.buffer:
-            table = pa.concat_tables(shard.buffer)
-            shard.writer.write_table(table, row_group_size=table.num_rows)
-            shard.buffer, shard.buffered_bytes = [], 0
-
     def _commit(self, name: str) -> None:
-        shard = self.open.pop(name)
-        self._flush(shard)
-        shard.writer.close()
-        shard.sink.close()
+        shard = self.open.pop(name, _OpenShard())
         stats = self._stats(name)
         if stats is None or stats["rows"] != shard.rows:
-            raise RuntimeError(f"{name}: wrote {shard.rows} rows but the reader reported {stats}")
-        commit_file(self.fs, tmp_path(self.root, name), shard_path(self.root, name), self.plan.cfg.s3)
+            raise RuntimeError(f"{name}: got parts of {shard.rows} rows but the reader reported {stats}")
         record = ShardRecord(source=stats["source"], rows=shard.rows, images=stats["images"],
-                             skipped=stats["skipped"], errors=stats["errors"], sha256=shard.sink.sha256,
-                             bytes=shard.sink.bytes, committed_at=now(), compute=self.compute,
-                             read_error=stats.get("read_error"))
+                             skipped=stats["skipped"], errors=stats["errors"],
+                             parts=[part for _, part in sorted(shard.parts, key=lambda p: p[0])],
+                             committed_at=now(), compute=self.compute, read_error=stats.get("read_error"))
         self.plan.manifest.shards[name] = record
-        save_manifest(self.fs, self.root, self.plan.manifest)
+        self._unsaved = True
         delete_file(self.fs, tmp_path(self.root, name, ".stats.json"))
         r = self.result
         r.committed.append(name)
@@ -134,27 +106,32 @@ class ShardCommitter:
             r.partial.append(name)
             log.warning("%s: committed the %d images read before the input broke; a rerun reads it again",
                         name, record.images)
-        log.info("committed %s: %d images, %d views, %d skipped, %.1f MB",
-                 name, record.images, record.rows, record.skipped, record.bytes / 1e6)
+        log.info("committed %s: %d images, %d views in %d part(s), %d skipped, %.1f MB",
+                 name, record.images, record.rows, len(record.parts), record.skipped, record.bytes / 1e6)
+
+    def _save(self, force: bool = False) -> None:
+        """Rewrite the manifest at most every ``save_every_s`` (its size grows with the shards):
+        a killed run loses the last few seconds of commits, which the next run redoes."""
+        if self._unsaved and (force or time.monotonic() - self._saved_at >= self.save_every_s):
+            save_manifest(self.fs, self.root, self.plan.manifest)
+            self._unsaved, self._saved_at = False, time.monotonic()
 
     def _stats(self, name: str) -> dict | None:
         data = read_bytes(self.fs, tmp_path(self.root, name, ".stats.json"))
         return None if data is None else json.loads(data)
 
     def finish(self) -> CacheResult:
-        """After the stream ends: commit shards that had no valid image; report the rest."""
+        """After the stream ends: commit shards that had no valid image; report and clean up the rest."""
         for name in self.plan.pending:
             if name in self.result.committed or name in self.open:
                 continue
             stats = self._stats(name)
             if stats is not None and stats["rows"] == 0:
-                self._start(name)
                 self._commit(name)
             else:
                 self.result.incomplete.append(name)
-        for name in list(self.open):
-            log.error("%s: got %d of %s rows; it will be redone on rerun", name, self.open[name].rows,
-                      self.open[name].expected)
+        for name, shard in self.open.items():
+            log.error("%s: got %d of %s rows; it will be redone on rerun", name, shard.rows, shard.expected)
             self.result.incomplete.append(name)
         self.abort()
         if not self.result.incomplete:  # keep the stats of unfinished shards for a post-mortem
@@ -162,15 +139,13 @@ class ShardCommitter:
         return self.result
 
     def abort(self) -> None:
-        """Drop the temporary files of unfinished shards (never commit a partial shard)."""
-        for name, shard in list(self.open.items()):
-            try:  # close (the file is deleted next), so nothing writes to it when collected
-                shard.writer.close()
-                shard.sink.close()
-            except (OSError, ValueError):
-                pass
-            delete_file(self.fs, tmp_path(self.root, name))
-            self.open.pop(name)
+        """Save the shards committed so far; delete dropped parts and those of unfinished shards."""
+        self._save(force=True)
+        for shard in self.open.values():
+            self.dropped += [part.file for _, part in shard.parts]
+        self.open.clear()
+        delete_files(self.fs, [join(self.root, f) for f in self.dropped], self.plan.cfg.s3)
+        self.dropped = []
 
 
 def summary(result: CacheResult, seconds: float) -> dict[str, float]:
@@ -181,4 +156,6 @@ def summary(result: CacheResult, seconds: float) -> dict[str, float]:
         "seconds": seconds, "images_per_s": result.images / seconds if seconds > 0 else math.nan,
         "bytes_written": result.bytes_written,
         "bytes_per_view": result.bytes_written / result.views if result.views else math.nan,
+        "duplicate_parts": result.duplicate_parts,
+        "driver_cpu_ms_per_view": 1e3 * result.driver_cpu_s / result.views if result.views else math.nan,
     }

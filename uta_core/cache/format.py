@@ -1,19 +1,19 @@
-"""The teacher-feature cache on disk (docs/CACHE_FORMAT.md): manifest, row schema, tokens.
+"""The teacher-feature cache on disk (docs/CACHE_FORMAT.md): manifest, row schema, readers.
 
 Written by ``pipelines/cache_teacher.py``; read by pre-training and sweeps, which use
-``open_cache`` (manifest + shard URIs) and ``read_cache_rows`` (a batch of rows ->
-uint8 pixels + float tokens). Tokens are a fixed-shape tensor column (Arrow's canonical
-``arrow.fixed_shape_tensor``), so pyarrow and ``ray.data.read_parquet`` both give them
-back as (B, 1+N, D) arrays.
+``open_cache`` (manifest + part files) and ``CacheReader`` (a batch of rows -> uint8
+pixels + stored token bytes -> float tokens). A shard's rows live in one or more part
+files, written by the job's write tasks; the manifest lists a shard's parts once all of
+them are written, so a reader never sees a partial shard. Tokens are one fixed-size byte
+string per view in the cache's codec (``uta_core.cache.codecs``).
 
-Shape legend: B rows (views), T = 1+N tokens (CLS first), D embed dim, H/W pixels.
+Shape legend: B rows (views), T = 1+N tokens (CLS first), D embed dim, H/W pixels, S stored bytes.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,18 +23,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-from PIL import Image
 
+from uta_core.cache.codecs import BASIS_FILE, TOKEN_CODECS, LowRankBasis, TokenCodec
 from uta_core.config import flatten
 from uta_core.data.storage import S3Options, filesystem_for, join, read_bytes, to_uri, write_bytes_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 TMP_DIR = "_tmp"
-TOKEN_DTYPES = ("float16", "int8")
-PIXEL_FORMATS = ("png", "jpeg")
-INT8_SCALE = 127.0
+PIXEL_FORMATS = ("jpeg", "png")
 # Recorded for information; a different source of bit-identical weights is the same teacher.
 _UNHASHED = ("teacher.pretrained",)
 
@@ -61,13 +59,16 @@ class CacheSettings:
     teacher: dict[str, Any]  # arch, pretrained, fingerprint, embed_dim, patch_size, image_size, mean, std, precision
     grid: list[int]  # [H, W] token grid
     token_shape: list[int]  # [1+N, D]
-    token_dtype: str
+    token_codec: str  # float16 | int8 | lowrank_int8 (uta_core.cache.codecs)
+    token_rank: int | None  # lowrank_int8: the basis rank r (None otherwise)
     pixel_format: str
     views: dict[str, Any]  # num_views, size, scale, ratio, hflip, seed (+ jpeg_quality for jpeg)
 
     def __post_init__(self) -> None:
-        if self.token_dtype not in TOKEN_DTYPES:
-            raise ValueError(f"token_dtype must be one of {list(TOKEN_DTYPES)}, got {self.token_dtype!r}")
+        if self.token_codec not in TOKEN_CODECS:
+            raise ValueError(f"token_codec must be one of {list(TOKEN_CODECS)}, got {self.token_codec!r}")
+        if (self.token_codec == "lowrank_int8") != (self.token_rank is not None):
+            raise ValueError("token_rank is set for the lowrank_int8 codec and only for it")
         if self.pixel_format not in PIXEL_FORMATS:
             raise ValueError(f"pixel_format must be one of {list(PIXEL_FORMATS)}, got {self.pixel_format!r}")
         H, W = self.grid
@@ -92,17 +93,33 @@ def settings_diff(old: CacheSettings, new: CacheSettings) -> list[str]:
 
 
 @dataclass(kw_only=True)
+class PartRecord:
+    """One parquet file of a shard, written by one write task."""
+
+    file: str  # path relative to the cache root: shards/<name>/<first row>-<last row>-<id>.parquet
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(kw_only=True)
 class ShardRecord:
     source: str  # input shard URI
     rows: int  # views written
     images: int  # images decoded
     skipped: int  # samples skipped (undecodable, truncated, no image, duplicate key)
     errors: list[str] = field(default_factory=list)  # first few skip reasons / container errors
-    sha256: str = ""
-    bytes: int = 0
+    parts: list[PartRecord] = field(default_factory=list)  # in row order; empty for a shard without images
     committed_at: str = ""
     compute: str = ""  # e.g. "cuda bf16", "cpu fp32" (informational)
     read_error: str | None = None  # set: the input broke part-way, only the rows before it are here (redone on rerun)
+
+    def __post_init__(self) -> None:
+        self.parts = [p if isinstance(p, PartRecord) else PartRecord(**p) for p in self.parts]
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.parts)
 
 
 @dataclass(kw_only=True)
@@ -110,6 +127,7 @@ class Manifest:
     settings: CacheSettings
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     class_names: list[str] | None = None
+    token_basis: dict[str, Any] | None = None  # lowrank_int8: file, sha256, rank, views, patch_cosine_mean/min
     format_version: int = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: now())
 
@@ -117,10 +135,14 @@ class Manifest:
     def settings_hash(self) -> str:
         return self.settings.hash()
 
+    def files(self) -> list[tuple[str, int]]:
+        """(path relative to the root, rows) of every committed part, shards in name order."""
+        return [(p.file, p.rows) for name in sorted(self.shards) for p in self.shards[name].parts]
+
     def to_json(self) -> str:
         data = {"format_version": self.format_version, **self.settings.as_dict(),
                 "settings_hash": self.settings_hash, "class_names": self.class_names,
-                "created_at": self.created_at,
+                "token_basis": self.token_basis, "created_at": self.created_at,
                 "shards": {name: asdict(rec) for name, rec in sorted(self.shards.items())}}
         return json.dumps(data, indent=1)
 
@@ -129,14 +151,15 @@ class Manifest:
         data = json.loads(text)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{where}: cache format_version {version!r} is not {FORMAT_VERSION}; rebuild the cache")
+            raise ValueError(f"{where}: cache format_version {version!r} is not {FORMAT_VERSION}; rebuild the cache "
+                             "with pipelines/cache_teacher.py into a new output.path")
         names = [f.name for f in CacheSettings.__dataclass_fields__.values()]
         settings = CacheSettings(**{k: data[k] for k in names})
         if data.get("settings_hash") != settings.hash():
             raise ValueError(f"{where}: settings_hash does not match the recorded settings (edited by hand?)")
         shards = {name: ShardRecord(**rec) for name, rec in data.get("shards", {}).items()}
         return cls(settings=settings, shards=shards, class_names=data.get("class_names"),
-                   created_at=data.get("created_at", ""))
+                   token_basis=data.get("token_basis"), created_at=data.get("created_at", ""))
 
 
 def now() -> str:
@@ -147,8 +170,9 @@ def manifest_path(root: str) -> str:
     return join(root, MANIFEST_NAME)
 
 
-def shard_path(root: str, name: str) -> str:
-    return join(root, SHARDS_DIR, f"{name}.parquet")
+def shard_dir(name: str) -> str:
+    """A shard's folder of part files, relative to the cache root."""
+    return f"{SHARDS_DIR}/{name}"
 
 
 def tmp_path(root: str, name: str, suffix: str = ".parquet") -> str:
@@ -165,100 +189,103 @@ def save_manifest(fs: pafs.FileSystem, root: str, manifest: Manifest) -> None:
 
 
 def open_cache(uri: str, s3: S3Options | None = None) -> tuple[pafs.FileSystem, str, Manifest, list[str]]:
-    """A committed cache: (filesystem, root path, manifest, scheme-less paths of its shards)."""
+    """A committed cache: (filesystem, root path, manifest, scheme-less paths of its part files)."""
     fs, root = filesystem_for(uri, s3 or S3Options())
     manifest = load_manifest(fs, root)
     if manifest is None:
         raise ValueError(f"{uri} holds no {MANIFEST_NAME}; run pipelines/cache_teacher.py with output.path={uri}")
-    return fs, root, manifest, [shard_path(root, name) for name in sorted(manifest.shards)]
+    return fs, root, manifest, [join(root, file) for file, _ in manifest.files()]
+
+
+def open_codec(uri: str, s3: S3Options | None = None) -> TokenCodec:
+    """The token codec of the cache at ``uri`` (what a trainer needs to restore its tokens)."""
+    fs, root, manifest, _ = open_cache(uri, s3)
+    return load_codec(fs, root, manifest)
+
+
+def load_codec(fs: pafs.FileSystem, root: str, manifest: Manifest) -> TokenCodec:
+    """The cache's token codec, with its basis (read from the cache) for lowrank_int8."""
+    s, basis = manifest.settings, None
+    if s.token_codec == "lowrank_int8":
+        record = manifest.token_basis
+        data = read_bytes(fs, join(root, record["file"])) if record else None
+        if data is None or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise ValueError(f"{to_uri(fs, root)}: the token basis {BASIS_FILE} is missing or differs from the one "
+                             "its rows were encoded with; the cache cannot be decoded, rebuild it")
+        basis = LowRankBasis.from_bytes(data)
+    return TokenCodec(name=s.token_codec, token_shape=tuple(s.token_shape), basis=basis)
 
 
 # --------------------------------------------------------------------- rows
-# Parquet has no 8-bit type: int8 is widened to INT32 with sign extension, whose random
-# high bytes compress badly (~1.3 bytes a value with zstd). The same bytes typed uint8 are
-# zero-extended, and with BYTE_STREAM_SPLIT + zstd take ~0.93 bytes a value.
-TOKENS_PARQUET_ENCODING = {"tokens.list.element": "BYTE_STREAM_SPLIT"}
-
-
-def token_value_type(token_dtype: str) -> pa.DataType:
-    """float16, or uint8 holding the int8 tokens' two's-complement bytes (view back as int8)."""
-    return pa.float16() if token_dtype == "float16" else pa.uint8()
-
-
-def cache_schema(settings: CacheSettings) -> pa.Schema:
-    value_type = token_value_type(settings.token_dtype)
-    tokens = pa.field("tokens", pa.fixed_shape_tensor(value_type, tuple(settings.token_shape)), nullable=False)
+def cache_schema(settings: CacheSettings, bytes_per_view: int) -> pa.Schema:
+    """View columns + ``tokens``: one fixed-size byte string per view (flat, read without a copy)."""
+    tokens = pa.field("tokens", pa.binary(bytes_per_view), nullable=False)
     meta = {b"uta_cache_settings_hash": settings.hash().encode()}
     return pa.schema(VIEW_FIELDS + [tokens], metadata=meta)
 
 
-def quantize_int8(tokens_BTD: torch.Tensor) -> torch.Tensor:
-    """Per token, scale the largest |component| to 127 and round.
-
-    The loss is a cosine, so each token's scale need not be stored. Absmax scaling uses
-    the whole int8 range: scaling the L2-normalised token by 127 instead leaves components
-    near 127/sqrt(D) (about 4 for D = 1024), i.e. a few bits, and a ~10x worse cosine.
-    """
-    x_BTD = tokens_BTD.float()
-    scale_BT1 = INT8_SCALE / x_BTD.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    return torch.round(x_BTD * scale_BT1).clamp_(-127, 127).to(torch.int8)
+def tokens_array(stored_BS: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(B, S) uint8 -> a fixed_size_binary(S) array sharing its memory."""
+    stored_BS = np.ascontiguousarray(stored_BS, dtype=np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(stored_BS.shape[1]), stored_BS.shape[0],
+                                                [None, pa.py_buffer(stored_BS)])
 
 
-def dequantize_int8(q_BTD: torch.Tensor) -> torch.Tensor:
-    """int8 tokens -> unit-norm float tokens (the direction is all the cosine loss needs)."""
-    return torch.nn.functional.normalize(q_BTD.float(), dim=-1)
-
-
-def tokens_to_storage(tokens_BTD: torch.Tensor, token_dtype: str) -> np.ndarray:
-    """float tokens -> what the ``tokens`` column holds: float16, or int8 bytes as uint8."""
-    if token_dtype == "int8":
-        return quantize_int8(tokens_BTD).cpu().numpy().view(np.uint8)
-    if token_dtype == "float16":
-        return tokens_BTD.float().cpu().numpy().astype(np.float16)
-    raise ValueError(f"token_dtype must be one of {list(TOKEN_DTYPES)}, got {token_dtype!r}")
-
-
-def tokens_from_storage(stored_BTD: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """The ``tokens`` column (float16, or uint8 = int8 bytes) -> float32; int8 as unit vectors."""
-    if not isinstance(stored_BTD, torch.Tensor):
-        stored_BTD = np.asarray(stored_BTD)
-        # Arrow hands out read-only views; torch wants writable memory.
-        stored_BTD = torch.from_numpy(stored_BTD if stored_BTD.flags.writeable else stored_BTD.copy())
-    if stored_BTD.dtype == torch.uint8:
-        stored_BTD = stored_BTD.view(torch.int8)
-    return dequantize_int8(stored_BTD) if stored_BTD.dtype == torch.int8 else stored_BTD.float()
-
-
-def tokens_array(stored_BTD: np.ndarray) -> pa.FixedShapeTensorArray:
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(stored_BTD))
+def stored_tokens(column: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.ndarray:
+    """The ``tokens`` column (Arrow, or Ray's numpy batch of bytes) -> (B, S) uint8; zero-copy from Arrow."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if isinstance(column, pa.FixedSizeBinaryArray):
+        width = column.type.byte_width
+        data = np.frombuffer(column.buffers()[1], dtype=np.uint8)
+        return data[column.offset * width:(column.offset + len(column)) * width].reshape(len(column), width)
+    column = np.asarray(column)
+    if column.dtype == np.uint8 and column.ndim == 2:
+        return column
+    return np.frombuffer(b"".join(column), dtype=np.uint8).reshape(len(column), -1)
 
 
 def encode_view(pixels_HW3: np.ndarray, pixel_format: str, jpeg_quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    if pixel_format == "png":  # lossless: tokens were computed on exactly these pixels
-        Image.fromarray(pixels_HW3).save(buf, format="PNG", compress_level=1)
-    elif pixel_format == "jpeg":  # the actor decodes the JPEG before the teacher sees it
-        Image.fromarray(pixels_HW3).save(buf, format="JPEG", quality=jpeg_quality)
-    else:
-        raise ValueError(f"pixel_format must be one of {list(PIXEL_FORMATS)}, got {pixel_format!r}")
-    return buf.getvalue()
+    """A view -> JPEG (default; the teacher sees the decoded JPEG) or lossless PNG bytes."""
+    from torchvision.io import encode_jpeg, encode_png
+
+    hw3 = np.ascontiguousarray(pixels_HW3)
+    chw = torch.from_numpy(hw3 if hw3.flags.writeable else hw3.copy()).permute(2, 0, 1).contiguous()
+    if pixel_format == "jpeg":
+        return encode_jpeg(chw, quality=jpeg_quality).numpy().tobytes()
+    if pixel_format == "png":
+        return encode_png(chw, compression_level=1).numpy().tobytes()
+    raise ValueError(f"pixel_format must be one of {list(PIXEL_FORMATS)}, got {pixel_format!r}")
 
 
-def decode_pixels(encoded: list[bytes]) -> np.ndarray:
-    """Encoded views -> uint8 (B, H, W, 3)."""
-    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB"), dtype=np.uint8) for b in encoded])
+def store_view(pixels_HW3: np.ndarray, pixel_format: str, jpeg_quality: int = 95) -> tuple[bytes, np.ndarray]:
+    """A view -> (its stored bytes, the pixels every reader decodes from them): what the teacher must see."""
+    encoded = encode_view(pixels_HW3, pixel_format, jpeg_quality)
+    return encoded, pixels_HW3 if pixel_format == "png" else decode_pixels([encoded])[0]
 
 
-def read_cache_rows(batch: pa.Table | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_pixels(encoded: list[bytes] | np.ndarray) -> np.ndarray:
+    """Encoded views -> uint8 (B, H, W, 3). One decoder (libjpeg-turbo / libpng in torchvision) for the
+    teacher and the trainer, so both see the same pixels of a JPEG view. Each view is decoded and
+    copied once into the batch (a stack + permute would copy it twice: 40% of the time)."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    out_BHW3 = None
+    for i, data in enumerate(encoded):
+        view_3HW = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if out_BHW3 is None:
+            out_BHW3 = torch.empty((len(encoded), *view_3HW.shape[1:], 3), dtype=torch.uint8)
+        if view_3HW.shape[1:] != out_BHW3.shape[1:3]:
+            raise ValueError(f"view {i} is {tuple(view_3HW.shape[1:])} px, the batch's first {tuple(out_BHW3.shape[1:3])}")
+        out_BHW3[i].copy_(view_3HW.permute(1, 2, 0))
+    return np.zeros((0, 0, 0, 3), np.uint8) if out_BHW3 is None else out_BHW3.numpy()
+
+
+def read_cache_rows(batch: pa.Table | Mapping[str, Any], codec: TokenCodec) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of cache rows (pyarrow table, or Ray's numpy dict) -> (pixels uint8 (B, H, W, 3),
     tokens float32 (B, 1+N, D)). Normalise pixels with ``uta_core.data.views.to_model_input``."""
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        encoded = batch.column("pixels").to_pylist()
-        column = batch.column("tokens")
-        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        stored_BTD = column.to_numpy_ndarray()
+        encoded, stored_BS = batch.column("pixels").to_pylist(), stored_tokens(batch.column("tokens"))
     else:
-        encoded, stored_BTD = list(batch["pixels"]), np.asarray(batch["tokens"])
-    if stored_BTD.ndim != 3:
-        raise ValueError(f"tokens must be (B, 1+N, D), got shape {stored_BTD.shape}; is this a cache shard?")
-    return torch.from_numpy(decode_pixels(encoded)), tokens_from_storage(stored_BTD)
+        encoded, stored_BS = list(batch["pixels"]), stored_tokens(batch["tokens"])
+    return torch.from_numpy(decode_pixels(encoded)), codec.decode(stored_BS)

@@ -26,7 +26,6 @@ from uta_core.cache.format import (
     manifest_path,
     save_manifest,
     settings_diff,
-    shard_path,
 )
 from uta_core.data.shards import InputConfig, InputSet, InputShard, discover, shard_names
 from uta_core.data.storage import (
@@ -34,6 +33,7 @@ from uta_core.data.storage import (
     StorageError,
     check_bucket,
     check_local_output,
+    delete_files,
     filesystem_for,
     is_atomic_leftover,
     join,
@@ -51,11 +51,15 @@ from uta_core.models.teacher_weights import check_weights_chosen
 @dataclass(kw_only=True)
 class OutputConfig:
     path: str = ""  # local folder or s3://bucket/prefix
-    token_dtype: Literal["float16", "int8"] = "float16"
-    pixel_format: Literal["png", "jpeg"] = "png"
+    token_codec: Literal["float16", "int8", "lowrank_int8"] = "float16"  # uta_core/cache/codecs.py
+    token_rank: int = 64  # lowrank_int8: basis rank r (bytes per view: 2 D + N (2 + r))
+    basis_views: int = 256  # lowrank_int8: views of the first input shards the basis is fitted on
+    pixel_format: Literal["jpeg", "png"] = "jpeg"  # jpeg: the teacher sees the decoded JPEG; png: lossless
     jpeg_quality: int = 95
-    compression: Literal["none", "zstd", "snappy"] = "zstd"
-    row_group_mb: int = 64  # rows are buffered per shard up to this size before a write
+    compression: Literal["none", "zstd", "snappy"] = "zstd"  # every column but the tokens
+    token_compression: Literal["none", "zstd", "snappy"] = "none"  # fp16 tokens: zstd saves ~8%, reads 4x slower
+    part_mb: int = 256  # a write task gathers about this much into its part files
+    row_group_mb: int = 64  # target size of a part file's row groups
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -64,6 +68,8 @@ class OutputConfig:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
         if self.row_group_mb < 1:
             raise ValueError(f"row_group_mb must be at least 1, got {self.row_group_mb}")
+        if self.token_rank < 1 or self.basis_views < 1 or self.part_mb < 1:
+            raise ValueError("token_rank, basis_views and part_mb must be at least 1")
 
 
 @dataclass(kw_only=True)
@@ -102,6 +108,9 @@ def build_cache_teacher(cfg: CacheSpec, device: str | torch.device = "cpu") -> T
 
 
 def cache_settings(cfg: CacheSpec, teacher: Teacher) -> CacheSettings:
+    if cfg.output.token_codec == "lowrank_int8" and cfg.output.token_rank > teacher.embed_dim:
+        raise ValueError(f"output.token_rank={cfg.output.token_rank} exceeds the teacher's embed dim "
+                         f"{teacher.embed_dim}; pick a rank below it (64 keeps ~1/12 of fp16's bytes at D = 768)")
     if cfg.views.size % teacher.patch_size:
         raise ValueError(
             f"views.size={cfg.views.size} is not a multiple of the teacher's patch size "
@@ -119,7 +128,8 @@ def cache_settings(cfg: CacheSpec, teacher: Teacher) -> CacheSettings:
         },
         grid=list(teacher.grid),
         token_shape=[1 + teacher.grid[0] * teacher.grid[1], teacher.embed_dim],
-        token_dtype=cfg.output.token_dtype,
+        token_codec=cfg.output.token_codec,
+        token_rank=cfg.output.token_rank if cfg.output.token_codec == "lowrank_int8" else None,
         pixel_format=cfg.output.pixel_format,
         views=views,
     )
@@ -141,6 +151,7 @@ class CachePlan:
     pending: dict[str, InputShard]  # name -> shard still to do
     done: list[str]  # names already committed
     redo: list[str]  # names whose committed file vanished or changed, or whose input broke part-way
+    stray: list[str] = field(default_factory=list)  # part files no kept shard lists: a killed run's, deleted first
 
     @property
     def root_uri(self) -> str:
@@ -166,18 +177,23 @@ def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None) -> CachePlan:
     manifest = existing or Manifest(settings=settings, class_names=inputs.class_names)
     committed_sources = {name: rec.source for name, rec in manifest.shards.items()}
     names = shard_names([s.uri for s in inputs.shards], committed_sources)
-    sizes = {info.path: info.size for info in list_dir(fs, join(root, SHARDS_DIR), recursive=False, s3=cfg.s3)}
+    # One listing of the part files (metadata): what is there, and what no manifest record names.
+    sizes = {info.path: info.size for info in list_dir(fs, join(root, SHARDS_DIR), recursive=True, s3=cfg.s3)
+             if info.type == pafs.FileType.File}
     pending, done, redo = {}, [], []
     for name, shard in zip(names, inputs.shards):
         rec = manifest.shards.get(name)
-        if rec is not None and sizes.get(shard_path(root, name)) == rec.bytes and not rec.read_error:
+        if rec is not None and not rec.read_error and all(
+                sizes.get(join(root, p.file)) == p.bytes for p in rec.parts):
             done.append(name)
             continue
         if rec is not None:
             redo.append(name)
         pending[name] = shard
+    kept = {join(root, p.file) for name in done for p in manifest.shards[name].parts}
     return CachePlan(cfg=cfg, inputs=inputs, fs=fs, root=root, manifest=manifest,
-                     manifest_exists=existing is not None, pending=pending, done=done, redo=redo)
+                     manifest_exists=existing is not None, pending=pending, done=done, redo=redo,
+                     stray=sorted(set(sizes) - kept))
 
 
 def _check_empty_output(fs: pafs.FileSystem, root: str, cfg: CacheSpec) -> None:
@@ -207,13 +223,14 @@ def _check_compatible(existing: Manifest, settings: CacheSettings, class_names: 
 
 
 def prepare_output(plan: CachePlan) -> None:
-    """First write of a run: manifest (new, or without vanished shards) and an empty _tmp/."""
+    """First write of a run: manifest (new, or without the shards to redo), no stray parts, an empty _tmp/."""
     for name in plan.redo:
         plan.manifest.shards.pop(name, None)
     try:
         remove_atomic_leftovers(plan.fs, manifest_path(plan.root))  # of a run killed while saving it
         if not plan.manifest_exists or plan.redo:
             save_manifest(plan.fs, plan.root, plan.manifest)
+        delete_files(plan.fs, plan.stray, plan.cfg.s3)  # parts of shards that were never committed
         remove_dir(plan.fs, join(plan.root, TMP_DIR))  # a killed run's leftovers
     except OSError as err:  # e.g. credentials that may read but not write
         raise translate_error(err, plan.root_uri, plan.cfg.s3) from None

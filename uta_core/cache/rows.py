@@ -1,10 +1,14 @@
-"""The per-shard work of the caching job (Ray-free): views on CPU tasks, tokens on teacher actors.
+"""The per-shard work of the caching job (Ray-free): views on CPU tasks, tokens on teacher actors,
+part files from write tasks.
 
 ``shard_view_tables`` streams one input shard, decodes, skips and counts bad samples,
 samples V seeded views per image and encodes them; the shard's stats go to
 ``<root>/_tmp/<name>.stats.json`` *before* its last rows are emitted, and those last rows
-carry the shard's total row count in-band (``_shard_rows``). ``TokenEncoder`` decodes the
-stored view bytes, runs the teacher and appends fp16 or int8 tokens.
+carry the shard's total row count in-band (``_shard_rows``). Every row carries its place in
+the shard (``_seq`` = image ordinal x V + view) and the pixels the teacher must see
+(``_raw``: the stored view decoded once, here, on a CPU task). ``TokenEncoder`` runs the
+teacher on ``_raw`` and appends the encoded tokens; ``PartWriter`` writes each shard's rows
+of a block straight to storage and hands on only metadata (``PART_SCHEMA``).
 
 Shape legend: B views in a batch, H/W view pixels, T = 1+N tokens, D embed dim.
 """
@@ -12,25 +16,45 @@ Shape legend: B views in a batch, H/W view pixels, T = 1+N tokens, D embed dim.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
-from uta_core.cache.format import VIEW_SCHEMA, decode_pixels, encode_view, tmp_path, tokens_array, tokens_to_storage
+from uta_core.cache.codecs import TokenCodec, fit_basis, token_cosine
+from uta_core.cache.format import (
+    VIEW_SCHEMA,
+    CacheSettings,
+    cache_schema,
+    shard_dir,
+    store_view,
+    stored_tokens,
+    tmp_path,
+    tokens_array,
+)
 from uta_core.cache.plan import CachePlan, CacheSpec, build_cache_teacher
 from uta_core.data.shards import InputConfig, InputShard, ShardReadError, iter_samples
-from uta_core.data.storage import S3Options, filesystem_for, write_bytes_atomic
+from uta_core.data.storage import S3Options, filesystem_for, join, open_hashing_sink, write_bytes_atomic
 from uta_core.data.views import ImageDecodeError, ViewConfig, decode_image, sample_views, to_model_input
 from uta_core.device import require_cuda
 
 log = logging.getLogger("uta.cache")
-SHARD_COLUMN, TOTAL_COLUMN = "_shard", "_shard_rows"  # in-band bookkeeping, never written
+SHARD_COLUMN, TOTAL_COLUMN, SEQ_COLUMN, RAW_COLUMN = "_shard", "_shard_rows", "_seq", "_raw"  # never written
+# What a write task hands on to the driver: one row per part file, no pixels, no tokens.
+PART_SCHEMA = pa.schema([
+    pa.field("shard", pa.string()), pa.field("file", pa.string()), pa.field("rows", pa.int64()),
+    pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("total", pa.int64()),
+    pa.field("seq_ranges", pa.string()),  # JSON [[first, end), ...] of the shard rows in the part
+])
 _MAX_ERRORS = 10  # skip reasons kept per shard in the manifest
 
 
@@ -90,8 +114,8 @@ def shard_view_tables(task: ViewTask, name: str, shard: InputShard) -> Iterator[
             except ImageDecodeError as err:
                 stats.skip(sample.key, str(err))
                 continue
+            rows += _view_rows(task, sample, img, stats.images)
             stats.images += 1
-            rows += _view_rows(task, sample, img)
             if len(rows) >= task.images_per_block * task.num_views:
                 if held is not None:  # hold one block back: the last one announces the total
                     yield held
@@ -114,28 +138,76 @@ def shard_view_tables(task: ViewTask, name: str, shard: InputShard) -> Iterator[
                               pa.array(np.full(held.num_rows, stats.rows, dtype=np.int64)))
 
 
-def _view_rows(task: ViewTask, sample, img) -> list[dict[str, Any]]:
+def _view_rows(task: ViewTask, sample, img, ordinal: int) -> list[dict[str, Any]]:
     rows = []
     for v, (params, pixels_HW3) in enumerate(sample_views(img, sample.key, task.num_views, task.views)):
+        encoded, seen_HW3 = store_view(pixels_HW3, task.pixel_format, task.jpeg_quality)
         rows.append({
             "key": sample.key, "view": v, "crop_top": params.top, "crop_left": params.left,
             "crop_height": params.height, "crop_width": params.width, "flip": params.flip,
-            "pixels": encode_view(pixels_HW3, task.pixel_format, task.jpeg_quality),
-            "label": sample.label, "caption": sample.caption,
+            "pixels": encoded, "label": sample.label, "caption": sample.caption,
+            SEQ_COLUMN: ordinal * task.num_views + v,
+            RAW_COLUMN: seen_HW3,  # what the teacher sees: the stored view as every reader decodes it
         })
     return rows
 
 
 def _view_table(name: str, rows: list[dict[str, Any]], total: int) -> pa.Table:
+    raw_BHW3 = np.stack([r.pop(RAW_COLUMN) for r in rows])
+    seq = np.asarray([r.pop(SEQ_COLUMN) for r in rows], dtype=np.int64)
     table = pa.Table.from_pylist(rows, schema=VIEW_SCHEMA)
     table = table.append_column(SHARD_COLUMN, pa.array([name] * len(rows), pa.string()))
+    table = table.append_column(SEQ_COLUMN, pa.array(seq))
+    table = table.append_column(RAW_COLUMN, tokens_array(raw_BHW3.reshape(len(rows), -1)))
     return table.append_column(TOTAL_COLUMN, pa.array(np.full(len(rows), total, dtype=np.int64)))
 
 
-class TokenEncoder:
-    """Builds the teacher once; maps a table of view rows to the same rows + ``tokens``."""
+def fit_cache_basis(
+    cfg: CacheSpec, shards: list[InputShard], *, device: str, num_threads: int | None = None
+) -> tuple[bytes, dict[str, float]]:
+    """The lowrank_int8 basis (safetensors bytes): PCA of the teacher's patch tokens on the first
+    ``output.basis_views`` views of ``shards``, the views the cache will hold (same seeds); and
+    the cosine of restored vs original tokens on those views (the manifest states it)."""
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    views = list(itertools.islice(_stored_views(cfg, shards), cfg.output.basis_views))
+    if not views:
+        raise ValueError(f"no decodable image in {[s.uri for s in shards[:3]]}...: cannot fit the token basis")
+    teacher = build_cache_teacher(cfg, device)
+    tokens_BTD = torch.cat([_teacher_tokens(teacher, views[i:i + 64], device) for i in range(0, len(views), 64)])
+    basis = fit_basis(tokens_BTD, cfg.output.token_rank)
+    codec = TokenCodec(name="lowrank_int8", token_shape=tuple(tokens_BTD.shape[1:]), basis=basis)
+    cosine = token_cosine(codec.decode(codec.encode(tokens_BTD)), tokens_BTD)
+    return basis.to_bytes(), {"views": len(views), "patch_cosine_mean": round(cosine["patch_mean"], 5),
+                              "patch_cosine_min": round(cosine["patch_min"], 5)}
 
-    def __init__(self, cfg: CacheSpec, *, device: str, fingerprint: str, num_threads: int | None = None) -> None:
+
+def _stored_views(cfg: CacheSpec, shards: list[InputShard]) -> Iterator[np.ndarray]:
+    """The cache's views of ``shards`` as the teacher sees them (decoded JPEG for a JPEG cache)."""
+    for shard in shards:
+        fs, _ = filesystem_for(shard.uri, cfg.s3)
+        try:
+            for sample in iter_samples(fs, shard, cfg.input):
+                try:
+                    img = decode_image(sample.image) if sample.image is not None else None
+                except ImageDecodeError:
+                    continue
+                for _, pixels_HW3 in sample_views(img, sample.key, cfg.num_views, cfg.views) if img else ():
+                    yield store_view(pixels_HW3, cfg.output.pixel_format, cfg.output.jpeg_quality)[1]
+        except ShardReadError:
+            continue
+
+
+def _teacher_tokens(teacher, views: list[np.ndarray], device: str) -> torch.Tensor:
+    x_BHW3 = torch.from_numpy(np.stack(views)).to(device)
+    return teacher.encode_tokens(to_model_input(x_BHW3, teacher.mean, teacher.std)).float().cpu()
+
+
+class TokenEncoder:
+    """Builds the teacher once; maps a table of view rows to the same rows + ``tokens`` (the codec's bytes)."""
+
+    def __init__(self, cfg: CacheSpec, codec: TokenCodec, *, device: str, fingerprint: str,
+                 num_threads: int | None = None) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         if torch.device(device).type == "cuda":
@@ -147,16 +219,65 @@ class TokenEncoder:
                 f"planned with {fingerprint}: the weights source ({cfg.teacher.pretrained}) differs between "
                 "machines; make it identical everywhere (e.g. an s3:// path)"
             )
-        self.token_dtype = cfg.output.token_dtype
+        self.codec, self.size = codec, cfg.views.size
         self.device = torch.device(device)
 
     def encode(self, pixels_BHW3: np.ndarray) -> np.ndarray:
-        """uint8 views -> stored tokens (B, T, D) in the cache's dtype."""
-        x_BHW3 = torch.from_numpy(pixels_BHW3).to(self.device, non_blocking=True)
-        x_B3HW = to_model_input(x_BHW3, self.teacher.mean, self.teacher.std)
-        return tokens_to_storage(self.teacher.encode_tokens(x_B3HW), self.token_dtype)
+        """uint8 views -> stored tokens (B, bytes_per_view) uint8."""
+        x_BHW3 = torch.from_numpy(pixels_BHW3)
+        if self.device.type == "cuda":
+            x_BHW3 = x_BHW3.pin_memory()
+        x_B3HW = to_model_input(x_BHW3.to(self.device, non_blocking=True), self.teacher.mean, self.teacher.std)
+        return self.codec.encode(self.teacher.encode_tokens(x_B3HW))
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        # Decode what is stored, so the tokens match the cached pixels even for JPEG.
-        stored_BTD = self.encode(decode_pixels(table.column("pixels").to_pylist()))
-        return table.append_column("tokens", tokens_array(stored_BTD))
+        raw_BHW3 = stored_tokens(table.column(RAW_COLUMN)).reshape(-1, self.size, self.size, 3)
+        table = table.drop_columns([RAW_COLUMN])
+        return table.append_column("tokens", tokens_array(self.encode(raw_BHW3)))
+
+
+def seq_ranges(seq: np.ndarray) -> list[list[int]]:
+    """Sorted unique row numbers -> [[first, end), ...] runs."""
+    if len(seq) == 0:
+        return []
+    runs = np.split(seq, np.flatnonzero(np.diff(seq) != 1) + 1)
+    return [[int(run[0]), int(run[-1]) + 1] for run in runs]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartWriter:
+    """A write task: the rows of each shard in a block -> one part file per shard, straight to
+    storage; returns their metadata only. Names are unique, so a retried task never overwrites
+    a part the driver may have accepted; the driver drops parts whose rows it already has."""
+
+    root_uri: str
+    s3: S3Options
+    settings: CacheSettings
+    bytes_per_view: int
+    compression: str  # every column but the tokens
+    token_compression: str
+    row_group_mb: int
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        fs, root = filesystem_for(self.root_uri, self.s3)
+        schema = cache_schema(self.settings, self.bytes_per_view)
+        out = []
+        shards = table.column(SHARD_COLUMN).to_numpy(zero_copy_only=False)
+        for name in sorted(set(shards.tolist())):
+            part = table.filter(pa.array(shards == name))
+            part = part.take(pa.array(np.argsort(part.column(SEQ_COLUMN).to_numpy(), kind="stable")))
+            seq = part.column(SEQ_COLUMN).to_numpy()
+            file = f"{shard_dir(name)}/{int(seq[0]):09d}-{int(seq[-1]):09d}-{uuid.uuid4().hex[:8]}.parquet"
+            sink = open_hashing_sink(fs, join(root, file))
+            rows = pa.Table.from_arrays([part.column(n) for n in schema.names], schema=schema)
+            small = [n for n in schema.names if n not in ("pixels", "tokens", "caption")]
+            codecs = {n: self.token_compression if n == "tokens" else self.compression for n in schema.names}
+            with pq.ParquetWriter(sink, schema, compression=codecs, use_dictionary=False,
+                                  write_statistics=small) as writer:
+                per_group = max(1, (self.row_group_mb << 20) // max(1, rows.nbytes // max(1, rows.num_rows)))
+                writer.write_table(rows, row_group_size=per_group)
+            sink.close()
+            out.append({"shard": name, "file": file, "rows": part.num_rows, "bytes": sink.bytes,
+                        "sha256": sink.sha256, "total": int(pc.max(part.column(TOTAL_COLUMN)).as_py()),
+                        "seq_ranges": json.dumps(seq_ranges(np.unique(seq)))})
+        return pa.Table.from_pylist(out, schema=PART_SCHEMA)

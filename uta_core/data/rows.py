@@ -1,10 +1,11 @@
 """Training rows from raw shards (online teacher) or from the teacher cache, and their targets.
 
 Both modes produce the same row columns, so the worker loop does not care where a batch
-came from; only ``teacher_targets`` differs (run the teacher vs restore stored tokens):
+came from; only ``TeacherTargets`` differs (run the teacher, or restore the stored tokens
+with the cache's codec on the training device):
 
     image       uint8 (H, W, 3)    the view at the student's resolution
-    tokens      (1+N, D) fp16/int8 cache mode only: the teacher's stored tokens
+    tokens      (S,) uint8         cache mode only: the teacher's tokens in the cache's codec
     label       int64              class index, -1 when the sample has none
     sample_id   int64              stable hash of (key, view): audits which rows a rank saw
     source_pos  int64              which source of the rank's epoch list the row came from
@@ -28,7 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from uta_core.cache.format import decode_pixels, tokens_from_storage
+from uta_core.cache.codecs import TokenCodec
+from uta_core.cache.format import decode_pixels, stored_tokens
 from uta_core.data.views import ImageDecodeError, ViewConfig, center_view, decode_image, sample_views, to_model_input
 from uta_core.data.shards import InputConfig, InputShard, ShardReadError, discover, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for
@@ -101,7 +103,7 @@ CACHE_COLUMNS = ["key", "view", "pixels", "tokens", "label"]
 def cache_file_rows(
     fs, path: str, *, view: int | None = None, start_row: int = 0, source: int = 0, block: int = 64
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One cache parquet file -> training rows; ``view`` keeps only that stored view (None: all).
+    """One cache part file -> training rows; ``view`` keeps only that stored view (None: all).
     ``row_pos`` counts the rows this read keeps; rows before ``start_row`` are not decoded."""
     with fs.open_input_file(path) as f:
         table = pq.read_table(f, columns=CACHE_COLUMNS)
@@ -109,44 +111,50 @@ def cache_file_rows(
         table = table.filter(pc.equal(table["view"], view))
     for start in range(start_row, table.num_rows, block):
         chunk = table.slice(start, block)
-        batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in ("key", "view", "pixels", "label")}
-        batch["tokens"] = chunk.column("tokens").combine_chunks().to_numpy_ndarray()
-        rows = cache_rows(batch)
+        rows = cache_rows({c: chunk.column(c) for c in CACHE_COLUMNS})
         rows["source_pos"] = np.full(chunk.num_rows, source, dtype=np.int64)
         rows["row_pos"] = np.arange(start, start + chunk.num_rows, dtype=np.int64)
         yield rows
 
 
 def cache_rows(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Cache rows (Ray's numpy batch of key, view, pixels, tokens, label) -> training rows.
+    """Cache rows (Arrow columns, or Ray's numpy batch, of key, view, pixels, tokens, label) -> training rows.
 
-    Tokens stay in their stored dtype (fp16 / int8) until the worker restores them.
+    Tokens stay in the cache's codec, (B, S) uint8, until the worker restores them on its device.
     """
-    labels = batch["label"]
+    labels = _values(batch["label"])
     labels = np.asarray([NO_LABEL if x is None or (isinstance(x, float) and np.isnan(x)) else int(x) for x in labels])
     return {
-        "image": decode_pixels(list(batch["pixels"])),
-        "tokens": np.asarray(batch["tokens"]),
+        "image": decode_pixels(_values(batch["pixels"])),
+        "tokens": stored_tokens(batch["tokens"]),
         "label": labels.astype(np.int64),
-        "sample_id": np.asarray([sample_id(str(k), int(v)) for k, v in zip(batch["key"], batch["view"])], np.int64),
+        "sample_id": np.asarray([sample_id(str(k), int(v)) for k, v in zip(_values(batch["key"]),
+                                                                            _values(batch["view"]))], np.int64),
     }
+
+
+def _values(column) -> list:
+    return column.to_pylist() if hasattr(column, "to_pylist") else list(column)
 
 
 class TeacherTargets:
     """Batch of rows -> (normalised images (B, 3, H, W), teacher tokens (B, 1+N, D) float32).
 
-    ``teacher=None`` is cache mode: the tokens come with the rows and no teacher exists.
+    ``teacher=None`` is cache mode: the tokens come with the rows, in the cache's ``codec``.
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], teacher: Teacher | None = None) -> None:
-        self.mean, self.std, self.teacher = mean, std, teacher
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], teacher: Teacher | None = None,
+                 codec: TokenCodec | None = None) -> None:
+        if (teacher is None) == (codec is None):
+            raise ValueError("TeacherTargets needs a teacher (online mode) or the cache's token codec, not both")
+        self.mean, self.std, self.teacher, self.codec = mean, std, teacher, codec
 
     def __call__(self, batch: Mapping[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         images_B3HW = to_model_input(batch["image"].to(device, non_blocking=True), self.mean, self.std)
         if self.teacher is None:
             if "tokens" not in batch:
                 raise ValueError("cache mode got rows without a tokens column; is data.cache a teacher cache?")
-            return images_B3HW, tokens_from_storage(batch["tokens"].to(device, non_blocking=True))
+            return images_B3HW, self.codec.decode(batch["tokens"].to(device, non_blocking=True))
         return images_B3HW, self.teacher.encode_tokens(images_B3HW)
 
 

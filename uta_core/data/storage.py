@@ -331,26 +331,27 @@ def remove_dir(fs: pafs.FileSystem, path: str) -> None:
         fs.delete_dir(path)
 
 
-def commit_file(fs: pafs.FileSystem, tmp: str, final: str, s3: S3Options) -> None:
-    """Move a finished temporary file to its final name atomically.
-
-    Local: rename (atomic on one filesystem). S3: a server-side copy (an object becomes
-    visible only when complete; boto3's managed copy also handles objects over 5 GB,
-    where pyarrow's single CopyObject fails), then the temporary object is deleted.
-    """
-    if not isinstance(fs, pafs.S3FileSystem):
-        make_parent(fs, final)
-        fs.move(tmp, final)
+def delete_files(fs: pafs.FileSystem, paths: list[str], s3: S3Options) -> None:
+    """Delete files (missing ones too). On S3 in batches of 1,000 keys per request, through boto3:
+    pyarrow's ``delete_file`` writes a "folder" marker object for the parent."""
+    if not paths:
         return
-    src_bucket, src_key = tmp.split("/", 1)
-    dst_bucket, dst_key = final.split("/", 1)
+    if not isinstance(fs, pafs.S3FileSystem):
+        for path in paths:
+            delete_file(fs, path)
+        return
     client = boto3_client(s3)
+    by_bucket: dict[str, list[str]] = {}
+    for path in paths:
+        bucket, key = path.split("/", 1)
+        by_bucket.setdefault(bucket, []).append(key)
     try:
-        client.copy({"Bucket": src_bucket, "Key": src_key}, dst_bucket, dst_key)
-        # Not fs.delete_file: pyarrow then writes a "folder" marker object for the parent.
-        client.delete_object(Bucket=src_bucket, Key=src_key)
+        for bucket, keys in by_bucket.items():
+            for i in range(0, len(keys), 1000):
+                client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]],
+                                                             "Quiet": True})
     except Exception as err:  # botocore raises several unrelated types
-        raise translate_error(err, S3_SCHEME + final, s3) from None
+        raise translate_error(err, S3_SCHEME + paths[0], s3) from None
 
 
 class HashingSink:

@@ -21,7 +21,8 @@ class RayConfig:
     actor_num_cpus: float | None = None  # None: 1 with GPUs; on CPU half the cores, >= 0.5
     actor_threads: int | None = None  # torch threads per actor; None: on CPU the node's cores / actors
     read_num_cpus: float = 1.0  # per decode/view task
-    batch_size: int = 64  # views per teacher forward
+    write_num_cpus: float = 0.5  # per write task (compresses and uploads part files)
+    batch_size: int | None = None  # views per teacher forward; None: 256 on a GPU, 64 on CPU
     images_per_block: int = 64  # read tasks emit blocks of this many images' views
     progress_bars: bool = True  # the job's bar (shards committed, views, ETA); Ray Data's own stay off
 
@@ -32,9 +33,9 @@ class RayConfig:
                 raise ValueError(f"{name} must be at least 1 (or null), got {value}")
         if self.actor_num_cpus is not None and self.actor_num_cpus <= 0:
             raise ValueError(f"actor_num_cpus must be positive, got {self.actor_num_cpus}")
-        if self.read_num_cpus <= 0:
-            raise ValueError(f"read_num_cpus must be positive, got {self.read_num_cpus}")
-        if self.batch_size < 1 or self.images_per_block < 1:
+        if self.read_num_cpus <= 0 or self.write_num_cpus <= 0:
+            raise ValueError("read_num_cpus and write_num_cpus must be positive")
+        if (self.batch_size is not None and self.batch_size < 1) or self.images_per_block < 1:
             raise ValueError("batch_size and images_per_block must be at least 1")
 
 

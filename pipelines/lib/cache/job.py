@@ -1,9 +1,12 @@
-"""The caching job on Ray Data: pending input shards -> views (CPU tasks) -> teacher (actors) -> commit.
+"""The caching job on Ray Data: pending input shards -> views (CPU tasks) -> teacher (actors)
+-> part files (CPU write tasks) -> commit (driver, metadata only).
 
 ``map_batches`` with a callable class on an ``ActorPoolStrategy`` runs the teacher, one GPU
-per actor when the cluster has GPUs; the driver appends rows to one temporary parquet per
-shard and commits each shard as soon as all its rows arrived (``uta_core.cache.commit``).
-Format: docs/CACHE_FORMAT.md; the data flow: docs/ARCHITECTURE.md.
+per actor when the cluster has GPUs; write tasks put each shard's rows of a batch into a
+part file on the output storage and hand on one metadata row per part; the driver records
+a shard in the manifest once its parts hold all its rows (``uta_core.cache.commit``). No
+pixel or token byte reaches the driver. Format: docs/CACHE_FORMAT.md; the data flow:
+docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.progress import DriverProgress
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from uta_core import tracking
+from uta_core.cache.codecs import BASIS_FILE, TokenCodec, basis_sha256
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
+from uta_core.cache.format import load_codec, save_manifest
 from uta_core.cache.plan import CachePlan, plan_cache, prepare_output
-from uta_core.cache.rows import TokenEncoder, ViewTask, shard_view_tables
+from uta_core.cache.rows import PartWriter, TokenEncoder, ViewTask, fit_cache_basis, shard_view_tables
 from uta_core.data.shards import InputShard
+from uta_core.data.storage import join, write_bytes_atomic
 
 log = logging.getLogger("uta.cache")
 
@@ -40,6 +46,10 @@ class ResourceError(ValueError):
 def _views_of_shards(batch: pa.Table, task: ViewTask) -> Iterator[pa.Table]:
     for item in batch.to_pylist():
         yield from shard_view_tables(task, item["name"], InputShard(**json.loads(item["shard"])))
+
+
+def _write_parts(batch: pa.Table, writer: PartWriter) -> pa.Table:
+    return writer(batch)
 
 
 def compute_resources(cfg: CacheConfig) -> tuple[str, int, float, int]:
@@ -56,10 +66,11 @@ def compute_resources(cfg: CacheConfig) -> tuple[str, int, float, int]:
         # On CPU the teacher gets half the cores; the decode/view tasks keep the rest, so the
         # actor pool can never starve them (a full pool hangs the pipeline at 0 rows).
         actor_cpus = 1.0 if device == "cuda" else max(0.5, (cpus / 2 - 0.5) / num_actors)
-    if actor_cpus * num_actors + cfg.ray.read_num_cpus > cpus:
+    if actor_cpus * num_actors + cfg.ray.read_num_cpus + cfg.ray.write_num_cpus > cpus:
         raise ResourceError(
-            f"{num_actors} teacher actors x {actor_cpus} CPUs + one {cfg.ray.read_num_cpus}-CPU read task "
-            f"exceed the cluster's {cpus:g} CPUs; lower ray.num_actors or ray.actor_num_cpus"
+            f"{num_actors} teacher actors x {actor_cpus} CPUs + one {cfg.ray.read_num_cpus}-CPU read task + one "
+            f"{cfg.ray.write_num_cpus}-CPU write task exceed the cluster's {cpus:g} CPUs; lower ray.num_actors "
+            "or ray.actor_num_cpus"
         )
     threads = cfg.ray.actor_threads
     if threads is None:
@@ -69,7 +80,15 @@ def compute_resources(cfg: CacheConfig) -> tuple[str, int, float, int]:
     return device, num_actors, actor_cpus, threads
 
 
-def build_dataset(plan: CachePlan, device: str, num_actors: int, actor_cpus: float, threads: int) -> ray.data.Dataset:
+def rows_per_part(plan: CachePlan, codec: TokenCodec) -> int:
+    """Rows a write task gathers into its part files: ~``output.part_mb`` of tokens + pixels."""
+    cfg = plan.cfg
+    pixel_bytes = cfg.views.size ** 2 * 3 * (0.6 if cfg.output.pixel_format == "png" else 0.15)
+    return max(1, int((cfg.output.part_mb << 20) // (codec.bytes_per_view + pixel_bytes)))
+
+
+def build_dataset(plan: CachePlan, codec: TokenCodec, device: str, num_actors: int, actor_cpus: float,
+                  threads: int) -> ray.data.Dataset:
     cfg = plan.cfg
     items = [{"name": name, "shard": json.dumps(dataclasses.asdict(shard))} for name, shard in plan.pending.items()]
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one read task per shard
@@ -77,17 +96,41 @@ def build_dataset(plan: CachePlan, device: str, num_actors: int, actor_cpus: flo
         _views_of_shards, fn_kwargs={"task": ViewTask.from_plan(plan, cfg.ray.images_per_block)},
         batch_size=1, batch_format="pyarrow", num_cpus=cfg.ray.read_num_cpus,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         TokenEncoder,
-        fn_constructor_args=(cfg,),
+        fn_constructor_args=(cfg, codec),
         fn_constructor_kwargs={
             "device": device, "fingerprint": plan.manifest.settings.teacher["fingerprint"],
             "num_threads": threads,
         },
-        batch_size=cfg.ray.batch_size, batch_format="pyarrow",
+        batch_size=cfg.ray.batch_size or (256 if device == "cuda" else 64), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
         num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else None,
     )
+    writer = PartWriter(root_uri=cfg.output.path, s3=cfg.s3, settings=plan.manifest.settings,
+                        bytes_per_view=codec.bytes_per_view, compression=cfg.output.compression,
+                        token_compression=cfg.output.token_compression, row_group_mb=cfg.output.row_group_mb)
+    return ds.map_batches(_write_parts, fn_kwargs={"writer": writer}, batch_size=rows_per_part(plan, codec),
+                          batch_format="pyarrow", num_cpus=cfg.ray.write_num_cpus)
+
+
+def prepare_codec(plan: CachePlan, device: str, actor_cpus: float, threads: int) -> TokenCodec:
+    """The cache's codec; lowrank_int8 fits its basis once, on a teacher worker (resumes reuse it)."""
+    cfg, manifest = plan.cfg, plan.manifest
+    if manifest.settings.token_codec == "lowrank_int8" and manifest.token_basis is None:
+        shards = list(plan.pending.values())
+        log.info("fitting the rank-%d token basis on %d views of the first input shards", cfg.output.token_rank,
+                 cfg.output.basis_views)
+        fit = ray.remote(fit_cache_basis).options(num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else 0)
+        data, fit_stats = ray.get(fit.remote(cfg, shards, device=device, num_threads=threads))
+        write_bytes_atomic(plan.fs, join(plan.root, BASIS_FILE), data)
+        manifest.token_basis = {"file": BASIS_FILE, "sha256": basis_sha256(data), "rank": cfg.output.token_rank,
+                                **fit_stats}
+        save_manifest(plan.fs, plan.root, manifest)
+        log.info("token basis: rank %d, patch-token cosine %.4f (mean) / %.4f (min) on %d views",
+                 cfg.output.token_rank, fit_stats["patch_cosine_mean"], fit_stats["patch_cosine_min"],
+                 fit_stats["views"])
+    return load_codec(plan.fs, plan.root, manifest)
 
 
 def execute(plan: CachePlan) -> dict:
@@ -109,22 +152,25 @@ def execute(plan: CachePlan) -> dict:
             start = time.perf_counter()
             result = CacheResult()
             if plan.pending:
+                codec = prepare_codec(plan, device, actor_cpus, threads)
                 committer = ShardCommitter(plan, compute=compute)
                 try:
-                    ds = build_dataset(plan, device, num_actors, actor_cpus, threads)
+                    ds = build_dataset(plan, codec, device, num_actors, actor_cpus, threads)
                     views = 0
                     progress = (DriverProgress("caching", len(plan.pending), unit="shard", remote=False)
                                 if cfg.ray.progress_bars else contextlib.nullcontext())
+                    cpu_start = time.process_time()  # the driver process, all its threads
                     with progress as bar:
-                        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-                            committer.add(table)
-                            views += table.num_rows
+                        for parts in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+                            committer.add(parts)  # metadata of written part files
+                            views += sum(parts.column("rows").to_pylist())
                             if bar is not None:
                                 bar.set(len(committer.result.committed), note=f"{views:,} views")
                 except BaseException:
                     committer.abort()
                     raise
                 result = committer.finish()
+                result.driver_cpu_s = time.process_time() - cpu_start
             stats = summary(result, time.perf_counter() - start)
             tracking.log_metrics({k: v for k, v in stats.items() if not math.isnan(v)})
             tracking.log_json(json.loads(plan.manifest.to_json()), "manifest.json")
@@ -159,6 +205,8 @@ def print_report(report: dict) -> None:
         ("images", f"{s['images']:,}"), ("views", f"{s['views']:,}"), ("skipped", f"{s['skipped']:,}"),
         ("images/s", f"{s['images_per_s']:.1f}"), ("bytes written", f"{s['bytes_written']:,}"),
         ("bytes per view", f"{s['bytes_per_view']:,.0f}" if s["views"] else "-"),
+        ("duplicate parts dropped (retried tasks)", str(s["duplicate_parts"])),
+        ("driver CPU per view", f"{s['driver_cpu_ms_per_view']:.3f} ms" if s["views"] else "-"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -33,7 +33,7 @@ log = logging.getLogger("uta.data")
 class Sources:
     """What a run reads, as metadata every worker gets with the plan."""
 
-    kind: str  # "online": raw input shards | "cache": the cache's parquet files
+    kind: str  # "online": raw input shards | "cache": the cache's part files
     items: list[str]  # JSON of an InputShard (online) or a cache file path (cache)
     rows: list[int]  # rows of each source in one epoch (views included)
     stored_views: int = 1  # cache: views per image in the cache
@@ -68,11 +68,11 @@ def online_sources(cfg: PretrainConfig) -> Sources:
 
 
 def cache_sources(cfg: PretrainConfig) -> tuple[Sources, list[float], list[float]]:
-    """The cache's files and row counts from its manifest; no teacher anywhere."""
+    """The cache's part files and row counts from its manifest; no teacher anywhere."""
     fs, root, manifest, paths = open_cache(cfg.data.cache, cfg.s3)
     check_cache(manifest, cfg, cfg.data.cache)
     views = int(manifest.settings.views["num_views"])
-    rows = [manifest.shards[name].rows for name in sorted(manifest.shards)]
+    rows = [n for _, n in manifest.files()]
     if cfg.data.cache_views == "cycle":
         rows = [n // views for n in rows]
     teacher = manifest.settings.teacher

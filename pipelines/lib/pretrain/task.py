@@ -20,6 +20,7 @@ import ray.train.torch
 import torch
 
 from pipelines.lib.pretrain.config import PretrainConfig
+from uta_core.cache.format import open_codec
 from uta_core.data.rows import TeacherTargets, load_eval_set
 from uta_core.data.captions import load_caption_set
 from uta_core.eval.evaluator import (eval_caption_bank, load_classifier, prompts, retrieval_metrics,
@@ -70,7 +71,8 @@ class AlignmentTask:
             self.teacher = build_teacher(teacher_cfg, random_seed=cfg.teacher_random_seed, device=device, s3=cfg.s3)
             check_teacher(self.teacher, self.student)
             self.mean, self.std = self.teacher.mean, self.teacher.std
-        self.targets = TeacherTargets(self.mean, self.std, self.teacher)
+        codec = open_codec(cfg.data.cache, cfg.s3) if self.teacher is None else None
+        self.targets = TeacherTargets(self.mean, self.std, self.teacher, codec)
         self.forward = ray.train.torch.prepare_model(StudentForward(self.student, cfg.objective))
         self.mask_gen = MaskGenerator(cfg.mask, self.student.grid)
         kept = self.mask_gen.num_keep if cfg.objective.name == "uta" else self.mask_gen.num_patches
