@@ -21,7 +21,7 @@ from uta_core.cache.format import (
     encode_view,
     read_cache_rows,
     settings_diff,
-    stored_tokens,
+    byte_rows,
     tokens_array,
 )
 
@@ -184,4 +184,4 @@ def test_rows_written_with_the_schema_read_back_as_pixels_and_tokens(tmp_path, p
     numpy_batch = {"pixels": np.array(back.column("pixels").to_pylist(), dtype=object),
                    "tokens": np.array(back.column("tokens").to_pylist(), dtype=object)}  # Ray's numpy batch
     torch.testing.assert_close(read_cache_rows(numpy_batch, codec)[1], got_tokens)
-    assert stored_tokens(back.column("tokens").slice(1, 2)).tobytes() == b"".join(back.column("tokens")[1:3].to_pylist())
+    assert byte_rows(back.column("tokens").slice(1, 2)).tobytes() == b"".join(back.column("tokens")[1:3].to_pylist())

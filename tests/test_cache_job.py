@@ -37,13 +37,15 @@ def setup(tmp_path_factory):
     return folder, arch, weights, shards
 
 
-def config(setup, out) -> CacheConfig:
+def _args(setup, out) -> list[str]:
     folder, arch, weights, _ = setup
-    return load_config(CacheConfig, None, [
-        f"input.paths={folder / 'wds'}", f"output.path={out}", f"teacher.arch={arch}",
-        f"teacher.pretrained={weights}", "teacher.precision=fp32", "views.size=32", "num_views=2",
-        "ray.images_per_block=2", "tracking.enabled=false",
-    ])
+    return [f"input.paths={folder / 'wds'}", f"output.path={out}", f"teacher.arch={arch}",
+            f"teacher.pretrained={weights}", "teacher.precision=fp32", "views.size=32", "num_views=2",
+            "ray.images_per_block=2", "tracking.enabled=false"]
+
+
+def config(setup, out) -> CacheConfig:
+    return load_config(CacheConfig, None, _args(setup, out))
 
 
 def written_parts(plan):
@@ -156,3 +158,41 @@ def test_part_rows_restore_to_the_teachers_tokens(setup, tmp_path):
     ref = t.encode_tokens(to_model_input(pixels, t.mean, t.std))
     torch.testing.assert_close(tokens, ref.half().float(), rtol=0, atol=0)
     assert np.asarray(json.loads(first["seq_ranges"])).tolist() == [[0, table.num_rows]]
+
+
+def test_a_cache_without_pixels_rebuilds_exactly_the_views_the_teacher_saw(setup, tmp_path):
+    """``output.pixel_format=none``: the rows hold no pixels; the reader rebuilds each view from the
+    input shard and the recorded crop / flip, bit for bit the pixels the teacher was given."""
+    from uta_core.cache.rows import RAW_COLUMN, SEQ_COLUMN
+    from uta_core.cache.format import byte_rows
+    from uta_core.data.rows import ViewSource, cache_file_rows
+
+    root = tmp_path / "cache"
+    cfg = load_config(CacheConfig, None, [*_args(setup, root), "output.pixel_format=none"])
+    plan = plan_cache(cfg)
+    prepare_output(plan)
+    parts, blocks, *_ = written_parts(plan)
+    committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
+    for tables in parts.values():
+        for table in tables:
+            committer.add(table)
+    committer.finish()
+    manifest = load_manifest(FS, plan.root)
+    assert manifest.settings.source_columns == {"image_column": "image", "key_column": None}
+    for name in ("00000", "00001"):
+        seen = {}  # (key, view) -> the pixels the teacher actor got
+        for block in blocks[name]:
+            raw = byte_rows(block.column(RAW_COLUMN)).reshape(-1, 32, 32, 3)
+            seen.update(zip(zip(block.column("key").to_pylist(), block.column("view").to_pylist()), raw))
+            assert all(len(p) == 0 for p in block.column("pixels").to_pylist())  # nothing stored
+        assert SEQ_COLUMN in blocks[name][0].column_names
+        record = manifest.shards[name]
+        src = ViewSource.of(record.input_shard, manifest.settings.source_columns, 32, plan.cfg.s3)
+        rebuilt = {}
+        for part in record.parts:
+            for rows in cache_file_rows(FS, str(root / part.file), rebuild=src, block=5):
+                rebuilt.update(zip(rows["sample_id"].tolist(), rows["image"]))
+        from uta_core.data.rows import sample_id
+        assert len(rebuilt) == len(seen) == 12
+        for (key, view), pixels in seen.items():
+            np.testing.assert_array_equal(rebuilt[sample_id(key, view)], pixels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,11 +28,19 @@ from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.cache.job import run as run_cache
 from pipelines.lib.evaluate.job import EvaluateConfig, evaluate
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
-from pipelines.lib.pretrain.data import Sources, check_sources, online_sources, teacher_description
+from pipelines.lib.pretrain.data import (
+    EpochStream,
+    Sources,
+    cache_sources,
+    check_sources,
+    online_sources,
+    teacher_description,
+)
 from pipelines.lib.train.trainer import make_plan
 from pipelines.pretrain import main
 from uta_core.cache.format import load_codec, open_cache
 from uta_core.config import load_config
+from uta_core.data.epochs import Cursor
 from uta_core.data.digits import CLASS_NAMES, write_digits_splits
 from uta_core.models.export import load_student
 from helpers import mask_gen
@@ -347,3 +356,48 @@ def test_online_and_cache_give_the_same_loss_on_the_same_batch(ws, objective):
     other = torch.roll(teacher_ca, 1, dims=0)  # and the check can tell batches apart
     with torch.no_grad():
         assert abs(step_loss(StudentForward(student, obj), images_ca, other, keep, obj).item() - loss_on) > 1e-3
+
+
+@pytest.mark.timeout(300)
+def test_a_cache_without_pixels_trains_on_views_rebuilt_from_its_inputs(ws, tmp_path):
+    """``output.pixel_format=none``: the rank's stream rebuilds every view from the input shard,
+    bit for bit the pixels of the lossless (PNG) cache of the same inputs and views."""
+    out = tmp_path / "cache-none"
+    run_cache(load_config(CacheConfig, None, [
+        f"input.paths={ws.train}", f"output.path={out}", f"teacher.arch={ws.arch}",
+        f"teacher.pretrained={ws.weights}", "teacher.precision=fp32", "views.size=32", f"num_views={NUM_VIEWS}",
+        "ray.batch_size=32", "ray.progress_bars=false", "tracking.enabled=false", "output.pixel_format=none",
+    ]))
+    fs, _, manifest, paths = open_cache(str(out))
+    assert manifest.settings.pixel_format == "none"
+    assert all(len(v) == 0 for p in paths for v in pq.read_table(p, columns=["pixels"]).column(0).to_pylist())
+    # The PNG cache of the same inputs: the pixels the rebuilt views must equal.
+    png_fs, _, _, png_paths = open_cache(str(ws.cache))
+    stored = {}
+    for p in png_paths:
+        rows = cache_rows({c: col for c, col in zip(["key", "view", "pixels", "tokens", "label"], pq.read_table(
+            p, filesystem=png_fs, columns=["key", "view", "pixels", "tokens", "label"]).columns)})
+        stored.update(zip(rows["sample_id"].tolist(), rows["image"]))
+
+    cfg = load_config(PretrainConfig, DEFAULT_CONFIG, [*overrides(ws, "none", "cache")[2:], f"data.cache={out}",
+                                                       "data.cache_views=all"])
+    sources, _, _ = cache_sources(cfg)
+    assert sources.view_sources and len(sources.view_sources) == len(sources.items)
+    stream = EpochStream(cfg, sources, rank=0, world=1, rows_per_step=8)
+    seen = set()
+    for batch, _ in itertools.islice(stream.batches(0, Cursor()), stream.steps(0)):  # the epoch's steps
+        for sid, image in zip(batch["sample_id"].tolist(), batch["image"]):
+            np.testing.assert_array_equal(image, stored[sid])
+            seen.add(sid)
+    assert len(seen) == stream.steps(0) * 8 >= sources.total_rows - 8 * len(sources.items)
+    # An input that changed under the cache is named, with what to do.
+    names = sorted(manifest.shards)
+    first, second = (Path(manifest.shards[n].input_shard["path"]) for n in names[:2])
+    original = first.read_bytes()
+    first.write_bytes(second.read_bytes())  # other samples under the first shard's name
+    try:
+        with pytest.raises(Exception, match="rebuilds its views from its input shards"):
+            for _ in itertools.islice(stream.batches(0, Cursor()), stream.steps(0)):
+                pass
+    finally:
+        first.write_bytes(original)

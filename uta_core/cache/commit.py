@@ -11,6 +11,7 @@ never sees a shard before all its parts are written. The driver handles metadata
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -93,6 +94,7 @@ class ShardCommitter:
             raise RuntimeError(f"{name}: got parts of {shard.rows} rows but the reader reported {stats}")
         record = ShardRecord(source=stats["source"], rows=shard.rows, images=stats["images"],
                              skipped=stats["skipped"], errors=stats["errors"],
+                             input_shard=dataclasses.asdict(self.plan.pending[name]),
                              parts=[part for _, part in sorted(shard.parts, key=lambda p: p[0])],
                              committed_at=now(), compute=self.compute, read_error=stats.get("read_error"))
         self.plan.manifest.shards[name] = record

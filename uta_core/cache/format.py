@@ -32,7 +32,7 @@ FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 TMP_DIR = "_tmp"
-PIXEL_FORMATS = ("jpeg", "png")
+PIXEL_FORMATS = ("jpeg", "png", "none")  # none: no pixels, views rebuilt from the source shards
 # Recorded for information; a different source of bit-identical weights is the same teacher.
 _UNHASHED = ("teacher.pretrained",)
 
@@ -63,6 +63,7 @@ class CacheSettings:
     token_rank: int | None  # lowrank_int8: the basis rank r (None otherwise)
     pixel_format: str
     views: dict[str, Any]  # num_views, size, scale, ratio, hflip, seed (+ jpeg_quality for jpeg)
+    source_columns: dict[str, Any] | None = None  # pixel_format none: the input's image_column, key_column
 
     def __post_init__(self) -> None:
         if self.token_codec not in TOKEN_CODECS:
@@ -109,6 +110,7 @@ class ShardRecord:
     images: int  # images decoded
     skipped: int  # samples skipped (undecodable, truncated, no image, duplicate key)
     errors: list[str] = field(default_factory=list)  # first few skip reasons / container errors
+    input_shard: dict[str, Any] | None = None  # the input shard (uri, path, format, label, root): views rebuild from it
     parts: list[PartRecord] = field(default_factory=list)  # in row order; empty for a shard without images
     committed_at: str = ""
     compute: str = ""  # e.g. "cuda bf16", "cpu fp32" (informational)
@@ -231,8 +233,9 @@ def tokens_array(stored_BS: np.ndarray) -> pa.FixedSizeBinaryArray:
                                                 [None, pa.py_buffer(stored_BS)])
 
 
-def stored_tokens(column: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.ndarray:
-    """The ``tokens`` column (Arrow, or Ray's numpy batch of bytes) -> (B, S) uint8; zero-copy from Arrow."""
+def byte_rows(column: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.ndarray:
+    """A fixed-size byte column (``tokens``; Arrow, or Ray's numpy batch of bytes) -> (B, S) uint8;
+    zero-copy from Arrow."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if isinstance(column, pa.FixedSizeBinaryArray):
@@ -259,7 +262,10 @@ def encode_view(pixels_HW3: np.ndarray, pixel_format: str, jpeg_quality: int = 9
 
 
 def store_view(pixels_HW3: np.ndarray, pixel_format: str, jpeg_quality: int = 95) -> tuple[bytes, np.ndarray]:
-    """A view -> (its stored bytes, the pixels every reader decodes from them): what the teacher must see."""
+    """A view -> (its stored bytes, the pixels every reader gets from them): what the teacher must see.
+    ``none`` stores no bytes: readers rebuild the view from the source (``uta_core.data.rows``)."""
+    if pixel_format == "none":
+        return b"", pixels_HW3
     encoded = encode_view(pixels_HW3, pixel_format, jpeg_quality)
     return encoded, pixels_HW3 if pixel_format == "png" else decode_pixels([encoded])[0]
 
@@ -285,7 +291,10 @@ def read_cache_rows(batch: pa.Table | Mapping[str, Any], codec: TokenCodec) -> t
     """A batch of cache rows (pyarrow table, or Ray's numpy dict) -> (pixels uint8 (B, H, W, 3),
     tokens float32 (B, 1+N, D)). Normalise pixels with ``uta_core.data.views.to_model_input``."""
     if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        encoded, stored_BS = batch.column("pixels").to_pylist(), stored_tokens(batch.column("tokens"))
+        encoded, stored_BS = batch.column("pixels").to_pylist(), byte_rows(batch.column("tokens"))
     else:
-        encoded, stored_BS = list(batch["pixels"]), stored_tokens(batch["tokens"])
+        encoded, stored_BS = list(batch["pixels"]), byte_rows(batch["tokens"])
+    if len(encoded) and not encoded[0]:
+        raise ValueError("these cache rows hold no pixels (pixel_format none): read them with "
+                         "uta_core.data.rows.cache_file_rows, which rebuilds the views from the source shards")
     return torch.from_numpy(decode_pixels(encoded)), codec.decode(stored_BS)

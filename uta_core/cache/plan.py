@@ -54,7 +54,9 @@ class OutputConfig:
     token_codec: Literal["float16", "int8", "lowrank_int8"] = "float16"  # uta_core/cache/codecs.py
     token_rank: int = 64  # lowrank_int8: basis rank r (bytes per view: 2 D + N (2 + r))
     basis_views: int = 256  # lowrank_int8: views of the first input shards the basis is fitted on
-    pixel_format: Literal["jpeg", "png"] = "jpeg"  # jpeg: the teacher sees the decoded JPEG; png: lossless
+    # jpeg: the teacher sees the decoded JPEG; png: lossless; none: no pixels, training rebuilds
+    # each view from the input shard (which must stay where it is, unchanged)
+    pixel_format: Literal["jpeg", "png", "none"] = "jpeg"
     jpeg_quality: int = 95
     compression: Literal["none", "zstd", "snappy"] = "zstd"  # every column but the tokens
     token_compression: Literal["none", "zstd", "snappy"] = "none"  # fp16 tokens: zstd saves ~8%, reads 4x slower
@@ -132,6 +134,8 @@ def cache_settings(cfg: CacheSpec, teacher: Teacher) -> CacheSettings:
         token_rank=cfg.output.token_rank if cfg.output.token_codec == "lowrank_int8" else None,
         pixel_format=cfg.output.pixel_format,
         views=views,
+        source_columns=({"image_column": cfg.input.image_column, "key_column": cfg.input.key_column}
+                        if cfg.output.pixel_format == "none" else None),
     )
 
 

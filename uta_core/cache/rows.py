@@ -37,7 +37,7 @@ from uta_core.cache.format import (
     cache_schema,
     shard_dir,
     store_view,
-    stored_tokens,
+    byte_rows,
     tmp_path,
     tokens_array,
 )
@@ -231,7 +231,7 @@ class TokenEncoder:
         return self.codec.encode(self.teacher.encode_tokens(x_B3HW))
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        raw_BHW3 = stored_tokens(table.column(RAW_COLUMN)).reshape(-1, self.size, self.size, 3)
+        raw_BHW3 = byte_rows(table.column(RAW_COLUMN)).reshape(-1, self.size, self.size, 3)
         table = table.drop_columns([RAW_COLUMN])
         return table.append_column("tokens", tokens_array(self.encode(raw_BHW3)))
 

@@ -22,16 +22,27 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from uta_core.cache.codecs import TokenCodec
-from uta_core.cache.format import decode_pixels, stored_tokens
-from uta_core.data.views import ImageDecodeError, ViewConfig, center_view, decode_image, sample_views, to_model_input
+from uta_core.cache.format import decode_pixels, byte_rows
+from uta_core.data.views import (
+    ImageDecodeError,
+    ViewConfig,
+    ViewParams,
+    center_view,
+    decode_image,
+    render_view,
+    sample_views,
+    to_model_input,
+)
 from uta_core.data.shards import InputConfig, InputShard, ShardReadError, discover, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for
 from uta_core.models.teacher import Teacher
@@ -98,35 +109,80 @@ def online_rows(
 
 
 CACHE_COLUMNS = ["key", "view", "pixels", "tokens", "label"]
+VIEW_COLUMNS = ["crop_top", "crop_left", "crop_height", "crop_width", "flip"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViewSource:
+    """Where the views of a cache without pixels (``pixel_format: none``) are rebuilt from."""
+
+    shard: InputShard  # the input shard the cache job read (its manifest record's ``input_shard``)
+    input: InputConfig  # how to read it (format, parquet columns)
+    size: int  # the view resolution
+    s3: S3Options
+
+    @classmethod
+    def of(cls, record: dict, columns: dict, size: int, s3: S3Options) -> ViewSource:
+        shard = InputShard(**record)
+        return cls(shard=shard, input=InputConfig(paths=[shard.uri], format=shard.format, **columns), size=size, s3=s3)
+
+
+def rebuilt_views(rows: pa.Table, src: ViewSource) -> Iterator[np.ndarray]:
+    """The views of ``rows`` (in shard order, as a part file holds them) rebuilt from the source shard:
+    crop, resize, flip of the recorded parameters, exactly the pixels the teacher saw."""
+    fs, _ = filesystem_for(src.shard.uri, src.s3)
+    samples = iter_samples(fs, src.shard, src.input)
+    columns = {c: rows.column(c).to_pylist() for c in ["key", *VIEW_COLUMNS]}
+    key, img = None, None
+    for i, wanted in enumerate(columns["key"]):
+        if wanted != key:
+            for sample in samples:  # rows follow the shard's order: undecoded samples are passed over
+                if sample.key == wanted:
+                    break
+            else:
+                raise ValueError(
+                    f"{src.shard.uri} holds no sample {wanted!r} (any more, or not in this order): this cache stores no "
+                    "pixels and rebuilds its views from its input shards, which must stay unchanged; restore the "
+                    "input or rebuild the cache with output.pixel_format=jpeg"
+                )
+            key, img = wanted, decode_image(sample.image)
+        params = ViewParams(top=columns["crop_top"][i], left=columns["crop_left"][i], height=columns["crop_height"][i],
+                            width=columns["crop_width"][i], flip=columns["flip"][i])
+        yield render_view(img, params, src.size)
 
 
 def cache_file_rows(
-    fs, path: str, *, view: int | None = None, start_row: int = 0, source: int = 0, block: int = 64
+    fs, path: str, *, view: int | None = None, start_row: int = 0, source: int = 0, block: int = 64,
+    rebuild: ViewSource | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One cache part file -> training rows; ``view`` keeps only that stored view (None: all).
-    ``row_pos`` counts the rows this read keeps; rows before ``start_row`` are not decoded."""
+    ``row_pos`` counts the rows this read keeps; rows before ``start_row`` are not decoded.
+    ``rebuild``: the cache stores no pixels; the views are rebuilt from that source shard."""
     with fs.open_input_file(path) as f:
-        table = pq.read_table(f, columns=CACHE_COLUMNS)
+        table = pq.read_table(f, columns=CACHE_COLUMNS + (VIEW_COLUMNS if rebuild else []))
     if view is not None:
         table = table.filter(pc.equal(table["view"], view))
+    views = rebuilt_views(table.slice(start_row), rebuild) if rebuild else None
     for start in range(start_row, table.num_rows, block):
         chunk = table.slice(start, block)
-        rows = cache_rows({c: chunk.column(c) for c in CACHE_COLUMNS})
+        pixels = np.stack([next(views) for _ in range(chunk.num_rows)]) if views else None
+        rows = cache_rows({c: chunk.column(c) for c in CACHE_COLUMNS}, pixels)
         rows["source_pos"] = np.full(chunk.num_rows, source, dtype=np.int64)
         rows["row_pos"] = np.arange(start, start + chunk.num_rows, dtype=np.int64)
         yield rows
 
 
-def cache_rows(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def cache_rows(batch: Mapping[str, Any], pixels_BHW3: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Cache rows (Arrow columns, or Ray's numpy batch, of key, view, pixels, tokens, label) -> training rows.
 
     Tokens stay in the cache's codec, (B, S) uint8, until the worker restores them on its device.
+    ``pixels_BHW3``: the rows' views, rebuilt (a cache without pixels); else the stored ones are decoded.
     """
     labels = _values(batch["label"])
     labels = np.asarray([NO_LABEL if x is None or (isinstance(x, float) and np.isnan(x)) else int(x) for x in labels])
     return {
-        "image": decode_pixels(_values(batch["pixels"])),
-        "tokens": stored_tokens(batch["tokens"]),
+        "image": decode_pixels(_values(batch["pixels"])) if pixels_BHW3 is None else pixels_BHW3,
+        "tokens": byte_rows(batch["tokens"]),
         "label": labels.astype(np.int64),
         "sample_id": np.asarray([sample_id(str(k), int(v)) for k, v in zip(_values(batch["key"]),
                                                                             _values(batch["view"]))], np.int64),

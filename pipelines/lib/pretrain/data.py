@@ -21,7 +21,7 @@ from pipelines.lib.pretrain.config import PretrainConfig
 from uta_core.cache.format import open_cache
 from uta_core.config import from_dict, to_dict
 from uta_core.data.epochs import Cursor, epoch_steps, producer_counts, rank_sources, spread
-from uta_core.data.rows import cache_file_rows, online_rows
+from uta_core.data.rows import ViewSource, cache_file_rows, online_rows
 from uta_core.data.shards import InputShard, discover
 from uta_core.data.storage import filesystem_for
 from uta_core.models.teacher_weights import check_student_fits_teacher
@@ -37,6 +37,7 @@ class Sources:
     items: list[str]  # JSON of an InputShard (online) or a cache file path (cache)
     rows: list[int]  # rows of each source in one epoch (views included)
     stored_views: int = 1  # cache: views per image in the cache
+    view_sources: list[dict] | None = None  # cache without pixels: per item, the ViewSource.of(...) arguments
     counted_from: str = ""  # where the counts come from, for the log and MLflow
 
     @property
@@ -75,8 +76,13 @@ def cache_sources(cfg: PretrainConfig) -> tuple[Sources, list[float], list[float
     rows = [n for _, n in manifest.files()]
     if cfg.data.cache_views == "cycle":
         rows = [n // views for n in rows]
-    teacher = manifest.settings.teacher
-    sources = Sources(kind="cache", items=list(paths), rows=rows, stored_views=views, counted_from="the cache manifest")
+    teacher, view_sources = manifest.settings.teacher, None
+    if manifest.settings.pixel_format == "none":  # metadata only: which input shard each part's views come from
+        columns, size = manifest.settings.source_columns, manifest.settings.views["size"]
+        view_sources = [{"record": manifest.shards[name].input_shard, "columns": columns, "size": size}
+                        for name in sorted(manifest.shards) for _ in manifest.shards[name].parts]
+    sources = Sources(kind="cache", items=list(paths), rows=rows, stored_views=views, counted_from="the cache manifest",
+                      view_sources=view_sources)
     return sources, list(teacher["mean"]), list(teacher["std"])
 
 
@@ -123,14 +129,16 @@ def teacher_description(cfg: PretrainConfig) -> dict:
 def _read_block(batch: dict, cfg_dict: dict, kind: str, epoch: int, stored_views: int):
     """One Ray Data task: one source of a rank's epoch list -> its rows, from ``start`` on."""
     cfg = from_dict(PretrainConfig, cfg_dict)
-    for item, pos, start in zip(batch["item"], batch["pos"], batch["start"]):
+    for item, pos, start, view_source in zip(batch["item"], batch["pos"], batch["start"], batch["view_source"]):
         if kind == "online":
             yield from online_rows(InputShard(**json.loads(item)), cfg.data.input, cfg.data.views,
                                    cfg.data.num_views, cfg.s3, epoch=epoch, start_row=int(start), source=int(pos))
         else:
             fs, _ = filesystem_for(cfg.data.cache, cfg.s3)
             view = epoch % stored_views if cfg.data.cache_views == "cycle" else None
-            yield from cache_file_rows(fs, str(item), view=view, start_row=int(start), source=int(pos))
+            rebuild = ViewSource.of(**json.loads(view_source), s3=cfg.s3) if view_source else None
+            yield from cache_file_rows(fs, str(item), view=view, start_row=int(start), source=int(pos),
+                                       rebuild=rebuild)
 
 
 class EpochStream:
@@ -155,7 +163,8 @@ class EpochStream:
         passes, first, start = cursor.passes, cursor.source, cursor.row
         while True:
             produced = False
-            items = [{"item": src.items[order[p]], "pos": p, "start": start if p == first else 0}
+            items = [{"item": src.items[order[p]], "pos": p, "start": start if p == first else 0,
+                      "view_source": json.dumps(src.view_sources[order[p]]) if src.view_sources else ""}
                      for p in range(first, len(order))]
             if items:
                 ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
