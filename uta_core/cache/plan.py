@@ -60,7 +60,9 @@ class OutputConfig:
     jpeg_quality: int = 95
     compression: Literal["none", "zstd", "snappy"] = "zstd"  # every column but the tokens
     token_compression: Literal["none", "zstd", "snappy"] = "none"  # fp16 tokens: zstd saves ~8%, reads 4x slower
-    part_mb: int = 256  # a write task gathers about this much into its part files
+    part_mb: float = 256  # a write task gathers about this much into its part files (a shard commits
+    # once all its parts are written: small jobs with big parts commit everything at the end)
+    manifest_interval_s: float = 5.0  # the manifest is rewritten at most this often (and at the end)
     row_group_mb: int = 64  # target size of a part file's row groups
 
     def __post_init__(self) -> None:
@@ -70,8 +72,10 @@ class OutputConfig:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
         if self.row_group_mb < 1:
             raise ValueError(f"row_group_mb must be at least 1, got {self.row_group_mb}")
-        if self.token_rank < 1 or self.basis_views < 1 or self.part_mb < 1:
-            raise ValueError("token_rank, basis_views and part_mb must be at least 1")
+        if self.token_rank < 1 or self.basis_views < 1:
+            raise ValueError("token_rank and basis_views must be at least 1")
+        if self.part_mb <= 0 or self.manifest_interval_s < 0:
+            raise ValueError("part_mb must be positive and manifest_interval_s not negative")
 
 
 @dataclass(kw_only=True)

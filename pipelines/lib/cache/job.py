@@ -84,7 +84,7 @@ def rows_per_part(plan: CachePlan, codec: TokenCodec) -> int:
     """Rows a write task gathers into its part files: ~``output.part_mb`` of tokens + pixels."""
     cfg = plan.cfg
     pixel_bytes = cfg.views.size ** 2 * 3 * {"png": 0.6, "jpeg": 0.15, "none": 0.0}[cfg.output.pixel_format]
-    return max(1, int((cfg.output.part_mb << 20) // (codec.bytes_per_view + pixel_bytes)))
+    return max(1, int(cfg.output.part_mb * 2**20 // (codec.bytes_per_view + pixel_bytes)))
 
 
 def build_dataset(plan: CachePlan, codec: TokenCodec, device: str, num_actors: int, actor_cpus: float,
@@ -153,7 +153,7 @@ def execute(plan: CachePlan) -> dict:
             result = CacheResult()
             if plan.pending:
                 codec = prepare_codec(plan, device, actor_cpus, threads)
-                committer = ShardCommitter(plan, compute=compute)
+                committer = ShardCommitter(plan, compute=compute, save_every_s=cfg.output.manifest_interval_s)
                 try:
                     ds = build_dataset(plan, codec, device, num_actors, actor_cpus, threads)
                     views = 0
@@ -206,7 +206,7 @@ def print_report(report: dict) -> None:
         ("images/s", f"{s['images_per_s']:.1f}"), ("bytes written", f"{s['bytes_written']:,}"),
         ("bytes per view", f"{s['bytes_per_view']:,.0f}" if s["views"] else "-"),
         ("duplicate parts dropped (retried tasks)", str(s["duplicate_parts"])),
-        ("driver CPU (metadata only; Ray Data's start-up and scheduling)",
+        ("driver CPU (Ray Data's scheduling)",
          f"{s['driver_cpu_ms_per_view'] * s['views'] / 1e3:.1f} s = {s['driver_cpu_ms_per_view']:.2f} ms per view"
          if s["views"] else "-"),
     ]
