@@ -174,7 +174,8 @@ def fit_cache_basis(
     if not views:
         raise ValueError(f"no decodable image in {[s.uri for s in shards[:3]]}...: cannot fit the token basis")
     teacher = build_cache_teacher(cfg, device)
-    tokens_BTD = torch.cat([_teacher_tokens(teacher, views[i:i + 64], device) for i in range(0, len(views), 64)])
+    tokens_BTD = torch.cat([teacher_tokens(teacher, np.stack(views[i:i + 64]), device).float().cpu()
+                            for i in range(0, len(views), 64)])
     basis = fit_basis(tokens_BTD, cfg.output.token_rank)
     codec = TokenCodec(name="lowrank_int8", token_shape=tuple(tokens_BTD.shape[1:]), basis=basis)
     cosine = token_cosine(codec.decode(codec.encode(tokens_BTD)), tokens_BTD)
@@ -198,9 +199,13 @@ def _stored_views(cfg: CacheSpec, shards: list[InputShard]) -> Iterator[np.ndarr
             continue
 
 
-def _teacher_tokens(teacher, views: list[np.ndarray], device: str) -> torch.Tensor:
-    x_BHW3 = torch.from_numpy(np.stack(views)).to(device)
-    return teacher.encode_tokens(to_model_input(x_BHW3, teacher.mean, teacher.std)).float().cpu()
+def teacher_tokens(teacher, pixels_BHW3: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    """uint8 views on the host -> the teacher's tokens on ``device`` (pinned copy on CUDA)."""
+    x_BHW3 = torch.from_numpy(pixels_BHW3)
+    if torch.device(device).type == "cuda":
+        x_BHW3 = x_BHW3.pin_memory()
+    x_B3HW = to_model_input(x_BHW3.to(device, non_blocking=True), teacher.mean, teacher.std)
+    return teacher.encode_tokens(x_B3HW)
 
 
 class TokenEncoder:
@@ -224,11 +229,7 @@ class TokenEncoder:
 
     def encode(self, pixels_BHW3: np.ndarray) -> np.ndarray:
         """uint8 views -> stored tokens (B, bytes_per_view) uint8."""
-        x_BHW3 = torch.from_numpy(pixels_BHW3)
-        if self.device.type == "cuda":
-            x_BHW3 = x_BHW3.pin_memory()
-        x_B3HW = to_model_input(x_BHW3.to(self.device, non_blocking=True), self.teacher.mean, self.teacher.std)
-        return self.codec.encode(self.teacher.encode_tokens(x_B3HW))
+        return self.codec.encode(teacher_tokens(self.teacher, pixels_BHW3, self.device))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         raw_BHW3 = byte_rows(table.column(RAW_COLUMN)).reshape(-1, self.size, self.size, 3)
