@@ -46,3 +46,14 @@ def test_cache_throughput_benchmark_runs_tiny_and_prints_every_codec(ray_local, 
         assert float(views_per_s) > 0 and float(driver_ms) > 0 and float(loader) > 0 and float(restore) > 0
         assert float(kb) == token_kb and float(fp16_ratio.rstrip("x")) == ratio
         assert float(cos_cls) > 0.999 and float(cos_patch.split("/")[0]) > (0.999 if codec != "lowrank_int8" else 0.5)
+
+
+def test_masking_benchmark_runs_tiny_and_prints_every_strategy_against_beits_loop(capsys):
+    bench = _load("masking")
+    assert bench.main(["--grids", "8", "--batches", "4", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    header, _, row = [line for line in out.splitlines() if line.startswith("|")]
+    assert header.split("|")[3:7] == [" random ", " block ", " block_reversed ", " gaussian "]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[:2] == ["8x8", "4"] and cells[7].endswith("x faster") and "load average" in out
+    assert all(float(c.split()[0]) > 0 for c in cells[2:7])

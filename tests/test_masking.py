@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import mask_gen
+
+sys.path.insert(0, str(Path(__file__).parent / "reference"))
+from beit_masking import beit_block_mask  # noqa: E402
 
 from uta_core.objectives.mask_maps import centre_border_means, masking_probability, plot_masking_maps
 from uta_core.objectives.masking import (
@@ -165,50 +170,13 @@ def test_gaussian_keeps_centre_masks_corners(maps):
     assert centre < 0.15 and corners > 0.55 and border - centre > 0.4
 
 
-def _beit_reference(rnd: random.Random, H: int, W: int, count: int, min_area=16, aspect_min=0.3):
-    """BEiT's MaskingGenerator line by line (Python ``random``), then a random top-up to ``count``."""
-    log_aspect = (math.log(aspect_min), math.log(1 / aspect_min))
-    mask = [[0] * W for _ in range(H)]
-
-    def _mask(max_mask_patches):
-        delta = 0
-        for _ in range(10):
-            target_area = rnd.uniform(min_area, max_mask_patches)
-            aspect = math.exp(rnd.uniform(*log_aspect))
-            h = int(round(math.sqrt(target_area * aspect)))
-            w = int(round(math.sqrt(target_area / aspect)))
-            if w < W and h < H:
-                top, left = rnd.randint(0, H - h), rnd.randint(0, W - w)
-                num_masked = sum(mask[i][j] for i in range(top, top + h) for j in range(left, left + w))
-                if 0 < h * w - num_masked <= max_mask_patches:
-                    for i in range(top, top + h):
-                        for j in range(left, left + w):
-                            if mask[i][j] == 0:
-                                mask[i][j] = 1
-                                delta += 1
-                if delta > 0:
-                    break
-        return delta
-
-    done = 0
-    while done < count:
-        delta = _mask(count - done)
-        if delta == 0:
-            break
-        done += delta
-    free = [(i, j) for i in range(H) for j in range(W) if not mask[i][j]]
-    for i, j in rnd.sample(free, count - done):
-        mask[i][j] = 1
-    return torch.tensor(mask, dtype=torch.float32)
-
-
 def test_block_map_matches_beit_reference(maps):
     # 5,000 reference masks vs our 5,000: per-location std of the difference ~0.008.
     # Measured (3 seeds): mean |diff| 0.006-0.008, max <= 0.032, |std of ours - std of ref|
     # <= 0.0003. Wrong options move these to mean |diff| 0.012-0.020 and std gap 0.009-0.019
     # (aspect_min 0.15 or 0.6, min_block_area 8 or 32), so the thresholds sit in between.
     rnd = random.Random(0)
-    ref_HW = torch.stack([_beit_reference(rnd, 14, 14, 98) for _ in range(SAMPLES)]).mean(0)
+    ref_HW = torch.stack([beit_block_mask(rnd, 14, 14, 98) for _ in range(SAMPLES)]).mean(0)
     diff = (maps["block"] - ref_HW).abs()
     assert diff.mean() < 0.011 and diff.max() < 0.05
     assert abs(maps["block"].std() - ref_HW.std()) < 0.006

@@ -166,6 +166,17 @@ def train_step(
     return {"loss": total / num_micro, "grad_norm": grad_norm.detach()}
 
 
+def compiled(module: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(module)`` when enabled, else the module itself.
+
+    A run's shapes are static (fixed micro-batch; UTA keeps the same K patches of every image),
+    so it compiles once, during the first steps. Under DDP, Dynamo splits the graph at the
+    gradient buckets so the all-reduce still overlaps the backward. Checkpoints are unchanged:
+    they hold the uncompiled model's state.
+    """
+    return torch.compile(module) if enabled else module
+
+
 def _autocast(device_type: str, dtype: torch.dtype | None):
     if dtype is None or device_type != "cuda":
         return contextlib.nullcontext()

@@ -42,6 +42,7 @@ from uta_core.cache.format import (
     tokens_array,
 )
 from uta_core.cache.plan import CachePlan, CacheSpec, build_cache_teacher
+from uta_core.data.prefetch import pin
 from uta_core.data.shards import InputConfig, InputShard, ShardReadError, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for, join, open_hashing_sink, write_bytes_atomic
 from uta_core.data.views import ImageDecodeError, ViewConfig, decode_image, sample_views, to_model_input
@@ -201,9 +202,7 @@ def _stored_views(cfg: CacheSpec, shards: list[InputShard]) -> Iterator[np.ndarr
 
 def teacher_tokens(teacher, pixels_BHW3: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """uint8 views on the host -> the teacher's tokens on ``device`` (pinned copy on CUDA)."""
-    x_BHW3 = torch.from_numpy(pixels_BHW3)
-    if torch.device(device).type == "cuda":
-        x_BHW3 = x_BHW3.pin_memory()
+    x_BHW3 = pin(torch.from_numpy(pixels_BHW3), torch.device(device))
     x_B3HW = to_model_input(x_BHW3.to(device, non_blocking=True), teacher.mean, teacher.std)
     return teacher.encode_tokens(x_B3HW)
 

@@ -10,6 +10,7 @@ Shape legend: B batch, H/W view height/width (pixels), 3 RGB channels.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -145,6 +146,12 @@ def to_model_input(
 ) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) with the teacher's mean/std."""
     x_B3HW = pixels_BHW3.permute(0, 3, 1, 2).float().div_(255.0)
-    mean_13 = torch.tensor(mean, device=x_B3HW.device).view(1, 3, 1, 1)
-    std_13 = torch.tensor(std, device=x_B3HW.device).view(1, 3, 1, 1)
+    mean_13, std_13 = _channel_stats(tuple(mean), tuple(std), x_B3HW.device)
     return (x_B3HW - mean_13) / std_13
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    # Made once per device: a tensor built from a list copies from pageable memory, which
+    # makes the host wait for the GPU's queue to drain (a hidden sync in every step).
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))

@@ -103,49 +103,72 @@ class MaskGenerator:
 
     def _block_keep(self, B: int, rng: np.random.Generator) -> torch.Tensor:
         reverse_prob = self.cfg.reverse_prob if self.strategy == "block_reversed" else 0.0
-        keep_BN = np.empty((B, self.num_patches), dtype=bool)
-        for b in range(B):
-            if rng.random() < reverse_prob:
-                keep_BN[b] = self._block_mask(rng, self.num_keep).ravel()  # blocks are the kept tokens
-            else:
-                keep_BN[b] = ~self._block_mask(rng, self.num_masked).ravel()
+        reversed_B = rng.random(B) < reverse_prob  # these rows' blocks are the kept tokens
+        count_B = np.where(reversed_B, self.num_keep, self.num_masked)
+        blocks_BN = self._block_masks(rng, count_B).reshape(B, self.num_patches)
+        keep_BN = blocks_BN ^ ~reversed_B[:, None]
         # np.nonzero walks row-major, so each row's indices come out ascending.
         keep_idx = np.nonzero(keep_BN)[1].reshape(B, self.num_keep)
         return torch.from_numpy(keep_idx).long()
 
-    def _block_mask(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        """(H, W) bool with exactly ``count`` True: BEiT blocks, then a random top-up."""
-        H, W = self.grid
-        mask_HW = np.zeros((H, W), dtype=bool)
-        done = 0
-        while done < count:
-            added = self._add_block(rng, mask_HW, count - done)
-            if added == 0:
-                break
-            done += added
-        return _fix_count(rng, mask_HW, count)
+    def _block_masks(self, rng: np.random.Generator, count_B: np.ndarray) -> np.ndarray:
+        """(B, H, W) bool, row b with exactly ``count_B[b]`` True: BEiT blocks, then a random top-up.
 
-    def _add_block(self, rng: np.random.Generator, mask_HW: np.ndarray, budget: int) -> int:
-        """One step of BEiT's ``MaskingGenerator._mask``: up to 10 tries for a rectangle."""
+        BEiT's ``MaskingGenerator`` run on every row at once: each round is one call of its
+        ``_mask`` (up to 10 tries for a rectangle) for every row still growing; a row stops
+        when it reaches its count or a round places nothing. Rows draw their own numbers, so
+        each row follows BEiT's distribution; a round is a few array operations over the
+        batch, not a Python loop over rows.
+        """
+        H, W = self.grid
+        B = len(count_B)
+        mask_BHW = np.zeros((B, H, W), dtype=bool)
+        done_B = np.zeros(B, dtype=np.int64)
+        growing_B = done_B < count_B
+        ii_H, jj_W = np.arange(H)[:, None], np.arange(W)[None, :]
+        while (rows := np.flatnonzero(growing_B)).size:
+            top, left, h, w, new = self._first_block(rng, mask_BHW[rows], count_B[rows] - done_B[rows])
+            placed = new > 0
+            rows = rows[placed]
+            t, l, b, r = (a[placed, None, None] for a in (top, left, top + h, left + w))  # noqa: E741
+            mask_BHW[rows] |= (ii_H >= t) & (ii_H < b) & (jj_W >= l) & (jj_W < r)
+            done_B[rows] += new[placed]
+            growing_B[:] = False
+            growing_B[rows] = done_B[rows] < count_B[rows]
+        return _top_up(rng, mask_BHW, count_B - done_B)
+
+    def _first_block(self, rng: np.random.Generator, mask_RHW: np.ndarray, budget_R: np.ndarray):
+        """One call of BEiT's ``_mask`` per row: its 10 tries drawn at once, the first that fits wins.
+
+        The tries of one call all see the same mask (BEiT returns at the first placed block), so
+        drawing them together changes nothing but the order the random numbers are used in.
+        Returns per row the rectangle (top, left, h, w) and the cells it adds (0: none placed).
+        """
         H, W = self.grid
         lo = self.cfg.min_block_area
-        for _ in range(_BEIT_ATTEMPTS):
-            u_area, u_aspect, u_top, u_left = rng.random(4)
-            # BEiT draws uniform(min_area, budget) even when budget < min_area (then <= min_area).
-            area = lo + (budget - lo) * u_area
-            aspect = math.exp(self._log_aspect[0] + (self._log_aspect[1] - self._log_aspect[0]) * u_aspect)
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
-            if w >= W or h >= H:  # BEiT never lets one block span the whole grid
-                continue
-            top, left = int(u_top * (H - h + 1)), int(u_left * (W - w + 1))
-            window = mask_HW[top : top + h, left : left + w]
-            new = h * w - int(window.sum())
-            # Only place blocks that add something and do not overshoot the budget.
-            if 0 < new <= budget:
-                window[...] = True
-                return new
-        return 0
+        R, T = len(budget_R), _BEIT_ATTEMPTS
+        u_RT4 = rng.random((R, T, 4))
+        budget_RT = budget_R[:, None]
+        # BEiT draws uniform(min_area, budget) even when budget < min_area (then <= min_area).
+        area = lo + (budget_RT - lo) * u_RT4[..., 0]
+        aspect = np.exp(self._log_aspect[0] + (self._log_aspect[1] - self._log_aspect[0]) * u_RT4[..., 1])
+        h = np.rint(np.sqrt(area * aspect)).astype(np.int64)  # rint rounds half to even, as Python's round
+        w = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+        fits = (w < W) & (h < H)  # BEiT never lets one block span the whole grid
+        h, w = np.where(fits, h, 0), np.where(fits, w, 0)
+        top = (u_RT4[..., 2] * (H - h + 1)).astype(np.int64)
+        left = (u_RT4[..., 3] * (W - w + 1)).astype(np.int64)
+        # Cells already masked inside each rectangle, from the rows' integral images.
+        sum_RHW = np.zeros((R, H + 1, W + 1), dtype=np.int32)
+        sum_RHW[:, 1:, 1:] = mask_RHW.cumsum(1, dtype=np.int32).cumsum(2, dtype=np.int32)
+        r = np.arange(R)[:, None]
+        inside = (sum_RHW[r, top + h, left + w] - sum_RHW[r, top, left + w] - sum_RHW[r, top + h, left]
+                  + sum_RHW[r, top, left])
+        new = h * w - inside
+        # Only place blocks that add something and do not overshoot the budget.
+        ok_RT = fits & (new > 0) & (new <= budget_RT)
+        first = (r[:, 0], ok_RT.argmax(1))  # the first try that fits (try 0 when none does: new = 0 below)
+        return top[first], left[first], h[first], w[first], np.where(ok_RT.any(1), new[first], 0)
 
 
 def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
@@ -171,15 +194,15 @@ def _gaussian_pdf(grid: tuple[int, int], variance: float) -> torch.Tensor:
     return torch.exp(-r2_HW / (2 * variance)) / (2 * math.pi * variance)
 
 
-def _fix_count(rng: np.random.Generator, mask_HW: np.ndarray, count: int) -> np.ndarray:
-    """Set or clear random cells so exactly ``count`` are True (BEiT often falls short)."""
-    flat = mask_HW.ravel()
-    gap = count - int(flat.sum())
-    if gap > 0:
-        flat[rng.choice(np.flatnonzero(~flat), gap, replace=False)] = True
-    elif gap < 0:
-        flat[rng.choice(np.flatnonzero(flat), -gap, replace=False)] = False
-    return mask_HW
+def _top_up(rng: np.random.Generator, mask_BHW: np.ndarray, gap_B: np.ndarray) -> np.ndarray:
+    """Set ``gap_B[b]`` random free cells of each row (BEiT's blocks often fall short of the count)."""
+    B = mask_BHW.shape[0]
+    flat_BN = mask_BHW.reshape(B, -1)
+    key_BN = rng.random(flat_BN.shape) + flat_BN  # free cells (key < 1) sort first, in random order
+    rank_BN = np.empty_like(flat_BN, dtype=np.int64)
+    np.put_along_axis(rank_BN, key_BN.argsort(1), np.arange(flat_BN.shape[1])[None, :], axis=1)
+    flat_BN |= rank_BN < gap_B[:, None]
+    return mask_BHW
 
 
 def keep_to_mask(keep_idx_BK: torch.Tensor, num_patches: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ Shape legend: B batch, U distinct captions in it, D joint embed dim, L context l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray.train.torch
@@ -19,6 +20,7 @@ import torch
 
 from pipelines.lib.contrastive.config import ContrastiveJobConfig
 from uta_core.data.captions import augment
+from uta_core.data.prefetch import pin
 from uta_core.data.rows import load_eval_set
 from uta_core.data.views import to_model_input
 from uta_core.distributed import all_gather_with_grad
@@ -36,7 +38,7 @@ from uta_core.objectives.contrastive import (
     clip_loss,
     set_temperature,
 )
-from uta_core.optim import build_optimizer, build_scheduler, train_step
+from uta_core.optim import build_optimizer, build_scheduler, compiled, train_step
 
 
 def build_model(cfg: ContrastiveJobConfig):
@@ -67,7 +69,7 @@ class ContrastiveTask:
         self.cfg, self.device, self.rank = cfg, device, rank
         self.model, self.tokenizer, self.mean, self.std = build_model(cfg)
         self.model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-        self.forward = ray.train.torch.prepare_model(ClipForward(self.model))
+        self.forward = compiled(ray.train.torch.prepare_model(ClipForward(self.model)), cfg.train.compile)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, warmup_steps=plan.warmup_steps,
                                          total_steps=plan.total_steps)
@@ -75,11 +77,16 @@ class ContrastiveTask:
         self.amp = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
         self._eval: tuple[torch.Tensor, torch.Tensor] | None = None  # read once, evaluated every time
 
-    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, torch.Tensor]:
-        (batch,) = group  # the config refuses accumulation: the loss needs every pair in one batch
+    def prepare(self, batch: dict[str, np.ndarray], step: int, micro: int) -> dict[str, Any]:
+        """This step's random crops (seeded per seed, rank, step), as pinned uint8 pixels."""
         rng = np.random.default_rng([self.cfg.data.views.seed, self.rank, step])
-        pixels_BHW3 = torch.from_numpy(augment(batch["pixels"], self.cfg.data.views, rng))
-        images_B3HW = to_model_input(pixels_BHW3, self.mean, self.std).to(self.device)
+        return {**batch, "pixels": pin(torch.from_numpy(augment(batch["pixels"], self.cfg.data.views, rng)),
+                                       self.device)}
+
+    def step(self, group: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        (batch,) = group  # the config refuses accumulation: the loss needs every pair in one batch
+        # uint8 to the device (a quarter of float32's bytes), normalised there.
+        images_B3HW = to_model_input(batch["pixels"].to(self.device, non_blocking=True), self.mean, self.std)
         captions = [str(c) for c in batch["caption"]]
         out = train_step(self.forward, self.optimizer, self.scheduler, [lambda: self._loss(images_B3HW, captions)], 1,
                          grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type)

@@ -1,8 +1,9 @@
 """The pre-training task the Ray Train loop runs: a UTA (or FD / MIM) student against teacher tokens.
 
-Per optimiser step: numpy micro-batches -> teacher targets (online: the frozen teacher in
-this worker; cache: the stored tokens) -> kept indices drawn per (rank, step, micro) ->
-``uta_core.optim.train_step`` under DDP. Rank 0 evaluates zero-shot and exports the student
+Per micro-batch, on the loop's prefetch thread (``prepare``): numpy rows -> pinned tensors
+and the kept indices drawn per (seed, rank, step, micro). Per optimiser step (``step``):
+teacher targets (online: the frozen teacher in this worker; cache: the stored tokens,
+restored on the device) -> ``uta_core.optim.train_step`` under DDP. Rank 0 evaluates zero-shot and exports the student
 in timm's layout.
 
 Shape legend: B micro-batch, K kept patches, N patches, D teacher embed dim.
@@ -14,6 +15,7 @@ import dataclasses
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray.train.torch
@@ -21,8 +23,9 @@ import torch
 
 from pipelines.lib.pretrain.config import PretrainConfig
 from uta_core.cache.format import open_codec
-from uta_core.data.rows import TeacherTargets, load_eval_set
 from uta_core.data.captions import load_caption_set
+from uta_core.data.prefetch import pin
+from uta_core.data.rows import TeacherTargets, load_eval_set
 from uta_core.eval.evaluator import (eval_caption_bank, load_classifier, prompts, retrieval_metrics,
                                     teacher_classifier, zeroshot_accuracy)
 from uta_core.models.export import export_student
@@ -32,7 +35,7 @@ from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
 from uta_core.objectives.alignment import StudentForward, draw_keep, prepare_student, step_loss
 from uta_core.objectives.mask_maps import masking_probability, plot_masking_maps
 from uta_core.objectives.masking import MaskGenerator
-from uta_core.optim import build_optimizer, build_scheduler, train_step
+from uta_core.optim import build_optimizer, build_scheduler, compiled, train_step
 
 log = logging.getLogger("uta.pretrain")
 
@@ -73,7 +76,8 @@ class AlignmentTask:
             self.mean, self.std = self.teacher.mean, self.teacher.std
         codec = open_codec(cfg.data.cache, cfg.s3) if self.teacher is None else None
         self.targets = TeacherTargets(self.mean, self.std, self.teacher, codec)
-        self.forward = ray.train.torch.prepare_model(StudentForward(self.student, cfg.objective))
+        self.forward = compiled(ray.train.torch.prepare_model(StudentForward(self.student, cfg.objective)),
+                                cfg.train.compile)
         self.mask_gen = MaskGenerator(cfg.mask, self.student.grid)
         kept = self.mask_gen.num_keep if cfg.objective.name == "uta" else self.mask_gen.num_patches
         self.tokens_per_image = 1 + kept  # student tokens through the blocks
@@ -81,18 +85,23 @@ class AlignmentTask:
         self.amp = torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda" else None
         self._eval: tuple | None = None  # pixels, labels, classifier, retrieval set (read once)
 
-    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, torch.Tensor]:
-        def micro_loss(m: int, batch: dict[str, np.ndarray]):
+    def prepare(self, batch: dict[str, np.ndarray], step: int, micro: int) -> dict[str, Any]:
+        """Pinned tensors and this micro-batch's masks (reproducible per seed, rank, step, micro)."""
+        host = {k: pin(_tensor(v), self.device) for k, v in batch.items() if k in ("image", "tokens")}
+        keep_BK = draw_keep(self.mask_gen, len(batch["image"]), seed=self.cfg.run.seed, rank=self.rank, step=step,
+                            micro=micro)
+        return {**batch, **host, "keep": pin(keep_BK, self.device)}
+
+    def step(self, group: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        def micro_loss(batch: dict[str, Any]):
             def loss() -> torch.Tensor:
-                rows = {k: _tensor(v) for k, v in batch.items() if k in ("image", "tokens")}
-                images_B3HW, teacher_BND = self.targets(rows, self.device)
-                keep_BK = draw_keep(self.mask_gen, images_B3HW.shape[0], seed=self.cfg.run.seed, rank=self.rank,
-                                    step=step, micro=m)
-                return step_loss(self.forward, images_B3HW, teacher_BND, keep_BK.to(self.device), self.cfg.objective)
+                images_B3HW, teacher_BND = self.targets(batch, self.device)
+                keep_BK = batch["keep"].to(self.device, non_blocking=True)
+                return step_loss(self.forward, images_B3HW, teacher_BND, keep_BK, self.cfg.objective)
             return loss
 
         return train_step(self.forward, self.optimizer, self.scheduler,
-                          (micro_loss(m, b) for m, b in enumerate(group)), len(group),
+                          (micro_loss(b) for b in group), len(group),
                           grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type)
 
     def evaluate(self) -> dict[str, float]:

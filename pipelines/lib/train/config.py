@@ -66,8 +66,12 @@ class TrainConfig:
     warmup_steps: int | None = None
     precision: str = "bf16"  # autocast dtype on GPU; CPU always runs fp32
     grad_checkpointing: bool = False
+    prefetch: int = 2  # micro-batches prepared ahead on a thread (tensors, pinned memory, masks); 0: none
+    compile: bool = False  # torch.compile the forward + loss (static shapes: K is fixed); first steps compile
 
     def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch={self.prefetch} must be >= 0 (0: prepare each micro-batch when it is used)")
         if self.micro_batch < 1:
             raise ValueError(f"micro_batch={self.micro_batch} must be >= 1")
         if self.global_batch is not None and self.global_batch < self.micro_batch:

@@ -20,6 +20,7 @@ the number of micro-batches consumed, not replay which rows they were.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import signal
@@ -47,6 +48,7 @@ from uta_core.checkpoint import (
 )
 from uta_core.config import from_dict, to_dict
 from uta_core.data.epochs import Cursor
+from uta_core.data.prefetch import prefetched
 from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
 from uta_core.device import require_cuda
 from uta_core.distributed import mean_over_ranks
@@ -180,11 +182,12 @@ class Worker:
         while pos.step < plan.total_steps:
             epoch_steps = stream.steps(pos.epoch)  # None: until the split runs out
             batches = stream.batches(pos.epoch, self._start_cursor())
+            prepared = self._prepared(batches, epoch_steps)
             self._cursor, self._ids_from, self._seen_ids = None, pos.step, []
             while pos.step < plan.total_steps and (
                     epoch_steps is None or pos.micro_in_epoch // plan.accumulation < epoch_steps):
                 group = []
-                for _, (batch, cursor) in zip(range(plan.accumulation), batches):
+                for _, (batch, cursor) in zip(range(plan.accumulation), prepared):
                     group.append(batch)
                     self._cursor = cursor
                 if len(group) < plan.accumulation:
@@ -193,12 +196,29 @@ class Worker:
                     self._seen_ids += [int(i) for b in group for i in b["sample_id"]]
                 self._step(group)
                 self._after_step()
+            prepared.close()
             batches.close()
             if pos.step < plan.total_steps:
                 self._end_epoch(pos.micro_in_epoch // plan.accumulation)
         if pos.step == start_step:  # a rerun of a finished run: evaluate and report once
             self.final = {"step": pos.step, **self._evaluate()}
             report(self.final, None, pos.step)
+
+    def _prepared(self, batches: Iterator[tuple[dict, Cursor]], epoch_steps: int | None) -> Iterator[tuple]:
+        """This epoch's remaining micro-batches, each put through ``task.prepare`` (tensors, pinned
+        memory, masks) on a thread ``train.prefetch`` micro-batches ahead of the step that uses it.
+        It reads no further than the run's or the epoch's last step (the stream itself never ends)."""
+        pos, acc = self.pos, self.plan.accumulation
+        steps = self.plan.total_steps - pos.step
+        if epoch_steps is not None:
+            steps = min(steps, epoch_steps - pos.micro_in_epoch // acc)
+        first_step = pos.step  # groups start at a step boundary: a position counts whole steps
+
+        def prepare(item: tuple[int, tuple[dict, Cursor]]) -> tuple[dict, Cursor]:
+            i, (batch, cursor) = item
+            return self.task.prepare(batch, first_step + i // acc, i % acc), cursor
+
+        return prefetched(enumerate(itertools.islice(batches, max(0, steps) * acc)), prepare, self.cfg.train.prefetch)
 
     def _step(self, group: list[dict]) -> None:
         self._last = self.task.step(group, self.pos.step)  # device tensors: read only when logging

@@ -33,9 +33,15 @@ class TrainTask(Protocol):
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
-    def step(self, group: list[dict[str, np.ndarray]], step: int) -> dict[str, torch.Tensor]:
-        """One optimiser step on ``accumulation`` numpy micro-batches; returns at least loss and grad_norm
-        (0-d device tensors: the loop reads them only when it logs, so steps do not wait for the GPU)."""
+    def prepare(self, batch: dict[str, np.ndarray], step: int, micro: int) -> dict[str, Any]:
+        """Host work for micro-batch ``micro`` of optimiser step ``step``: tensors (pinned on a GPU
+        worker) and the step's random draws (masks, crops). Runs on the loop's prefetch thread,
+        ahead of ``step``: it must not touch the model or the device."""
+
+    def step(self, group: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+        """One optimiser step on ``accumulation`` prepared micro-batches; returns at least loss and
+        grad_norm (0-d device tensors: the loop reads them only when it logs, so steps do not wait
+        for the GPU)."""
 
     def evaluate(self) -> dict[str, float]:
         """Rank 0: evaluation metrics (empty when the job evaluates nothing)."""
