@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="base pre-training config (default: %(default)s)")
     parser.add_argument("--name", default="uta-sweep", help="sweep name; rerun the same name to resume")
     parser.add_argument("--storage-path", default="runs/sweeps", help="local folder or s3://bucket/prefix")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster holds")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at once (default: the space's max_concurrent_trials, else what the cluster holds)")
     parser.add_argument("--smoke-test", action="store_true", help="tune_spaces/smoke.yaml on generated digits")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
     return parser.parse_args(argv)

@@ -299,6 +299,30 @@ def test_head_has_no_gpu_and_workers_request_gpus(label, spec):
 
 
 @pytest.mark.parametrize("label, spec", spec_params())
+def test_gpu_pods_are_whole_8_gpu_nodes_with_efa_for_nccl(label, spec):
+    """DDP's gradients (~344 MB fp32 a step for a base student) go over NVLink inside a pod and
+    over EFA between pods, not over pod sockets: 8 GPUs a pod, EFA devices, what NCCL needs."""
+    for group in spec["workerGroupSpecs"]:
+        for c in group["template"]["spec"]["containers"]:
+            if gpus(c) == 0:
+                continue
+            limits, env = c["resources"]["limits"], {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert gpus(c) == 8 and int(limits["vpc.amazonaws.com/efa"]) >= 1, f"{label}: {limits}"
+            assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", f"{label}: {env}"
+            assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"], f"{label}: EFA pins memory"
+            shm = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+            assert shm and shm[0]["emptyDir"]["medium"] == "Memory", label
+
+
+def test_aws_8_gpu_nodes_have_efa_interfaces_in_a_placement_group():
+    node = aws()["available_node_types"]["gpu_a100x8"]["node_config"]
+    cards = node["NetworkInterfaces"]
+    assert node["InstanceType"] == "p4d.24xlarge" and len(cards) == 4  # p4d: 4 network cards
+    assert {n["NetworkCardIndex"] for n in cards} == {0, 1, 2, 3} and all(n["InterfaceType"] == "efa" for n in cards)
+    assert all(n["SubnetId"] and n["Groups"] for n in cards) and node["Placement"]["GroupName"]
+
+
+@pytest.mark.parametrize("label, spec", spec_params())
 def test_ray_version_auth_dashboard_and_replica_bounds(label, spec):
     assert spec["rayVersion"] == ray_pin(), f"{label}: rayVersion {spec['rayVersion']} != pyproject pin {ray_pin()}"
     assert spec["authOptions"]["mode"] == "token", f"{label}: token auth must be on"

@@ -16,8 +16,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "cache_teache
 class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS (ray job submit), else a new local Ray
     num_cpus: int | None = None  # local Ray only; None = all cores
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
-    num_actors: int | None = None  # teacher actors; None: one per GPU, or 1 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda if the cluster has GPUs now; cuda waits for them
+    num_actors: int | None = None  # teacher actors (asked of the autoscaler); None: one per GPU present, 1 on CPU
+    gpu_wait_s: float = 1800.0  # ray.device=cuda: how long to wait for the autoscaler's first GPU node
     actor_num_cpus: float | None = None  # None: 1 with GPUs; on CPU half the cores, >= 0.5
     actor_threads: int | None = None  # torch threads per actor; None: on CPU the node's cores / actors
     read_num_cpus: float = 1.0  # per decode/view task
@@ -33,6 +34,8 @@ class RayConfig:
                 raise ValueError(f"{name} must be at least 1 (or null), got {value}")
         if self.actor_num_cpus is not None and self.actor_num_cpus <= 0:
             raise ValueError(f"actor_num_cpus must be positive, got {self.actor_num_cpus}")
+        if not self.gpu_wait_s >= 0:
+            raise ValueError(f"gpu_wait_s must be >= 0 (seconds), got {self.gpu_wait_s}")
         if self.read_num_cpus <= 0 or self.write_num_cpus <= 0:
             raise ValueError("read_num_cpus and write_num_cpus must be positive")
         if (self.batch_size is not None and self.batch_size < 1) or self.images_per_block < 1:

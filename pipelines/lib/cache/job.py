@@ -2,11 +2,11 @@
 -> part files (CPU write tasks) -> commit (driver, metadata only).
 
 ``map_batches`` with a callable class on an ``ActorPoolStrategy`` runs the teacher, one GPU
-per actor when the cluster has GPUs; write tasks put each shard's rows of a batch into a
-part file on the output storage and hand on one metadata row per part; the driver records
-a shard in the manifest once its parts hold all its rows (``uta_core.cache.commit``). No
-pixel or token byte reaches the driver. Format: docs/CACHE_FORMAT.md; the data flow:
-docs/ARCHITECTURE.md.
+per actor (the pool grows from one actor as the autoscaler adds GPUs, ``gpu_pool``); write
+tasks put each shard's rows of a batch into a part file on the output storage and hand on
+one metadata row per part; the driver records a shard in the manifest once its parts hold
+all its rows (``uta_core.cache.commit``). No pixel or token byte reaches the driver.
+Format: docs/CACHE_FORMAT.md; the data flow: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import ray
 from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.progress import DriverProgress
-from pipelines.lib.ray_setup import cluster_resources, init_ray
+from pipelines.lib.ray_setup import (await_gpus, cluster_resources, connected_to_cluster, init_ray,
+                                     release_resource_request)
 from uta_core import tracking
 from uta_core.cache.codecs import BASIS_FILE, TokenCodec, basis_sha256
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
@@ -52,32 +53,59 @@ def _write_parts(batch: pa.Table, writer: PartWriter) -> pa.Table:
     return writer(batch)
 
 
-def compute_resources(cfg: CacheConfig) -> tuple[str, int, float, int]:
-    """(device, number of teacher actors, CPUs per actor, torch threads per actor)."""
+def resolve_device(cfg: CacheConfig) -> str:
+    """``ray.device``: ``auto`` is the GPU when the cluster has one now, else the CPU, said loudly on a
+    cluster the job joined (its GPU nodes may only be scaled from zero: ``cuda`` waits for them)."""
+    if cfg.ray.device != "auto":
+        return cfg.ray.device
+    if cluster_resources()[1] >= 1:
+        return "cuda"
+    if connected_to_cluster(cfg.ray.address):
+        log.warning("ray.device=auto: the Ray cluster has no GPU now, so the teacher runs on CPUs. On a cluster "
+                    "that scales GPU nodes from zero, set ray.device=cuda: the job then asks the autoscaler for "
+                    "them and waits")
+    return "cpu"
+
+
+def compute_resources(cfg: CacheConfig, device: str) -> tuple[int, float, int]:
+    """(number of teacher actors, CPUs per actor, torch threads per actor) on ``device``.
+
+    On GPUs the pool is ``ray.num_actors`` (default: the GPUs the cluster has once it has
+    any); Ray Data grows it from one actor as the autoscaler adds GPUs. On CPUs it must fit
+    the cluster now, with room left for the read and write tasks.
+    """
     cpus, gpus = cluster_resources()
-    device = cfg.ray.device
-    if device == "auto":
-        device = "cuda" if gpus >= 1 else "cpu"
-    if device == "cuda" and gpus < 1:
-        raise ResourceError("ray.device=cuda but the Ray cluster has no GPU; use ray.device=auto or cpu")
-    num_actors = cfg.ray.num_actors or (int(gpus) if device == "cuda" else 1)
+    if device == "cuda":
+        num_actors = cfg.ray.num_actors or max(1, int(gpus))
+        actor_cpus = cfg.ray.actor_num_cpus or 1.0
+        return num_actors, actor_cpus, cfg.ray.actor_threads or max(1, int(actor_cpus))
+    num_actors = cfg.ray.num_actors or 1
     actor_cpus = cfg.ray.actor_num_cpus
     if actor_cpus is None:
         # On CPU the teacher gets half the cores; the decode/view tasks keep the rest, so the
         # actor pool can never starve them (a full pool hangs the pipeline at 0 rows).
-        actor_cpus = 1.0 if device == "cuda" else max(0.5, (cpus / 2 - 0.5) / num_actors)
+        actor_cpus = max(0.5, (cpus / 2 - 0.5) / num_actors)
     if actor_cpus * num_actors + cfg.ray.read_num_cpus + cfg.ray.write_num_cpus > cpus:
         raise ResourceError(
             f"{num_actors} teacher actors x {actor_cpus} CPUs + one {cfg.ray.read_num_cpus}-CPU read task + one "
             f"{cfg.ray.write_num_cpus}-CPU write task exceed the cluster's {cpus:g} CPUs; lower ray.num_actors "
             "or ray.actor_num_cpus"
         )
-    threads = cfg.ray.actor_threads
-    if threads is None:
-        # A CPU teacher costs ~30x the decoding + view sampling of an image, so its threads
-        # may use every core even though Ray reserves only a fraction of them for it.
-        threads = max(1, int(actor_cpus)) if device == "cuda" else max(1, (os.cpu_count() or 1) // num_actors)
-    return device, num_actors, actor_cpus, threads
+    # A CPU teacher costs ~30x the decoding + view sampling of an image, so its threads
+    # may use every core even though Ray reserves only a fraction of them for it.
+    threads = cfg.ray.actor_threads or max(1, (os.cpu_count() or 1) // num_actors)
+    return num_actors, actor_cpus, threads
+
+
+def gpu_pool(cfg: CacheConfig) -> tuple[int, float, int]:
+    """Ask the autoscaler for the configured pool's GPUs, wait for the first, then size the pool."""
+    wanted = cfg.ray.num_actors or max(1, int(cluster_resources()[1]))
+    bundle = {"GPU": 1.0, "CPU": cfg.ray.actor_num_cpus or 1.0}
+    try:
+        await_gpus([bundle] * wanted, cfg.ray.gpu_wait_s, "teacher actors")
+    except TimeoutError as err:
+        raise ResourceError(str(err)) from None
+    return compute_resources(cfg, "cuda")
 
 
 def rows_per_part(plan: CachePlan, codec: TokenCodec) -> int:
@@ -137,8 +165,10 @@ def execute(plan: CachePlan) -> dict:
     """Run a validated plan on Ray; returns the run report (see ``print_report``)."""
     cfg = plan.cfg
     started_ray = init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    device = None
     try:
-        device, num_actors, actor_cpus, threads = compute_resources(cfg)
+        device = resolve_device(cfg)
+        num_actors, actor_cpus, threads = gpu_pool(cfg) if device == "cuda" else compute_resources(cfg, device)
         compute = f"{device} {plan.manifest.settings.teacher['precision'] if device == 'cuda' else 'fp32'}"
         ray.data.DataContext.get_current().enable_progress_bars = False  # one bar of ours instead (below)
         run_name = cfg.tracking.run_name or f"cache-{plan.root_uri.rstrip('/').rsplit('/', 1)[-1]}"
@@ -175,6 +205,8 @@ def execute(plan: CachePlan) -> dict:
             tracking.log_metrics({k: v for k, v in stats.items() if not math.isnan(v)})
             tracking.log_json(json.loads(plan.manifest.to_json()), "manifest.json")
     finally:
+        if device == "cuda":
+            release_resource_request()
         if started_ray:
             ray.shutdown()
     return {"output": plan.root_uri, "summary": stats, "committed": result.committed,

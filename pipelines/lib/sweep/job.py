@@ -44,7 +44,7 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
             # Trials compare settings: no MLflow model per trial unless asked for (export the best one).
             base["tracking"] = {"log_model": False, **base.get("tracking", {}),
                                 "tracking_uri": base_cfg.tracking.tracking_uri}
-            tuner = make_tuner(space, base, sweep, concurrent_trials(base_cfg, args.max_concurrent))
+            tuner = make_tuner(space, base, sweep, concurrent_trials(base_cfg, space, args.max_concurrent))
             results = tuner.fit()
             out_dir = Path(tempfile.mkdtemp(prefix="uta-sweep-")) if is_s3(storage) else Path(storage) / args.name
             csv = log_results(results, space, out_dir)

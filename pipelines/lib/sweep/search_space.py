@@ -72,6 +72,10 @@ class SearchSpace:
     metric: str = "zeroshot_top1"
     mode: Literal["min", "max"] = "max"
     num_samples: int = 1
+    # Trials at once (the CLI's --max-concurrent wins); None: as many as the cluster holds now or,
+    # on a GPU cluster that has no GPU yet (nodes scaled from zero), every trial: the autoscaler
+    # adds nodes for their placement groups up to its own maximum.
+    max_concurrent_trials: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fixed: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +83,8 @@ class SearchSpace:
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ValueError(f"max_concurrent_trials must be >= 1 (or null), got {self.max_concurrent_trials}")
         if not self.params:
             raise ValueError("params is empty: name at least one config key to vary")
         self.params = {key: ParamSpec.parse(key, spec) for key, spec in self.params.items()}

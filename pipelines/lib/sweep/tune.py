@@ -130,13 +130,25 @@ def check_cache_fits(space: SearchSpace, base: dict[str, Any]) -> None:
             raise ValueError(f"trial {' '.join(overrides)} does not fit the cache: {err}") from None
 
 
-def concurrent_trials(cfg: PretrainConfig, requested: int | None) -> int:
-    """As many trials as the cluster holds at once, each with its workers *and* its own Ray Data
-    budget (``cluster.data_cpus``): a trial whose data pipeline gets no CPU hangs at 0 rows."""
-    if requested:
-        return requested
+def concurrent_trials(cfg: PretrainConfig, space: SearchSpace, requested: int | None = None) -> int:
+    """Trials at once: ``requested`` (the CLI), else the space's ``max_concurrent_trials``, else what
+    the cluster holds now, each trial with its workers *and* its own Ray Data budget
+    (``cluster.data_cpus``: a trial whose data pipeline gets no CPU hangs at 0 rows).
+
+    A GPU sweep on a cluster with fewer GPUs than one trial needs is on GPU nodes that scale
+    from zero: sized from what is there it would run one trial at a time forever. It runs
+    every trial instead; their placement groups are the autoscaler's demand, and trials it
+    cannot place yet wait in Tune's queue (PENDING on the dashboard).
+    """
+    if requested or space.max_concurrent_trials:
+        return requested or space.max_concurrent_trials
     resources = ray.cluster_resources()
     cl = cfg.cluster
+    if cl.use_gpu and resources.get("GPU", 0) < cl.num_workers:
+        log.info("the cluster has %g GPUs, fewer than one trial's %d: running all %d trials at once and letting the "
+                 "autoscaler add GPU nodes (cap it with max_concurrent_trials / --max-concurrent)",
+                 resources.get("GPU", 0), cl.num_workers, space.num_trials)
+        return space.num_trials
     fits = resources.get("CPU", 0) / (cl.num_workers * cl.cpus_per_worker + cl.data_cpus)
     if cl.use_gpu:
         fits = min(fits, resources.get("GPU", 0) / cl.num_workers)
