@@ -57,3 +57,16 @@ def test_masking_benchmark_runs_tiny_and_prints_every_strategy_against_beits_loo
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[:2] == ["8x8", "4"] and cells[7].endswith("x faster") and "load average" in out
     assert all(float(c.split()[0]) > 0 for c in cells[2:7])
+
+
+@pytest.mark.timeout(300)
+def test_gpu_smoke_runs_tiny_on_cpu_and_every_check_passes(capsys):
+    """The GPU node check at toy sizes: the same code paths as on a GPU (no Ray), so it cannot rot."""
+    bench = _load("gpu_smoke")
+    assert bench.main(["--tiny", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for title in ("1. environment", "2. student step", "3. teacher", "4. checkpoint", "5. DDP"):
+        assert f"\n{title}" in out, title
+    steps = [line for line in out.splitlines() if line.startswith(("| uta ", "| fd ", "| mim "))]
+    assert len(steps) == 6 and not any("FAIL" in line for line in steps)  # 3 objectives x grad ckpt off / on
+    assert "| 2 | gloo | ok |" in out and "0 failed check(s)" in out
