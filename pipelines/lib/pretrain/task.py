@@ -3,8 +3,8 @@
 Per micro-batch, on the loop's prefetch thread (``prepare``): numpy rows -> pinned tensors
 and the kept indices drawn per (seed, rank, step, micro). Per optimiser step (``step``):
 teacher targets (online: the frozen teacher in this worker; cache: the stored tokens,
-restored on the device) -> ``uta_core.optim.train_step`` under DDP. Rank 0 evaluates zero-shot and exports the student
-in timm's layout.
+restored on the device) -> ``uta_core.optim.train_step`` under DDP. Rank 0 evaluates
+zero-shot and exports the student in timm's layout.
 
 Shape legend: B micro-batch, K kept patches, N patches, D teacher embed dim.
 """

@@ -67,7 +67,7 @@ class TrainConfig:
     precision: str = "bf16"  # autocast dtype on GPU; CPU always runs fp32
     grad_checkpointing: bool = False
     prefetch: int = 2  # micro-batches prepared ahead on a thread (tensors, pinned memory, masks); 0: none
-    compile: bool = False  # torch.compile the forward + loss (static shapes: K is fixed); first steps compile
+    compile: bool = False  # torch.compile the model's forward (static shapes: K is fixed); the first steps compile
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
