@@ -133,6 +133,10 @@ def fit(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan, ca
              plan.rows_per_epoch if plan.rows_per_epoch is not None else "uncounted",
              plan.steps_per_epoch or "-", plan.total_steps, plan.warmup_steps, plan.accumulation,
              cfg.cluster.num_workers)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.cluster.use_gpu and gpus < cfg.cluster.num_workers:
+        log.info("the cluster has %g GPUs now, the run needs %d: Ray Train's placement group asks the autoscaler "
+                 "for them and the workers start once they join", gpus, cfg.cluster.num_workers)
     progress = DriverProgress(f"{task} {cfg.run.name}", plan.total_steps) if callbacks is None else None
     with progress or contextlib.nullcontext():
         result = build_trainer(cfg, task, dataset, plan, callbacks, progress.name if progress else None).fit()
