@@ -1,9 +1,11 @@
 """One script that says whether a GPU node is ready for UTA, and how fast it is: no Ray, ``uta_core`` only.
 
-    ./uta bench gpu_smoke                 # on a GPU node: EVA-02 base student, ViT-L-14 teacher (< 10 min)
+    ./uta bench gpu_smoke                 # on a GPU node: EVA-02 base student, ViT-L-14 teacher
     ./uta bench gpu_smoke --tiny          # any machine, seconds: the same checks at toy sizes (CI runs this)
 
-Sections, each a table; a failed check prints FAIL and the script exits 1:
+Sized to stay well under 10 minutes on one GPU (84 student steps, 14 teacher batches of 256,
+two processes for DDP); it prints its own wall time. Sections, each a table; a
+failed check prints FAIL and the script exits 1:
 
 1. environment: torch and its CUDA build, the NVIDIA driver (and ``uta_core.device``'s verdict),
    GPU name and compute capability, NCCL version, bf16 support.
