@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from student_step import peak_tflops, sync  # noqa: E402
+from student_step import add_step_args, peak_tflops, sync  # noqa: E402
 from uta_core.cache.codecs import TokenCodec  # noqa: E402
 from uta_core.cache.rows import teacher_tokens  # noqa: E402
 from uta_core.checkpoint import Position, load_state, save_state, training_state  # noqa: E402
+from uta_core.data.views import to_model_input  # noqa: E402
 from uta_core.device import cuda_problem, nvidia_driver_version  # noqa: E402
 from uta_core.models.clip import tiny_clip_config  # noqa: E402
 from uta_core.models.flops import step_flops, student_shape  # noqa: E402
@@ -186,8 +187,6 @@ def teacher_check(args, device: torch.device, workdir: Path) -> None:
         codec.encode(teacher_tokens(teacher, views_BHW3, device))
 
     def bare():
-        from uta_core.data.views import to_model_input
-
         teacher.encode_tokens(to_model_input(on_device, teacher.mean, teacher.std))
 
     speeds = {}
@@ -286,21 +285,14 @@ def ddp_check(workdir: Path) -> None:
 # --------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_step_args(p)
     p.add_argument("--tiny", action="store_true", help="toy sizes: nano student, 32 px, tiny teacher (CI)")
     p.add_argument("--student", default="base")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--patch-size", type=int, default=14)
-    p.add_argument("--out-dim", type=int, default=768)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--teacher-arch", default="ViT-L-14-quickgelu")
     p.add_argument("--teacher-pretrained", default=None, help="weights (tag, file, s3://); default random init")
     p.add_argument("--teacher-precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--teacher-batch", type=int, default=256)
     p.add_argument("--teacher-steps", type=int, default=5)
-    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, for MFU on an unlisted device")
     p.add_argument("--skip", nargs="*", default=[], choices=["student", "teacher", "checkpoint", "ddp"])
     p.add_argument("--ddp-rank", nargs=4, metavar=("RANK", "PORT", "BACKEND", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -99,19 +99,24 @@ def run(args) -> list[dict]:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def add_step_args(p: argparse.ArgumentParser) -> None:
+    """The options of a timed student step (device, batch, geometry, steps, peak); gpu_smoke uses them too."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", nargs="+", default=["base", "large"])
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--patch-size", type=int, default=14)
     p.add_argument("--out-dim", type=int, default=768)
-    p.add_argument("--mask-ratio", type=float, default=0.5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, for MFU on an unlisted device")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_step_args(p)
+    p.add_argument("--variants", nargs="+", default=["base", "large"])
+    p.add_argument("--mask-ratio", type=float, default=0.5)
+    p.add_argument("--compile", action="store_true")
     args = p.parse_args(argv)
     results = run(args)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"

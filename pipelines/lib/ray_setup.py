@@ -130,21 +130,21 @@ def connected_to_cluster(address: str | None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
-def await_gpus(bundles: list[dict[str, float]], timeout_s: float, what: str, poll_s: float = 10.0) -> float:
+def await_gpus(bundles: list[dict[str, float]], timeout_s: float, what: str, poll_s: float = 10.0) -> None:
     """Ask Ray's autoscaler for ``bundles`` and wait until the cluster holds at least one GPU.
 
     Clusters shipped here scale their GPU nodes from zero: a job starts on the head, which has
     no GPU. Sizing a pool from the GPUs present at start would refuse to run (or pick the CPU)
     there; instead the request (``ray.autoscaler.sdk.request_resources``, which a cluster
     without an autoscaler ignores) brings the nodes, and this says what it waits for. Returns
-    the cluster's GPUs once one is there; raises ``TimeoutError`` after ``timeout_s``.
+    once a GPU is there; raises ``TimeoutError`` after ``timeout_s``.
     """
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=bundles)  # the whole pool: the cluster grows to it while the job runs
     start = time.monotonic()
     shape = f"{len(bundles)} x {bundles[0]}" if bundles else "nothing"
-    while (gpus := cluster_resources()[1]) < 1:
+    while cluster_resources()[1] < 1:
         waited = time.monotonic() - start
         if waited >= timeout_s:
             raise TimeoutError(
@@ -154,7 +154,6 @@ def await_gpus(bundles: list[dict[str, float]], timeout_s: float, what: str, pol
         log.info("%s: waiting for GPU nodes, requested %s from the autoscaler; the cluster has none yet (%.0f s)",
                  what, shape, waited)
         time.sleep(min(poll_s, max(0.1, timeout_s - waited)))
-    return gpus
 
 
 def release_resource_request() -> None:

@@ -98,11 +98,11 @@ def compute_resources(cfg: CacheConfig, device: str) -> tuple[int, float, int]:
 
 
 def gpu_pool(cfg: CacheConfig) -> tuple[int, float, int]:
-    """Ask the autoscaler for the configured pool's GPUs, wait for the first, then size the pool."""
-    wanted = cfg.ray.num_actors or max(1, int(cluster_resources()[1]))
-    bundle = {"GPU": 1.0, "CPU": cfg.ray.actor_num_cpus or 1.0}
+    """Ask the autoscaler for the pool's GPUs, wait for the first, then size the pool again (with
+    ``ray.num_actors`` unset, the pool is the GPUs the cluster has by then)."""
+    num_actors, actor_cpus, _ = compute_resources(cfg, "cuda")
     try:
-        await_gpus([bundle] * wanted, cfg.ray.gpu_wait_s, "teacher actors")
+        await_gpus([{"GPU": 1.0, "CPU": actor_cpus}] * num_actors, cfg.ray.gpu_wait_s, "teacher actors")
     except TimeoutError as err:
         raise ResourceError(str(err)) from None
     return compute_resources(cfg, "cuda")

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.progress import DriverProgress
+from pipelines.lib.ray_setup import cluster_resources
 from pipelines.lib.train.config import ClusterConfig, TrainConfig
 from pipelines.lib.train.loop import TRAIN_DATASET, train_loop_per_worker
 from uta_core import tracking
@@ -133,7 +134,7 @@ def fit(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan, ca
              plan.rows_per_epoch if plan.rows_per_epoch is not None else "uncounted",
              plan.steps_per_epoch or "-", plan.total_steps, plan.warmup_steps, plan.accumulation,
              cfg.cluster.num_workers)
-    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = cluster_resources()[1]
     if cfg.cluster.use_gpu and gpus < cfg.cluster.num_workers:
         log.info("the cluster has %g GPUs now, the run needs %d: Ray Train's placement group asks the autoscaler "
                  "for them and the workers start once they join", gpus, cfg.cluster.num_workers)
