@@ -16,7 +16,7 @@ For each codec, one cache job on one local Ray; then, from the cache it wrote:
   (CPU time of the driver process over the pipeline / views);
 - bytes per view on disk, and of it the codec's token bytes and the stored JPEG view;
 - cosine of restored vs the fp32 teacher's tokens on every cached view (CLS; patches mean, min);
-- the training loader (``uta_core.data.rows.cache_file_rows``: read a part file, decode the
+- the training loader (``uta_core.cache.reader.cache_file_rows``: read a part file, decode the
   JPEG views, hand on the token bytes) on one thread, views/s; and the codec's restore on CPU
   (on a GPU trainer it runs on the device).
 Run it alone: two cores shared with another job give noise.
@@ -47,9 +47,9 @@ from pipelines.lib.cache.job import execute
 from pipelines.lib.ray_setup import init_ray
 from uta_core.cache.format import load_codec, open_cache
 from uta_core.cache.plan import build_cache_teacher, plan_cache
+from uta_core.cache.reader import cache_file_rows
 from uta_core.config import load_config
 from uta_core.data.digits import webdataset_bytes
-from uta_core.data.rows import cache_file_rows
 from uta_core.data.shards import Sample
 from uta_core.data.views import to_model_input
 

@@ -18,7 +18,7 @@ failed check prints FAIL and the script exits 1:
    device's dense bf16 peak).
 3. teacher: bf16 vs fp32 token cosine on the same views; views/s of the teacher actor's
    per-batch work (host uint8 views -> pinned copy -> normalise -> tokens -> float16 codec
-   bytes on the host, ``uta_core.cache.rows.teacher_tokens`` + ``TokenCodec.encode``) vs the
+   bytes on the host, ``uta_core.cache.writer.teacher_tokens`` + ``TokenCodec.encode``) vs the
    bare forward on views already on the device.
 4. checkpoint: a training state saved from the device loads on a CPU-only process
    (``uta_core.checkpoint.load_state`` in a child process that hides every GPU).
@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from student_step import add_step_args, peak_tflops, sync  # noqa: E402
+
 from uta_core.cache.codecs import TokenCodec  # noqa: E402
-from uta_core.cache.rows import teacher_tokens  # noqa: E402
+from uta_core.cache.writer import teacher_tokens  # noqa: E402
 from uta_core.checkpoint import Position, load_state, save_state, training_state  # noqa: E402
 from uta_core.data.views import to_model_input  # noqa: E402
 from uta_core.device import cuda_problem, nvidia_driver_version  # noqa: E402
@@ -215,7 +215,7 @@ def checkpoint_check(args, device: torch.device, workdir: Path) -> None:
     images = torch.randn(2, 3, 32, 32, device=device)
     student(images).float().pow(2).mean().backward()
     opt.step()  # optimizer state (exp_avg ...) on the device too
-    save_state(training_state(student, opt, sched, Position(step=1), {}, {}), workdir)
+    save_state(training_state(student, opt, sched, Position(step=1), {}, {}, {}), workdir)
     code = ("import sys, torch; from uta_core.checkpoint import load_state; s = load_state(sys.argv[1]); "
             "t = [v for v in s['model'].values()] + [v for st in s['optimizer']['state'].values() for v in st.values() "
             "if torch.is_tensor(v)]; assert not torch.cuda.is_available(); "

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "reference"))
 
 import torch  # noqa: E402
-
 from beit_masking import beit_block_mask  # noqa: E402
+
 from uta_core.objectives.masking import STRATEGIES, MaskConfig, MaskGenerator  # noqa: E402
 
 

@@ -29,14 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from uta_core.cache.codecs import TokenCodec
+from uta_core.data.rows import TeacherTargets
 from uta_core.data.views import to_model_input
 from uta_core.models.flops import step_flops, student_shape, teacher_shape
-from uta_core.objectives.masking import MaskConfig, MaskGenerator
 from uta_core.models.student import build_student
 from uta_core.models.teacher import Teacher
 from uta_core.objectives.alignment import ObjectiveConfig, StudentForward, draw_keep, prepare_student, step_loss
+from uta_core.objectives.masking import MaskConfig, MaskGenerator
 from uta_core.optim import OptimConfig, build_optimizer, build_scheduler, train_step
-from uta_core.data.rows import TeacherTargets
 
 OBJECTIVE = ObjectiveConfig(name="uta")
 OPTIM = OptimConfig()

@@ -16,9 +16,9 @@ import time
 import torch
 
 from uta_core.models.flops import step_flops, student_shape, teacher_shape
+from uta_core.models.student import build_student
 from uta_core.objectives.alignment import fd_loss, gather_kept, keep_to_mask, mim_loss, uta_loss
 from uta_core.objectives.masking import MaskConfig, MaskGenerator
-from uta_core.models.student import build_student
 
 
 def make_steps(model, images, teacher_BND, keep_BK):

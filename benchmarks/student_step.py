@@ -49,7 +49,8 @@ def sync(device: torch.device) -> None:
 
 def make_step(variant: str, objective: str, args, device: torch.device):
     torch.manual_seed(0)
-    student = build_student(variant, img_size=args.img_size, patch_size=args.patch_size, out_dim=args.out_dim).to(device)
+    student = build_student(variant, img_size=args.img_size, patch_size=args.patch_size, out_dim=args.out_dim)
+    student = student.to(device)
     obj = ObjectiveConfig(name=objective)
     forward = StudentForward(student, obj)
     if args.compile:
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstudent step on {name}: batch {args.batch}, {args.img_size} px / patch {args.patch_size}, "
           f"UTA mask {args.mask_ratio} vs FD, {'bf16' if args.device.startswith('cuda') else 'fp32'}"
           f"{', torch.compile' if args.compile else ''}; median of {args.steps} steps")
-    print(f"  {'variant':<8} {'objective':<9} {'step s':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'UTA/FD time':>12}")
+    print(f"  {'variant':<8} {'objective':<9} {'step s':>8} {'images/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'UTA/FD time':>12}")
     by = {(r["variant"], r["objective"]): r for r in results}
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"

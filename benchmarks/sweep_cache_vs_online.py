@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     build_s = time.perf_counter() - start
     if code != 0:
         raise SystemExit("building the teacher cache failed")
-    cache_s = run_sweep(args, workdir, "from-cache", base + ["data.teacher_mode=cache", f"data.cache={workdir / 'cache'}"])
+    cache_s = run_sweep(args, workdir, "from-cache",
+                        base + ["data.teacher_mode=cache", f"data.cache={workdir / 'cache'}"])
     online_s = run_sweep(args, workdir, "online", base + ["data.teacher_mode=online", f"data.input.paths={train}"])
 
     tcfg = teacher_arch(args)["vision_cfg"]

@@ -17,7 +17,6 @@ docs/CACHE_FORMAT.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,34 +24,20 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.lib.cache.config import DEFAULT_CONFIG, CacheConfig
-from pipelines.lib.cache.job import ResourceError, check_destinations, execute, print_report
-from pipelines.lib.cli import job_parser, start_job, user_error
+from pipelines.lib.cache.job import print_report, run
+from pipelines.lib.cli import job_main
 from pipelines.lib.smoke import cache_overrides
-from uta_core.cache.plan import plan_cache
-from uta_core.config import load_config
-from uta_core.data.storage import StorageError
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    smoke_help = "cache a few digits shards with a tiny random-init teacher in a temp folder"
-    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "output.token_codec=lowrank_int8").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = start_job(args, cache_overrides, "cache")
-    try:  # user errors (config, paths, buckets, credentials, settings mismatch): one line, no trace
-        cfg = load_config(CacheConfig, args.config, overrides)
-        check_destinations(cfg)
-        plan = plan_cache(cfg)
-    except ValueError as err:
-        return user_error(err)
-    try:
-        report = execute(plan)
-    except (StorageError, ResourceError) as err:  # e.g. an output that is not writable
-        return user_error(err)
-    print_report(report)
-    return 1 if report["incomplete"] or report["partial"] else 0
+    smoke = (cache_overrides, "cache a few digits shards with a tiny random-init teacher in a temp folder")
+    return job_main(argv, "cache", __doc__, CacheConfig, DEFAULT_CONFIG, "output.token_codec=lowrank_int8", smoke=smoke,
+                    run=run, report=report)
+
+
+def report(result: dict) -> int:
+    print_report(result)
+    return 1 if result["incomplete"] or result["partial"] else 0
 
 
 if __name__ == "__main__":

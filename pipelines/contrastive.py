@@ -20,30 +20,23 @@ final model goes to ``<storage_path>/<run.name>/export``: ``<name>.json`` + ``<n
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lib.cli import job_parser, run_training_job, start_job
+from pipelines.lib.cli import job_main
 from pipelines.lib.contrastive.config import DEFAULT_CONFIG, ContrastiveJobConfig
 from pipelines.lib.contrastive.job import REPORT_KEYS, run
 from pipelines.lib.smoke import contrastive_overrides
 from pipelines.lib.train.trainer import print_report
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    smoke_help = "train a tiny CLIP for a few steps on generated digits in a temp folder"
-    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "train.max_steps=300").parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = start_job(args, contrastive_overrides, "contrastive")
-    return run_training_job(ContrastiveJobConfig, args, overrides, run,
-                            lambda report: print_report(report, REPORT_KEYS))
+    smoke = (contrastive_overrides, "train a tiny CLIP for a few steps on generated digits in a temp folder")
+    return job_main(argv, "contrastive", __doc__, ContrastiveJobConfig, DEFAULT_CONFIG, "train.max_steps=300",
+                    smoke=smoke, run=run, report=lambda result: print_report(result, REPORT_KEYS))
 
 
 if __name__ == "__main__":

@@ -51,19 +51,18 @@ from pipelines.lib.demo.config import (
     stage_config,
 )
 from pipelines.lib.demo.report import mlflow_history, plot_curves, print_table, retrieval_rows
+from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.evaluate import job as evaluate_job
 from pipelines.lib.pretrain import job as pretrain_job
 from pipelines.lib.pretrain.config import PretrainConfig
-from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from pipelines.lib.train.outputs import EXPORT_DIR
 from uta_core import tracking
 from uta_core.config import to_dict
 from uta_core.data.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
-from uta_core.data.captions import load_caption_set
-from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
+from uta_core.eval.data import load_caption_set, load_eval_set
 from uta_core.eval.evaluator import load_classifier, retrieval_metrics, zeroshot_accuracy
 from uta_core.models.export import export_student
 from uta_core.models.student import UTAStudent
@@ -267,7 +266,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast", action="store_true", help=f"the CI budget: {FAST_CONFIG.name} on top")
     parser.add_argument("overrides", nargs="*",
                         help="dotted key=value overrides, e.g. student.train.max_steps=800 out=outputs/demo2")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

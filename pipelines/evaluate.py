@@ -10,7 +10,8 @@
 ``model`` is a student export folder (``export/`` of a run), a Ray Train checkpoint
 folder of ``pipelines/pretrain.py`` (``checkpoint_*``, holding ``state.pt``), or a run
 folder (its ``export/``), or a released UTA checkpoint file (``UTA-B/16``, ``L/14-336``,
-``g/14-336`` from github jihaonew/UTA: its image tower and head); local or ``s3://``. The classifier is the teacher's text tower
+``g/14-336`` from github jihaonew/UTA: its image tower and head); local or ``s3://``. The
+classifier is the teacher's text tower
 applied once to class names x templates (``build-classifier``), so a cache-mode run never
 builds a teacher; ``zeroshot`` can also build it on the fly from ``teacher`` + prompts.
 ``retrieval_input`` (captioned shards) adds image->text and text->image recall@1/5/10; its
@@ -28,31 +29,21 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lib.cli import print_result, setup_logging, user_error
+from pipelines.lib.cli import job_parser, print_result, run_job, setup_logging
 from pipelines.lib.evaluate.job import EvaluateConfig, build_classifier_file, evaluate
-from uta_core.config import load_config
 
 COMMANDS = ("build-classifier", "zeroshot")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--config", type=Path, default=None, help="optional YAML config")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model=runs/x/export")
-    return parser.parse_args(argv)
+    return job_parser(__doc__, None, None, "model=runs/x/export", EvaluateConfig, COMMANDS).parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    try:
-        cfg = load_config(EvaluateConfig, args.config, args.overrides)
-        result = build_classifier_file(cfg) if args.command == "build-classifier" else evaluate(cfg)
-    except ValueError as err:
-        return user_error(err)
-    print_result(result)
-    return 0
+    command = build_classifier_file if args.command == "build-classifier" else evaluate
+    return run_job(EvaluateConfig, args, args.overrides, command, print_result)
 
 
 if __name__ == "__main__":

@@ -14,33 +14,23 @@ tower as a CLIP (``clip_benchmark eval --model local-dir:<output> ...``). With
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lib.cli import print_result, setup_logging, user_error
+from pipelines.lib.cli import job_parser, print_result, run_job, setup_logging
 from pipelines.lib.export.job import ExportConfig, run
-from uta_core.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--config", type=Path, default=None, help="optional YAML config")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model=runs/x output=exports/x")
-    args = parser.parse_args(argv)
+    args = job_parser(__doc__, None, None, "model=runs/x output=exports/x", ExportConfig).parse_intermixed_args(argv)
     setup_logging()
     overrides = list(args.overrides)
     if any(o.startswith("tracking.register_as=") for o in overrides):
         overrides.append("tracking.enabled=true")
-    try:
-        result = run(load_config(ExportConfig, args.config, overrides))
-    except ValueError as err:
-        return user_error(err)
-    print_result(result)
-    return 0
+    return run_job(ExportConfig, args, overrides, run, print_result)
 
 
 if __name__ == "__main__":

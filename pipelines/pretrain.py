@@ -18,29 +18,23 @@ Config defaults: ``configs/pretrain_local.yaml``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lib.cli import job_parser, run_training_job, start_job
+from pipelines.lib.cli import job_main
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from pipelines.lib.pretrain.job import REPORT_KEYS, run
 from pipelines.lib.smoke import pretrain_overrides
 from pipelines.lib.train.trainer import print_report
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    smoke_help = "train a nano student for a few steps on generated digits with a tiny random teacher"
-    return job_parser(__doc__, DEFAULT_CONFIG, smoke_help, "optim.lr=1e-3").parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    overrides = start_job(args, pretrain_overrides, "pretrain")
-    return run_training_job(PretrainConfig, args, overrides, run, lambda report: print_report(report, REPORT_KEYS))
+    smoke = (pretrain_overrides, "train a nano student for a few steps on generated digits with a tiny random teacher")
+    return job_main(argv, "pretrain", __doc__, PretrainConfig, DEFAULT_CONFIG, "optim.lr=1e-3", smoke=smoke, run=run,
+                    report=lambda result: print_report(result, REPORT_KEYS))
 
 
 if __name__ == "__main__":

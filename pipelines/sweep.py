@@ -21,8 +21,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (also under `ray job submit`): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.lib.cli import start_job, user_error
-from pipelines.lib.pretrain.config import DEFAULT_CONFIG
+from pipelines.lib.cli import job_parser, load_job_config, start_job, user_error
+from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from pipelines.lib.smoke import sweep_overrides
 from pipelines.lib.sweep.job import run_sweep
 
@@ -30,18 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = job_parser(__doc__, DEFAULT_CONFIG, "tune_spaces/smoke.yaml on generated digits", "optim.lr=1e-3",
+                        PretrainConfig)
     parser.add_argument("--space", type=Path, default=ROOT / "tune_spaces" / "masking.yaml",
                         help="search space YAML (default: %(default)s)")
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                        help="base pre-training config (default: %(default)s)")
     parser.add_argument("--name", default="uta-sweep", help="sweep name; rerun the same name to resume")
     parser.add_argument("--storage-path", default="runs/sweeps", help="local folder or s3://bucket/prefix")
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: the space's max_concurrent_trials, else what the cluster holds)")
-    parser.add_argument("--smoke-test", action="store_true", help="tune_spaces/smoke.yaml on generated digits")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base config")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def run(args: argparse.Namespace, overrides: list[str]) -> Path:
@@ -58,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_overrides(workdir)
 
     try:
-        csv = run(args, start_job(args, smoke_test, "sweep"))
+        overrides = start_job(args, smoke_test, "sweep")
+        if args.print_config:  # the trials' base config
+            return 0 if load_job_config(PretrainConfig, args, overrides) is None else 1
+        csv = run(args, overrides)
     except ValueError as err:
         return user_error(err)
     print(f"results: {csv}")

@@ -16,8 +16,10 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from uta_core.data.digits import digits_samples, webdataset_bytes
 from uta_core.data.shards import Sample
@@ -108,3 +110,37 @@ def write_digits_webdataset(root: Path, shards: int = 3, per_shard: int = 10, si
 def digits_webdataset(tmp_path_factory) -> DigitsShards:
     """3 shards x 10 digits, 32 px RGB PNG, with .cls labels and .txt captions."""
     return write_digits_webdataset(tmp_path_factory.mktemp("digits_wds"))
+
+
+PRETRAIN_TEACHER = "uta-pretrain-tiny"  # 32 px, patch 4 -> 8x8 grid, D = 32
+
+
+@pytest.fixture(scope="session")
+def pretrain_ws(tmp_path_factory):
+    """What pre-training tests train on: digits (120 train in 4 shards with img2dataset stats files,
+    40 held out), a tiny teacher whose weights live in a file (so the cache, the workers and the
+    references load the same teacher), its lossless (PNG) cache of 2 views per image, written by
+    the caching job's own pieces in-process, and a classifier file with the held-out captions."""
+    from helpers import tiny_clip_model, write_cache_in_process, write_model_config
+
+    from pipelines.lib.cache.config import CacheConfig
+    from pipelines.lib.evaluate.job import EvaluateConfig, build_classifier_file
+    from uta_core.config import load_config
+    from uta_core.data.digits import CLASS_NAMES, write_digits_splits
+
+    root = tmp_path_factory.mktemp("pretrain")
+    write_digits_splits(root / "digits", size=32, heldout_fraction=0.25, samples_per_shard=32, limit=160)
+    arch = write_model_config(root, name=PRETRAIN_TEACHER)
+    weights = root / "teacher.pt"
+    torch.save(tiny_clip_model(seed=0).state_dict(), weights)
+    teacher = [f"teacher.arch={arch}", f"teacher.pretrained={weights}"]
+    write_cache_in_process(load_config(CacheConfig, None, [
+        f"input.paths={root / 'digits' / 'train'}", f"output.path={root / 'cache'}", *teacher,
+        "teacher.precision=fp32", "views.size=32", "num_views=2", "ray.images_per_block=16",
+        "tracking.enabled=false", "output.pixel_format=png"]))  # lossless: the cache's pixels equal online views
+    build_classifier_file(load_config(EvaluateConfig, None, [
+        *teacher, f"classnames=[{', '.join(CLASS_NAMES)}]", "templates=['a photo of the digit {}.']",
+        f"retrieval_input.paths={root / 'digits' / 'heldout'}", f"output={root / 'classifier.pt'}", "device=cpu"]))
+    return SimpleNamespace(root=root, train=root / "digits" / "train", heldout=root / "digits" / "heldout",
+                           arch=str(arch), weights=str(weights), cache=root / "cache",
+                           classifier=root / "classifier.pt", mlflow=f"sqlite:///{root / 'mlflow.db'}")

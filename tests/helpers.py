@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,109 @@ def run_clip_benchmark(model_dir: Path, dataset_root: Path, output: Path) -> dic
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(output.read_text())["metrics"]
+
+
+def write_cache_in_process(cfg) -> None:
+    """A teacher cache written by the caching job's own pieces, serially in this process (no Ray):
+    views -> teacher tokens -> part files -> commits, as the Ray Data pipeline runs them."""
+    from uta_core.cache.commit import ShardCommitter
+    from uta_core.cache.format import load_codec
+    from uta_core.cache.plan import plan_cache, prepare_output
+    from uta_core.cache.writer import PartWriter, TokenEncoder, ViewTask, shard_view_tables
+
+    plan = plan_cache(cfg)
+    prepare_output(plan)
+    codec = load_codec(plan.fs, plan.root, plan.manifest)
+    encoder = TokenEncoder(cfg, codec, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
+    writer = PartWriter(root_uri=cfg.output.path, s3=cfg.s3, settings=plan.manifest.settings,
+                        bytes_per_view=codec.bytes_per_view, compression="zstd", token_compression="none",
+                        row_group_mb=64)
+    task = ViewTask.from_plan(plan, images_per_block=cfg.ray.images_per_block)
+    committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
+    for name, shard in plan.pending.items():
+        for table in shard_view_tables(task, name, shard):
+            committer.add(writer(encoder(table)))
+    result = committer.finish()
+    assert not result.incomplete, result.incomplete
+
+
+def train_ranks(cfg, world: int, workdir: Path, fault=None, timeout: float = 300) -> list[int]:
+    """``world`` ranks of a pre-training run, one process each, joined by gloo: the loop's
+    collectives (cursors, the loss, checkpoint steps) for real, without Ray. Returns the exit codes."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    init = f"file://{workdir / f'gloo-{uuid.uuid4().hex[:8]}'}"
+    procs = [ctx.Process(target=_train_rank, args=(cfg, rank, world, init, fault)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(1.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for proc in hung:
+        proc.kill()
+    assert not hung, f"{len(hung)} rank(s) still running after {timeout} s"
+    return [p.exitcode for p in procs]
+
+
+def _train_rank(cfg, rank: int, world: int, init: str, fault) -> None:
+    from pipelines.lib.pretrain.job import plan_pretrain
+    from pipelines.lib.train.loop import train_worker
+    from pipelines.lib.train.runtime import LocalRuntime
+    from pipelines.lib.train.trainer import resolve_paths
+
+    job, plan = plan_pretrain(resolve_paths(cfg))
+    runtime = LocalRuntime(plan.run_uri, cfg.s3, cfg.run.keep_checkpoints, rank=rank, world=world, init_method=init,
+                           threads=1, timeout_s=120)
+    try:
+        train_worker(job, plan, runtime, fault)
+    finally:
+        runtime.close()
+
+
+def pretrain_config(ws, name: str, mode: str, *extra: str, storage: str | None = None):
+    """A tiny pre-training run on ``pretrain_ws``: nano student, 8-image micro-batches, one worker,
+    every step logged, a checkpoint every 2 steps, every rank's rows recorded."""
+    from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
+    from uta_core.config import load_config
+
+    base = [
+        f"run.name={name}", f"run.storage_path={storage or ws.root / 'runs'}", "run.log_every=1",
+        "run.checkpoint_every=2", "run.record_samples=true", f"data.teacher_mode={mode}", "data.views.size=32",
+        "student.variant=nano", "student.img_size=32", "student.patch_size=4", "student.out_dim=32",
+        "train.micro_batch=8", "train.warmup_steps=1", "optim.lr=2e-3", "cluster.num_workers=1",
+        "cluster.cpus_per_worker=1", f"eval.input.paths={ws.heldout}", f"eval.classifier_path={ws.classifier}",
+        "eval.max_images=40", f"eval.retrieval_input.paths={ws.heldout}", f"tracking.tracking_uri={ws.mlflow}",
+    ]
+    if mode == "online":
+        base += [f"data.input.paths={ws.train}", f"teacher.arch={ws.arch}", f"teacher.pretrained={ws.weights}",
+                 "teacher.precision=fp32"]
+    else:
+        base += [f"data.cache={ws.cache}", "teacher.arch=no-such-open-clip-model"]  # cache mode never builds it
+    return load_config(PretrainConfig, DEFAULT_CONFIG, base + list(extra))
+
+
+def samples_seen(storage: str, name: str, rank: int = 0, epoch: int = 0, s3=None) -> list[int]:
+    """The ids rank ``rank`` trained on in ``epoch``, in order: its record files in step order."""
+    from pyarrow.fs import FileSelector
+
+    from uta_core.data.storage import S3Options, filesystem_for, read_bytes
+
+    fs, root = filesystem_for(f"{storage}/{name}/samples", s3 or S3Options())
+    prefix = f"rank{rank}-epoch{epoch:04d}-from"
+    names = sorted(i.base_name for i in fs.get_file_info(FileSelector(root)) if i.base_name.startswith(prefix))
+    assert names, f"no samples recorded for rank {rank}, epoch {epoch} of {name}"
+    return [int(x) for n in names for x in read_bytes(fs, f"{root}/{n}").decode().split()]
+
+
+def checkpoint_state(storage: str, name: str, step: int, s3=None) -> dict:
+    import io
+
+    from uta_core.checkpoint import checkpoint_dir_name
+    from uta_core.data.storage import S3Options, filesystem_for, read_bytes
+
+    fs, path = filesystem_for(f"{storage}/{name}/{checkpoint_dir_name(step)}/state.pt", s3 or S3Options())
+    data = read_bytes(fs, path)
+    assert data is not None, f"{storage}/{name} has no checkpoint of step {step}"
+    return torch.load(io.BytesIO(data), weights_only=False)

@@ -16,14 +16,14 @@ from uta_core.cache.format import (
     Manifest,
     PartRecord,
     ShardRecord,
+    byte_rows,
     cache_schema,
     decode_pixels,
     encode_view,
-    read_cache_rows,
     settings_diff,
-    byte_rows,
     tokens_array,
 )
+from uta_core.cache.reader import read_cache_rows
 
 
 def settings(**changes) -> CacheSettings:
@@ -175,8 +175,9 @@ def test_rows_written_with_the_schema_read_back_as_pixels_and_tokens(tmp_path, p
     if pixel_format == "png":
         np.testing.assert_array_equal(got_pixels.numpy(), pixels_BHW3)  # PNG is lossless
     else:  # the one decoder every reader uses; PIL (another libjpeg build) agrees within a level or two
-        from PIL import Image
         import io
+
+        from PIL import Image
         pil = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded])
         assert np.abs(got_pixels.numpy().astype(int) - pil).max() <= 2
         np.testing.assert_array_equal(got_pixels.numpy(), decode_pixels(encoded))

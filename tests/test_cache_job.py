@@ -16,7 +16,7 @@ from pipelines.lib.cache.config import CacheConfig
 from uta_core.cache.commit import ShardCommitter
 from uta_core.cache.format import load_codec, load_manifest
 from uta_core.cache.plan import plan_cache, prepare_output
-from uta_core.cache.rows import PART_SCHEMA, PartWriter, TokenEncoder, ViewTask, shard_view_tables
+from uta_core.cache.writer import PART_SCHEMA, PartWriter, TokenEncoder, ViewTask, shard_view_tables
 from uta_core.config import load_config
 from uta_core.data.digits import digits_samples, webdataset_bytes
 
@@ -62,7 +62,8 @@ def written_parts(plan):
 
 
 def part_files(root, name):
-    return sorted(p.name for p in (root / "shards" / name).glob("*.parquet")) if (root / "shards" / name).exists() else []
+    folder = root / "shards" / name
+    return sorted(p.name for p in folder.glob("*.parquet")) if folder.exists() else []
 
 
 def test_shards_commit_from_part_metadata_in_any_order_without_duplicates(setup, tmp_path):
@@ -151,7 +152,7 @@ def test_part_rows_restore_to_the_teachers_tokens(setup, tmp_path):
     first = parts["00000"][0].to_pylist()[0]
     table = pq.read_table(str(root / first["file"]))
     codec = load_codec(plan.fs, plan.root, plan.manifest)
-    from uta_core.cache.format import read_cache_rows
+    from uta_core.cache.reader import read_cache_rows
     from uta_core.data.views import to_model_input
     pixels, tokens = read_cache_rows(table, codec)
     t = encoder.teacher
@@ -163,9 +164,9 @@ def test_part_rows_restore_to_the_teachers_tokens(setup, tmp_path):
 def test_a_cache_without_pixels_rebuilds_exactly_the_views_the_teacher_saw(setup, tmp_path):
     """``output.pixel_format=none``: the rows hold no pixels; the reader rebuilds each view from the
     input shard and the recorded crop / flip, bit for bit the pixels the teacher was given."""
-    from uta_core.cache.rows import RAW_COLUMN, SEQ_COLUMN
     from uta_core.cache.format import byte_rows
-    from uta_core.data.rows import ViewSource, cache_file_rows
+    from uta_core.cache.reader import ViewSource, cache_file_rows
+    from uta_core.cache.writer import RAW_COLUMN, SEQ_COLUMN
 
     root = tmp_path / "cache"
     cfg = load_config(CacheConfig, None, [*_args(setup, root), "output.pixel_format=none"])
@@ -187,7 +188,7 @@ def test_a_cache_without_pixels_rebuilds_exactly_the_views_the_teacher_saw(setup
             assert all(len(p) == 0 for p in block.column("pixels").to_pylist())  # nothing stored
         assert SEQ_COLUMN in blocks[name][0].column_names
         record = manifest.shards[name]
-        src = ViewSource.of(record.input_shard, manifest.settings.source_columns, 32, plan.cfg.s3)
+        src = ViewSource.of(record.input_shard, manifest.settings.source_columns, 32)
         rebuilt = {}
         for part in record.parts:
             for rows in cache_file_rows(FS, str(root / part.file), rebuild=src, block=5):

@@ -30,19 +30,20 @@ from conftest import FAKE_AWS_ENV
 from helpers import tiny_clip_model, write_model_config
 
 from pipelines.cache_teacher import main
-from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.cache import job
+from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.cache.job import run
 from pipelines.lib.ray_setup import free_port
 from uta_core.cache.codecs import quantize_int8
-from uta_core.cache.format import decode_pixels, encode_view, load_codec, load_manifest, open_cache, read_cache_rows
-from uta_core.cache.rows import PART_SCHEMA
+from uta_core.cache.format import decode_pixels, encode_view, load_codec, load_manifest, open_cache
 from uta_core.cache.plan import CacheMismatchError, plan_cache
+from uta_core.cache.reader import read_cache_rows
+from uta_core.cache.writer import PART_SCHEMA
 from uta_core.config import load_config
-from uta_core.data.views import ViewParams, decode_image, render_view, to_model_input
 from uta_core.data.digits import digits_samples, webdataset_bytes
 from uta_core.data.shards import Sample
 from uta_core.data.storage import StorageError, s3_filesystem
+from uta_core.data.views import ViewParams, decode_image, render_view, to_model_input
 from uta_core.models.teacher import Teacher
 
 TEACHER_NAME = "uta-cache-tiny"  # 32 px, patch 4 -> 8x8 grid, D = 32
@@ -425,8 +426,10 @@ def test_missing_buckets_fail_fast_and_write_nothing(s3_server, s3_client, digit
     buckets = {b["Name"] for b in s3_client.list_buckets()["Buckets"]}
     objects = {b: s3_client.list_objects_v2(Bucket=b).get("KeyCount", 0) for b in buckets}
     cases = [
-        (["input.paths=s3://no-such-input-bucket/wds/*.tar", f"output.path={tmp_path / 'cache'}"], "no-such-input-bucket"),
-        ([f"input.paths={digits_webdataset.root}", "output.path=s3://no-such-output-bucket/cache"], "no-such-output-bucket"),
+        (["input.paths=s3://no-such-input-bucket/wds/*.tar", f"output.path={tmp_path / 'cache'}"],
+         "no-such-input-bucket"),
+        ([f"input.paths={digits_webdataset.root}", "output.path=s3://no-such-output-bucket/cache"],
+         "no-such-output-bucket"),
     ]
     for overrides, bucket in cases:
         code = _run_main(tmp_path, teacher_files, *overrides, f"s3.endpoint_url={s3_server}")

@@ -14,12 +14,12 @@ from uta_core.checkpoint import (
     checkpoint_dir_name,
     load_state,
     load_stored_state,
-    load_trained_student,
     stored_checkpoint_steps,
     training_state,
 )
 from uta_core.data.storage import S3Options
 from uta_core.models.student import build_student
+from uta_core.models.trained import load_trained_student
 from uta_core.optim import OptimConfig, build_optimizer, build_scheduler
 
 
@@ -40,8 +40,8 @@ def a_state(step: int) -> dict:
     opt = build_optimizer(student, OptimConfig(lr=1e-3))
     sched = build_scheduler(opt, OptimConfig(lr=1e-3), warmup_steps=1, total_steps=10)
     config = {"student": {"variant": "nano", "img_size": 32, "patch_size": 4, "out_dim": 32}}
-    plan = {"mean": [0.5] * 3, "std": [0.25] * 3}
-    return training_state(student, opt, sched, Position(step=step), config, plan)
+    meta = {"mean": [0.5] * 3, "std": [0.25] * 3, "teacher": None}
+    return training_state(student, opt, sched, Position(step=step), config, {}, meta)
 
 
 def write_checkpoint(run: Path, step: int, on_cuda: bool = True) -> Path:

@@ -12,15 +12,14 @@ import mlflow
 import pytest
 import timm
 import torch
+from helpers import run_clip_benchmark, write_clip_benchmark_dataset, write_model_config
 from safetensors.torch import load_file
 
 from pipelines import export as export_cli
-from helpers import run_clip_benchmark, write_clip_benchmark_dataset, write_model_config
-from uta_core.data.captions import load_caption_set
 from uta_core.data.digits import CLASS_NAMES, TEMPLATES
-from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
+from uta_core.eval.data import load_caption_set, load_eval_set
 from uta_core.eval.evaluator import caption_bank, retrieval_metrics, teacher_classifier, zeroshot_accuracy
 from uta_core.eval.zeroshot import caption_positives, recall_at_k
 from uta_core.models.export import export_student

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from pipelines.lib.ray_setup import free_port
-from uta_core.models.export import load_student
+from uta_core.models.trained import load_export
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -182,7 +182,8 @@ def test_every_yaml_parses_into_mappings(path):
 
 def test_k8s_objects_are_the_expected_kinds():
     kinds = sorted(d["kind"] for _, d in k8s_objects())
-    assert kinds == sorted(["RayCluster", "RayJob", "RayJob", "ServiceAccount", "ServiceAccount", "Deployment", "Service"])
+    assert kinds == sorted(["RayCluster", "RayJob", "RayJob", "ServiceAccount", "ServiceAccount", "Deployment",
+                            "Service"])
     for path, doc in k8s_objects():
         assert doc["apiVersion"] == {"RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "Deployment": "apps/v1"}.get(
             doc["kind"], "v1"
@@ -271,7 +272,8 @@ def test_cluster_configs_load_into_the_pipeline_dataclasses():
     pre = load_config(PretrainConfig, ROOT / "configs/cluster/pretrain.yaml")
     cache = load_config(CacheConfig, ROOT / "configs/cluster/cache_teacher.yaml")
     assert pre.data.teacher_mode == "cache" and pre.data.cache == cache.output.path
-    assert (pre.teacher.arch, pre.teacher.pretrained) == (cache.teacher.arch, cache.teacher.pretrained) == ("ViT-L-14-quickgelu", "openai")
+    teacher = ("ViT-L-14-quickgelu", "openai")
+    assert (pre.teacher.arch, pre.teacher.pretrained) == (cache.teacher.arch, cache.teacher.pretrained) == teacher
     assert pre.student.img_size == cache.views.size
     for uri in (pre.run.storage_path, pre.data.cache, cache.output.path, *cache.input.paths):
         assert uri.startswith("s3://"), uri
@@ -607,7 +609,7 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
     assert stopped.returncode == 0, stopped.stderr
     assert not (tmp_path / "state" / "ray-head.pid").exists()
     assert (out / "runs" / "smoke" / "checkpoint_0000006" / "state.pt").is_file()
-    student, meta = load_student(out / "runs" / "smoke" / "export")
+    student, meta = load_export(out / "runs" / "smoke" / "export")
     assert meta["step"] == 6 and student.grid == (8, 8)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id])

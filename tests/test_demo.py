@@ -57,9 +57,9 @@ def test_fast_demo_student_matches_teacher_without_captions(tmp_path):
     assert "i2t R@1" in proc.stdout and "?workflowType=machine_learning" in proc.stdout
     # The student's export is an open_clip CLIP: clip_benchmark's CLI scores it as the demo did.
     from uta_core.data.digits import CLASS_NAMES, TEMPLATES
-    from uta_core.data.rows import load_eval_set
     from uta_core.data.shards import InputConfig
     from uta_core.data.storage import S3Options
+    from uta_core.eval.data import load_eval_set
 
     heldout = InputConfig(paths=[str(work / "digits" / "heldout")])
     pixels, labels = load_eval_set(heldout, S3Options(), pixels_size(work), 100_000)

@@ -8,13 +8,12 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from uta_core.data.digits import write_shards, digit_images
+from uta_core.data.digits import digit_images, write_shards
 from uta_core.data.epochs import epoch_order, epoch_steps, producer_counts, rank_sources, spread, stats_path
-from uta_core.data.rows import online_rows, sample_id
-from uta_core.data.shards import InputConfig, discover
+from uta_core.data.rows import OnlineRows, sample_id
+from uta_core.data.shards import InputConfig, discover, iter_samples
 from uta_core.data.storage import S3Options
 from uta_core.data.views import ViewConfig, decode_image, sample_views
-from uta_core.data.shards import iter_samples
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,8 @@ def shards(tmp_path_factory):
 
 
 def _rows(inputs, cfg, epoch, views=2, start_row=0):
-    out = list(online_rows(inputs.shards[0], cfg, ViewConfig(size=32), views, S3Options(), epoch=epoch,
-                           start_row=start_row))
+    reader = OnlineRows(input=cfg, views=ViewConfig(size=32), num_views=views, s3=S3Options(), epoch=epoch)
+    out = list(reader(inputs.shards[0], start_row, 0))
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
 

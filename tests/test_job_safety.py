@@ -17,12 +17,12 @@ import pytest
 import ray
 
 from pipelines import cache_teacher, contrastive, demo, evaluate, pretrain, sweep
+from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.destinations import JOB_CONFIG_ENV, check_output
 from pipelines.lib.smoke import cache_overrides, tiny_teacher
 from uta_core.cache.format import MANIFEST_NAME, Manifest, load_manifest, manifest_path
 from uta_core.cache.plan import build_cache_teacher, cache_settings, plan_cache, prepare_output
 from uta_core.config import load_config
-from pipelines.lib.cache.config import CacheConfig
 from uta_core.data.storage import is_atomic_leftover
 from uta_core.data.views import ImageDecodeError, decode_image
 
@@ -132,7 +132,8 @@ SUBMITTED_JOB = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_01234
 @pytest.mark.parametrize("job,argv,key", [
     ("pretrain", ["run.storage_path=runs", "tracking.tracking_uri=sqlite:////tmp/x.db"], "run.storage_path='runs'"),
     ("cache_teacher", ["tracking.enabled=false"], "output.path='cache'"),
-    ("sweep", ["run.storage_path=/tmp/runs", "tracking.tracking_uri=sqlite:////tmp/x.db"], "--storage-path='runs/sweeps'"),
+    ("sweep", ["run.storage_path=/tmp/runs", "tracking.tracking_uri=sqlite:////tmp/x.db"],
+     "--storage-path='runs/sweeps'"),
     ("pretrain", ["run.storage_path=/tmp/runs"], "default store ./mlflow.db"),
 ])
 def test_inside_a_submitted_job_relative_outputs_are_refused(job, argv, key, quiet_env, capsys, monkeypatch):

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import mask_gen
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
@@ -67,7 +66,8 @@ def test_seeded_generator_is_deterministic(strategy):
 def test_random_matches_plain_argsort_reference():
     gen = mask_gen("random", (7, 10), 0.4)
     noise_BN = torch.rand(16, 70, generator=torch.Generator().manual_seed(3))
-    expected = torch.stack([torch.tensor(sorted(row.argsort(descending=True)[: gen.num_keep].tolist())) for row in noise_BN])
+    expected = torch.stack([torch.tensor(sorted(row.argsort(descending=True)[: gen.num_keep].tolist()))
+                            for row in noise_BN])
     assert torch.equal(gen(16, torch.Generator().manual_seed(3)), expected)
 
 
@@ -111,7 +111,8 @@ def test_ratio_that_keeps_nothing_or_masks_nothing():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("min_block_area", 0), ("aspect_min", 0.0), ("aspect_min", 2.0), ("reverse_prob", 1.5), ("gaussian_variance", 0.0)],
+    [("min_block_area", 0), ("aspect_min", 0.0), ("aspect_min", 2.0), ("reverse_prob", 1.5),
+     ("gaussian_variance", 0.0)],
 )
 def test_config_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -23,7 +23,7 @@ from uta_core.models.official import (
     official_student_config,
     student_state_from_official,
 )
-from uta_core.models.student import UTAStudent, StudentConfig
+from uta_core.models.student import StudentConfig, UTAStudent
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 with contextlib.redirect_stdout(io.StringIO()):  # it prints a hint when xformers is missing
@@ -171,8 +171,8 @@ def test_what_cannot_be_mapped_is_refused(uta_b, edit, match):
 
 
 def test_evaluate_loads_a_released_checkpoint_file(uta_b, tmp_path):
-    from uta_core.checkpoint import load_trained_student
     from uta_core.data.storage import S3Options
+    from uta_core.models.trained import load_trained_student
 
     path = tmp_path / "UTA-B.pt"
     torch.save(_official_clip_state(uta_b), path)

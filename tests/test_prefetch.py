@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.lib.train.loop import Worker
+from pipelines.lib.train.loop import TrainLoop
 from uta_core.data.epochs import Cursor
 from uta_core.data.prefetch import pin, prefetched
 
@@ -91,7 +91,7 @@ def test_the_loop_prepares_each_micro_batch_with_its_step_and_stops_at_the_epoch
     # A resumed epoch: 3 of its 5 steps done (2 micro-batches a step), the run has 100 steps.
     read = []
     worker = _worker(step=3, micro_in_epoch=6, total_steps=100, accumulation=2, prefetch=prefetch)
-    out = list(Worker._prepared(worker, _stream(read), epoch_steps=5))
+    out = list(TrainLoop._prepared(worker, _stream(read), epoch_steps=5))
     assert [(b["step"], b["micro"]) for b, _ in out] == [(3, 0), (3, 1), (4, 0), (4, 1)]
     assert [b["row"] for b, _ in out] == [0, 1, 2, 3] and out[-1][1] == Cursor(row=4)
     assert read == [0, 1, 2, 3]  # nothing read past the epoch's last step (no second pass, no warning)
@@ -100,6 +100,6 @@ def test_the_loop_prepares_each_micro_batch_with_its_step_and_stops_at_the_epoch
 def test_the_loop_prepares_nothing_past_the_runs_last_step():
     read = []
     worker = _worker(step=7, micro_in_epoch=0, total_steps=8, accumulation=3, prefetch=2)
-    out = list(Worker._prepared(worker, _stream(read), epoch_steps=None))
+    out = list(TrainLoop._prepared(worker, _stream(read), epoch_steps=20))
     assert [(b["step"], b["micro"]) for b, _ in out] == [(7, 0), (7, 1), (7, 2)]
     assert read == [0, 1, 2]

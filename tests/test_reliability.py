@@ -120,7 +120,7 @@ def test_a_killed_caching_job_reruns_to_every_key_and_view_once(tmp_path):
     args = [*cache_overrides(tmp_path, shards=SHARDS, per_shard=PER_SHARD), "ray.batch_size=16",
             "ray.images_per_block=8", "ray.progress_bars=false", f"num_views={VIEWS}",
             "output.token_codec=lowrank_int8", "output.token_rank=8", "output.basis_views=64",
-            "output.part_mb=0.05", "output.manifest_interval_s=0"]  # small parts, each commit saved: shards commit one by one
+            "output.part_mb=0.05", "output.manifest_interval_s=0"]  # small parts, each commit saved
     manifest = tmp_path / "cache" / MANIFEST_NAME
 
     def committed() -> int:

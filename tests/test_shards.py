@@ -8,6 +8,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from uta_core.data.digits import digits_samples, webdataset_bytes
 from uta_core.data.shards import (
     InputConfig,
     ShardReadError,
@@ -16,7 +17,6 @@ from uta_core.data.shards import (
     shard_names,
     split_key,
 )
-from uta_core.data.digits import digits_samples, webdataset_bytes
 from uta_core.data.storage import S3Options, StorageError
 
 FS = pafs.LocalFileSystem()

@@ -8,8 +8,8 @@ from helpers import TINY_ARCH, tiny_clip_model, tiny_clip_teacher, write_model_c
 from uta_core.config import from_dict
 from uta_core.models.teacher import (
     Teacher,
-    build_teacher,
     TeacherConfig,
+    build_teacher,
     check_grid,
     image_size_for_grid,
 )

@@ -7,12 +7,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-
-from uta_core.config import load_config
-from uta_core.models.export import export_student, load_student, open_clip_visual
 from helpers import mask_gen
-from uta_core.models.student import build_student
+
 from pipelines.lib.train.config import TrainConfig
+from uta_core.config import load_config
+from uta_core.models.export import export_student
+from uta_core.models.open_clip_export import open_clip_visual
+from uta_core.models.student import build_student
+from uta_core.models.trained import load_export
 from uta_core.objectives.alignment import ObjectiveConfig, StudentForward, draw_keep, prepare_student, step_loss
 from uta_core.optim import OptimConfig, build_optimizer, build_scheduler, lr_at, param_groups, train_step
 
@@ -61,7 +63,7 @@ def test_accumulation_reaches_the_global_batch_or_names_the_key():
 
 
 def test_unknown_objective_and_bad_optim_values_name_the_key():
-    with pytest.raises(ValueError, match="name='mae' is unknown"):
+    with pytest.raises(ValueError, match=r"name must be one of \['uta', 'fd', 'mim', 'uta_mim'\], got 'mae'"):
         load_config(ObjectiveConfig, None, ["name=mae"])
     with pytest.raises(ValueError, match="min_lr"):
         OptimConfig(lr=1e-4, min_lr=1e-3)
@@ -205,7 +207,7 @@ def test_export_round_trip_through_timm_and_our_loader(tmp_path):
         torch.testing.assert_close(via_timm.forward_features(x), expected_tokens)
         torch.testing.assert_close(via_timm(x), expected_tokens[:, 0])  # CLS pooling, no classifier
         assert via_timm.pretrained_cfg["mean"] == [0.1, 0.2, 0.3]
-        loaded, meta = load_student(tmp_path)
+        loaded, meta = load_export(tmp_path)
         torch.testing.assert_close(loaded(x), student(x))
         torch.testing.assert_close(loaded.forward_kept(x, torch.arange(10).expand(2, -1)),
                                    student.forward_kept(x, torch.arange(10).expand(2, -1)))

@@ -88,7 +88,8 @@ def test_center_view_and_normalisation():
     assert torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [dict(size=0), dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)), dict(ratio=(2.0, 1.0))])
+@pytest.mark.parametrize("kwargs", [dict(size=0), dict(scale=(0.5, 0.2)), dict(scale=(0.0, 1.0)),
+                                    dict(ratio=(2.0, 1.0))])
 def test_view_config_errors(kwargs):
     with pytest.raises(ValueError):
         ViewConfig(**kwargs)

@@ -8,7 +8,12 @@ does not fit: an unknown key, a wrong type, a value the component rejects.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -190,3 +195,81 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+# --------------------------------------------------------------------- discoverability
+def describe_config(cls: type, prefix: str = "", default: Any = dataclasses.MISSING) -> list[str]:
+    """One line per key of ``cls`` (sections as dotted keys): ``key: type = default  # comment``,
+    the comment being the one the field carries in its source. For ``--help``."""
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, tp = _join(prefix, f.name), hints[f.name]
+        value = _field_default(f, default)
+        note = f"  # {comments[f.name]}" if f.name in comments else ""
+        section = _section_type(tp)
+        if section is not None:  # an optional section (null: off) lists its keys' own defaults
+            lines += [f"{key}: section | null = null{note}"] if value is None else []
+            lines += describe_config(section, key, value if dataclasses.is_dataclass(value) else dataclasses.MISSING)
+            continue
+        shown = "(required)" if value is dataclasses.MISSING else yaml.safe_dump(
+            _plain(dataclasses.asdict(value)) if dataclasses.is_dataclass(value) else _plain(value),
+            default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        lines.append(f"{key}: {_type_name(tp)} = {shown}{note}")
+    return lines
+
+
+def _field_default(f: dataclasses.Field, owner_default: Any) -> Any:
+    if owner_default is not dataclasses.MISSING:  # a section's default instance decides its keys' defaults
+        return getattr(owner_default, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        try:
+            return f.default_factory()
+        except (ValueError, TypeError):  # a section that cannot exist empty (e.g. input.paths): its keys' own
+            return dataclasses.MISSING
+    return dataclasses.MISSING
+
+
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a section field (``X`` or ``X | None``), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args).replace("NoneType", "null")
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in the class source: on its line, else the comment lines above it."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            above, n = [], node.lineno - 1
+            while n >= 1 and n in comments and lines[n - 1].strip().startswith("#"):
+                above.insert(0, comments[n])
+                n -= 1
+            if text or above:
+                out[node.target.id] = " ".join(text or above)
+    return out

@@ -46,7 +46,8 @@ def cuda_problem(driver: str | None | object = _HERE, torch_cuda: str | None | o
         return (f"torch {torch.__version__} is built for CUDA {torch_cuda}, which needs NVIDIA driver >= {needed}, "
                 f"but this node has {driver}; upgrade the driver, or install a torch/torchvision pair built "
                 "for the node's CUDA (cluster/README.md: GPU drivers)")
-    return f"NVIDIA driver {driver} and torch's CUDA {torch_cuda} should work; check CUDA_VISIBLE_DEVICES and nvidia-smi"
+    return (f"NVIDIA driver {driver} and torch's CUDA {torch_cuda} should work; check CUDA_VISIBLE_DEVICES and "
+            "nvidia-smi")
 
 
 def require_cuda(what: str) -> None:

@@ -11,21 +11,48 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ray.train
+import yaml
 
 from uta_core import tracking
-from uta_core.config import load_config
+from uta_core.config import describe_config, load_config, to_dict
 from uta_core.secrets import redact_urls
 
 
-def job_parser(doc: str, default_config: Path, smoke_help: str, example: str) -> argparse.ArgumentParser:
-    """The command line every job shares: ``[--config YAML] [--smoke-test] [key=value ...]``."""
-    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
-    parser.add_argument("--config", type=Path, default=default_config, help="YAML config (default: %(default)s)")
-    parser.add_argument("--smoke-test", action="store_true", help=smoke_help)
+def job_parser(doc: str, default_config: Path | None, smoke_help: str | None, example: str,
+               config_cls: type, commands: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The command line every job shares: ``[--config YAML] [--smoke-test] [--print-config] [key=value ...]``;
+    ``--help`` lists every config key with its type, default and what it does."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0], epilog=config_help(config_cls),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=default_config,
+                        help="YAML config (default: %(default)s)" if default_config else "optional YAML config")
+    if smoke_help:
+        parser.add_argument("--smoke-test", action="store_true", help=smoke_help)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the YAML file + the overrides) and exit")
+    if commands:
+        parser.add_argument("command", choices=commands)
     parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example}")
     return parser
+
+
+def config_help(config_cls: type) -> str:
+    keys = "\n".join(f"  {line}" for line in describe_config(config_cls))
+    return ("config keys (defaults before the YAML file; set any with key=value, values are YAML; "
+            f"the YAML file's values: --print-config):\n{keys}")
+
+
+def load_job_config(config_cls: type, args: argparse.Namespace, overrides: list[str]) -> Any:
+    """The job's config from ``--config`` + overrides; with ``--print-config`` it is printed as YAML and
+    None is returned (the command then exits 0)."""
+    cfg = load_config(config_cls, args.config, overrides)
+    if getattr(args, "print_config", False):
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return None
+    return cfg
 
 
 class _Format(logging.Formatter):
@@ -51,7 +78,7 @@ def start_job(args: argparse.Namespace, smoke_overrides: Callable[[Path], list[s
     """Logging, then the command's overrides; ``--smoke-test`` prepends generated inputs in a temp folder."""
     setup_logging()
     overrides = list(args.overrides)
-    if args.smoke_test:
+    if getattr(args, "smoke_test", False):
         workdir = Path(tempfile.mkdtemp(prefix=f"uta-{job}-smoke-"))
         print(f"smoke test in {workdir}")
         overrides = smoke_overrides(workdir) + overrides
@@ -61,20 +88,31 @@ def start_job(args: argparse.Namespace, smoke_overrides: Callable[[Path], list[s
     return overrides
 
 
-def run_training_job(
-    config_cls: type, args: argparse.Namespace, overrides: list[str], run: Callable, report: Callable
-) -> int:
-    """Load the config, run the job, print its report. Exit codes: 0 done; 2 a user error
-    (config, paths, mismatched inputs: one line, no traceback); 1 training failed."""
+def job_main(argv: list[str] | None, name: str, doc: str, config_cls: type, default_config: Path, example: str, *,
+             smoke: tuple[Callable[[Path], list[str]], str], run: Callable[[Any], Any],
+             report: Callable[[Any], int | None]) -> int:
+    """A job's whole command: parse ``[--config] [--smoke-test] [--print-config] key=value...``, set up the
+    console, load the config, run, report. ``smoke``: (the smoke test's overrides in a temp folder, its help)."""
+    smoke_overrides, smoke_help = smoke
+    args = job_parser(doc, default_config, smoke_help, example, config_cls).parse_intermixed_args(argv)
+    return run_job(config_cls, args, start_job(args, smoke_overrides, name), run, report)
+
+
+def run_job(config_cls: type, args: argparse.Namespace, overrides: list[str], run: Callable[[Any], Any],
+            report: Callable[[Any], int | None]) -> int:
+    """Load the config, run the job, report its result. Exit codes: 0 done (or what ``report`` returns);
+    2 a user error (config, paths, credentials, mismatched inputs: one line, no traceback); 1 training
+    failed."""
     try:
-        cfg = load_config(config_cls, args.config, overrides)
+        cfg = load_job_config(config_cls, args, overrides)
+        if cfg is None:
+            return 0
         result = run(cfg)
     except ValueError as err:
         return user_error(err)
     except ray.train.TrainingFailedError as err:
         return user_error(f"training failed: {err}", code=1)
-    report(result)
-    return 0
+    return report(result) or 0
 
 
 def print_result(result: dict) -> None:

@@ -1,7 +1,7 @@
 """Committing cache shards (driver side): part-file metadata in, manifest records out.
 
 Write tasks put each shard's rows straight into part files and hand on one metadata row per
-part (``uta_core.cache.rows.PART_SCHEMA``): file, rows, bytes, sha256, the shard rows it holds
+part (``uta_core.cache.writer.PART_SCHEMA``): file, rows, bytes, sha256, the shard rows it holds
 (``seq_ranges``) and, from the shard's last block, its total row count. ``ShardCommitter``
 keeps, per shard, the parts whose rows it does not have yet (a retried task's parts hold rows
 it has: they are dropped and deleted); once a shard's rows reach the announced total, its

@@ -1,11 +1,11 @@
-"""The teacher-feature cache on disk (docs/CACHE_FORMAT.md): manifest, row schema, readers.
+"""The teacher-feature cache on disk (docs/CACHE_FORMAT.md): manifest, row schema, stored views.
 
-Written by ``pipelines/cache_teacher.py``; read by pre-training and sweeps, which use
-``open_cache`` (manifest + part files) and ``CacheReader`` (a batch of rows -> uint8
-pixels + stored token bytes -> float tokens). A shard's rows live in one or more part
-files, written by the job's write tasks; the manifest lists a shard's parts once all of
-them are written, so a reader never sees a partial shard. Tokens are one fixed-size byte
-string per view in the cache's codec (``uta_core.cache.codecs``).
+Written by ``pipelines/cache_teacher.py`` (``uta_core.cache.writer``); read by pre-training
+and sweeps through ``open_cache`` (manifest + part files) and ``uta_core.cache.reader``.
+A shard's rows live in one or more part files, written by the job's write tasks; the
+manifest lists a shard's parts once all of them are written, so a reader never sees a
+partial shard. Tokens are one fixed-size byte string per view in the cache's codec
+(``uta_core.cache.codecs``).
 
 Shape legend: B rows (views), T = 1+N tokens (CLS first), D embed dim, H/W pixels, S stored bytes.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -282,19 +281,7 @@ def decode_pixels(encoded: list[bytes] | np.ndarray) -> np.ndarray:
         if out_BHW3 is None:
             out_BHW3 = torch.empty((len(encoded), *view_3HW.shape[1:], 3), dtype=torch.uint8)
         if view_3HW.shape[1:] != out_BHW3.shape[1:3]:
-            raise ValueError(f"view {i} is {tuple(view_3HW.shape[1:])} px, the batch's first {tuple(out_BHW3.shape[1:3])}")
+            raise ValueError(f"view {i} is {tuple(view_3HW.shape[1:])} px, the batch's first "
+                             f"{tuple(out_BHW3.shape[1:3])}")
         out_BHW3[i].copy_(view_3HW.permute(1, 2, 0))
     return np.zeros((0, 0, 0, 3), np.uint8) if out_BHW3 is None else out_BHW3.numpy()
-
-
-def read_cache_rows(batch: pa.Table | Mapping[str, Any], codec: TokenCodec) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of cache rows (pyarrow table, or Ray's numpy dict) -> (pixels uint8 (B, H, W, 3),
-    tokens float32 (B, 1+N, D)). Normalise pixels with ``uta_core.data.views.to_model_input``."""
-    if isinstance(batch, (pa.Table, pa.RecordBatch)):
-        encoded, stored_BS = batch.column("pixels").to_pylist(), byte_rows(batch.column("tokens"))
-    else:
-        encoded, stored_BS = list(batch["pixels"]), byte_rows(batch["tokens"])
-    if len(encoded) and not encoded[0]:
-        raise ValueError("these cache rows hold no pixels (pixel_format none): read them with "
-                         "uta_core.data.rows.cache_file_rows, which rebuilds the views from the source shards")
-    return torch.from_numpy(decode_pixels(encoded)), codec.decode(stored_BS)

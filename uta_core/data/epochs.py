@@ -1,6 +1,7 @@
 """Which rows each rank trains on in each epoch, in an order a resumed run can replay exactly.
 
-Pre-training reads a list of *sources* (raw input shards, or the cache's parquet files).
+Every training job reads a list of *sources* (raw input shards, captioned shards, or a
+teacher cache's part files).
 Epoch ``e`` orders them with a permutation seeded by (seed, e) and deals them to the ranks
 round-robin: rank r reads ``order[r::world]``, each source's rows in file order. Every rank
 trains the same number of steps in an epoch, computed from the per-source row counts the
@@ -9,7 +10,8 @@ fewer rows than counted (undecodable images) starts its list again for the remai
 
 Every row carries its place in that stream, so a checkpoint stores, per rank, the place
 *after* the last row trained (``Cursor``) and the resumed run starts exactly there:
-the rows of a killed-and-resumed epoch are the rows of an uninterrupted one.
+the rows of a killed-and-resumed epoch are the rows of an uninterrupted one. The stream
+itself (reading, micro-batching, the shuffle window) is ``uta_core.data.stream``.
 
 Row counts never come from reading the data: the cache manifest has them, img2dataset
 writes ``<shard>_stats.json`` next to each shard (``successes``), or the user states the
@@ -20,11 +22,32 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import pyarrow.fs as pafs
 
 from uta_core.data.shards import InputShard, folder_image_files
+from uta_core.seeding import rng
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sources:
+    """What a run reads, as metadata the driver hands every worker: no pass over the data."""
+
+    items: list[Any]  # what a reader reads: an InputShard, a cache part, ... (small, picklable)
+    rows: list[int]  # rows of each item in one epoch (views included)
+    counted_from: str  # where the counts come from, for the log and MLflow
+
+    def __post_init__(self) -> None:
+        if len(self.items) != len(self.rows):
+            raise ValueError(f"{len(self.items)} sources but {len(self.rows)} row counts")
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows)
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": len(self.items), "rows": self.total_rows, "counted_from": self.counted_from}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +63,7 @@ def epoch_order(num_sources: int, seed: int, epoch: int, shuffle: bool) -> list[
     """The order of all sources in ``epoch`` (the same on every rank and in every rerun)."""
     if not shuffle:
         return list(range(num_sources))
-    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_sources)]
+    return [int(i) for i in rng("order", seed, epoch).permutation(num_sources)]
 
 
 def rank_sources(num_sources: int, seed: int, epoch: int, shuffle: bool, rank: int, world: int) -> list[int]:

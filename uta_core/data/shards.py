@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from uta_core.data.views import IMAGE_EXTENSIONS
 from uta_core.data.storage import S3Options, StorageError, expand, list_dir, to_uri
+from uta_core.data.views import IMAGE_EXTENSIONS
 
 FORMATS = ("webdataset", "folder", "parquet")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

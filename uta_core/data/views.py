@@ -11,7 +11,6 @@ Shape legend: B batch, H/W view height/width (pixels), 3 RGB channels.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import math
 import re
@@ -20,6 +19,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from uta_core.seeding import stable_seed
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>")  # e.g. <_io.BytesIO object at 0x7f...>
@@ -76,9 +77,7 @@ def decode_image(data: bytes) -> Image.Image:
 def view_seed(base_seed: int, key: str, view_index: int, epoch: int = 0) -> int:
     """Stable 63-bit seed for one (key, view, epoch): independent of worker, order and process.
     Epoch 0 keeps the seeds caches were written with."""
-    name = f"{base_seed}/{key}/{view_index}" if epoch == 0 else f"{base_seed}/{epoch}/{key}/{view_index}"
-    digest = hashlib.sha256(name.encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return stable_seed(base_seed, key, view_index) if epoch == 0 else stable_seed(base_seed, epoch, key, view_index)
 
 
 def sample_view_params(

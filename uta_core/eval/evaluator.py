@@ -24,12 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uta_core.data.views import to_model_input
 from uta_core.data.storage import S3Options, filesystem_for, read_bytes, write_bytes_atomic
+from uta_core.data.views import to_model_input
+from uta_core.eval.zeroshot import (
+    build_classifier,
+    caption_positives,
+    classify,
+    recall_at_k,
+    templates_and_classnames,
+    topk_accuracy,
+)
 from uta_core.models.student import UTAStudent
 from uta_core.models.teacher import Teacher
-from uta_core.eval.zeroshot import (build_classifier, caption_positives, classify, recall_at_k,
-                                    templates_and_classnames, topk_accuracy)
 
 
 def prompts(

@@ -8,6 +8,7 @@ no pretrained weights can be downloaded on an offline machine.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,31 @@ def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+# --------------------------------------------------------------------- the temperature
+STAGE2_TEMPERATURE = 0.01  # the paper's fixed temperature for stage 2
+MAX_LOGIT_SCALE = 100.0  # open_clip clamps a learnable scale here (temperature >= 0.01)
+
+
+def set_temperature(model: nn.Module, temperature: float, *, learnable: bool) -> None:
+    """Set ``model.logit_scale`` to log(1/temperature); fixed mode freezes it for good."""
+    if not 1.0 / MAX_LOGIT_SCALE <= temperature <= 1.0:
+        raise ValueError(f"temperature must lie in [{1 / MAX_LOGIT_SCALE}, 1], got {temperature}")
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1.0 / temperature))
+    model.logit_scale.requires_grad_(learnable)
+
+
+def clamp_logit_scale(model: nn.Module) -> None:
+    """After an optimiser step, keep a learnable temperature >= 0.01 (open_clip's clamp)."""
+    if model.logit_scale.requires_grad:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+
+
+def temperature_of(model: nn.Module) -> float:
+    return float(1.0 / model.logit_scale.detach().exp())
 
 
 class ClipForward(nn.Module):

@@ -11,7 +11,7 @@ uta_student.json     StudentConfig, teacher description, mean/std, the run's ste
 
 ``timm.create_model("local-dir:<dir>", pretrained=True)`` rebuilds the trunk with its
 weights; ``timm.create_model(architecture, **model_args)`` + ``load_state_dict`` also works.
-``load_student(dir)`` rebuilds the whole ``UTAStudent`` (trunk + head).
+``uta_core.models.trained.load_export(dir)`` rebuilds the whole ``UTAStudent`` (trunk + head).
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from uta_core.config import from_dict, to_dict
+from uta_core.config import to_dict
 from uta_core.models.student import TIMM_NAMES, StudentConfig, UTAStudent, eva_kwargs
 
 TIMM_WEIGHTS = "model.safetensors"
@@ -81,39 +80,3 @@ def export_student(
     }
     (out / UTA_CONFIG).write_text(json.dumps(uta_cfg, indent=2))
     return out
-
-
-def load_student(export_dir: str | Path, map_location: str | torch.device = "cpu") -> tuple[UTAStudent, dict]:
-    """Rebuild ``UTAStudent`` (trunk + head) from an export; returns it (eval mode) and its metadata."""
-    src = Path(export_dir)
-    meta_path = src / UTA_CONFIG
-    if not meta_path.is_file():
-        raise ValueError(f"{str(src)!r} is not a student export: {UTA_CONFIG} is missing")
-    meta = json.loads(meta_path.read_text())
-    student = UTAStudent(from_dict(StudentConfig, meta["student"]))
-    student.trunk.load_state_dict(load_file(src / TIMM_WEIGHTS, device=str(map_location)))
-    student.head.load_state_dict(load_file(src / HEAD_WEIGHTS, device=str(map_location)))
-    return student.eval(), meta
-
-
-def open_clip_visual(export_dir: str | Path):
-    """The student as an open_clip image tower (``TimmModel``: trunk + linear head, CLS pooling).
-
-    Its output is the student's CLS embedding in the teacher's joint space, so it can stand
-    in for ``clip.visual`` next to the teacher's text tower.
-    """
-    from open_clip.timm_model import TimmModel
-
-    src = Path(export_dir).resolve()
-    meta = json.loads((src / UTA_CONFIG).read_text())
-    tower = TimmModel(
-        f"local-dir:{src}",
-        embed_dim=meta["out_dim"],
-        image_size=meta["student"]["img_size"],
-        pool="token",
-        proj="linear",
-        proj_bias=True,
-        pretrained=True,
-    )
-    tower.head.proj.load_state_dict(load_file(src / HEAD_WEIGHTS))
-    return tower.eval()

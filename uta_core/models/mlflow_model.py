@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from uta_core.models.export import load_student
 from uta_core.models.student import UTAStudent
+from uta_core.models.trained import load_export
 
 MODEL_NAME = "student_model"  # the MLflow model's name within its run
 _REQUIREMENTS = ("torch", "timm", "safetensors", "numpy")
@@ -43,7 +43,7 @@ def log_student_model(export_dir: str | Path, register_as: str | None = None) ->
     ``register_as`` also registers it (a new version of that registered model)."""
     import mlflow
 
-    student, meta = load_student(export_dir)
+    student, meta = load_export(export_dir)
     model = ImageEmbedder(student, tuple(meta["mean"]), tuple(meta["std"])).eval()
     size = meta["student"]["img_size"]
     example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)

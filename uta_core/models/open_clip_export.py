@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from uta_core.models.export import HEAD_WEIGHTS, UTA_CONFIG
 from uta_core.models.teacher_weights import resolve_arch
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -110,3 +111,26 @@ def load_open_clip(folder: str | Path, device: str | torch.device = "cpu"):
     name = f"{LOCAL_DIR}{Path(folder).resolve()}"
     model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def open_clip_visual(export_dir: str | Path):
+    """The student as an open_clip image tower (``TimmModel``: trunk + linear head, CLS pooling).
+
+    Its output is the student's CLS embedding in the teacher's joint space, so it can stand
+    in for ``clip.visual`` next to the teacher's text tower.
+    """
+    from open_clip.timm_model import TimmModel
+
+    src = Path(export_dir).resolve()
+    meta = json.loads((src / UTA_CONFIG).read_text())
+    tower = TimmModel(
+        f"local-dir:{src}",
+        embed_dim=meta["out_dim"],
+        image_size=meta["student"]["img_size"],
+        pool="token",
+        proj="linear",
+        proj_bias=True,
+        pretrained=True,
+    )
+    tower.head.proj.load_state_dict(load_file(src / HEAD_WEIGHTS))
+    return tower.eval()

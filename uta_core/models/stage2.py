@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import nn
 
+from uta_core.models.clip import STAGE2_TEMPERATURE, set_temperature
 from uta_core.models.student import UTAStudent
-from uta_core.objectives.contrastive import STAGE2_TEMPERATURE, set_temperature
 
 
 class StudentTower(nn.Module):

@@ -5,7 +5,8 @@ models (github jihaonew/UTA, ``eva_vit_model/eva_vit.py``): separate q/k/v proje
 and v biases, SwiGLU with a LayerNorm inside (sub-LN), pre-norm blocks, CLS pooling through a
 final LayerNorm, and 2-D RoPE whose positions are placed on a 16 x 16 *reference* grid
 (``pt_hw_seq_len=16, intp_freq=True``: position i of an n-wide grid sits at i * 16 / n) and
-not on the model's own grid. ``tests/test_official_uta.py`` checks outputs against that code. timm can only drop patches at random (``patch_drop_rate``);
+not on the model's own grid. ``tests/test_official_uta.py`` checks outputs against that code.
+timm can only drop patches at random (``patch_drop_rate``);
 UTA needs *given* keep indices, so ``forward_kept`` gathers both the tokens and the
 rotary table at those indices. A wrong rotary gather is silent, hence the shuffle test.
 
@@ -16,7 +17,7 @@ R rotary table width. Sequences hold CLS at index 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from timm.models.eva import Eva
@@ -35,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "giant": dict(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=2.909133333333333, qkv_fused=False,
                   scale_mlp=True),
 }
+Variant = Literal["nano", "micro", "tiny", "small", "base", "large", "giant"]  # the keys of VARIANTS
 # EVA-02 and UTA place rotary positions on this reference grid whatever the model's grid.
 ROPE_REFERENCE_GRID = 16
 # The timm model each EVA-02 size is checked against (and that an export names for timm).
@@ -44,7 +46,7 @@ EVA02_COMMON = dict(mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True)
 
 @dataclass(kw_only=True)
 class StudentConfig:
-    variant: str = "tiny"
+    variant: Variant = "tiny"
     img_size: int = 224
     patch_size: int = 14
     out_dim: int = 512

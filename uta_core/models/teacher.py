@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import open_clip
 import torch
@@ -37,7 +38,8 @@ from uta_core.models.teacher_weights import (
     resolve_pretrained,
 )
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = get_args(Precision)
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,7 +48,7 @@ class TeacherConfig:
     arch: str = "ViT-B-16"  # open_clip name, model-config JSON path, or hf-hub:/local-dir:
     pretrained: str | None = None  # hub tag, local weights file, s3://bucket/key; None = random
     image_size: int | None = None  # run the teacher at this resolution (match the student grid)
-    precision: str = "fp32"  # autocast dtype on CUDA; CPU always runs fp32
+    precision: Precision = "fp32"  # autocast dtype on CUDA; CPU always runs fp32
 
     def __post_init__(self) -> None:
         if not self.arch:

@@ -9,8 +9,8 @@ All losses are minus a mean cosine similarity: perfect alignment gives -1.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,10 @@ from torch import nn
 
 from uta_core.models.student import UTAStudent
 from uta_core.objectives.masking import MaskGenerator, keep_to_mask
+from uta_core.seeding import torch_generator
 
-OBJECTIVES = ("uta", "fd", "mim", "uta_mim")
+Objective = Literal["uta", "fd", "mim", "uta_mim"]
+OBJECTIVES = get_args(Objective)
 MASK_TOKEN_OBJECTIVES = ("mim", "uta_mim")  # the student sees [MASK] tokens
 
 
@@ -27,7 +29,7 @@ MASK_TOKEN_OBJECTIVES = ("mim", "uta_mim")  # the student sees [MASK] tokens
 class ObjectiveConfig:
     # uta | fd (all tokens, no mask) | mim ([MASK] tokens, loss on masked) | uta_mim (the paper's
     # Tab. 6 combination: [MASK] tokens in, alignment on the unmasked tokens + prediction of the masked)
-    name: str = "uta"
+    name: Objective = "uta"
     cls_weight: float = 1.0  # weight of the CLS term; 1.0 counts CLS as one more token
 
     def __post_init__(self) -> None:
@@ -146,15 +148,8 @@ def step_loss(
     return mim_loss(pred_BTD, teacher_BND, keep_to_mask(keep_idx_BK, N))
 
 
-def mask_seed(seed: int, rank: int, step: int, micro: int = 0) -> int:
-    """Stable 63-bit seed of one micro-batch's masks: the same run draws the same masks."""
-    digest = hashlib.sha256(f"mask/{seed}/{rank}/{step}/{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def draw_keep(
     mask_generator: MaskGenerator, batch_size: int, *, seed: int, rank: int, step: int, micro: int = 0
 ) -> torch.Tensor:
     """Kept indices (B, K) for one micro-batch, reproducible per (seed, rank, step, micro)."""
-    gen = torch.Generator().manual_seed(mask_seed(seed, rank, step, micro))
-    return mask_generator(batch_size, gen)
+    return mask_generator(batch_size, torch_generator("mask", seed, rank, step, micro))

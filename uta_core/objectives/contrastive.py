@@ -9,22 +9,17 @@ Shape legend: B batch, D joint embed dim.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-STAGE2_TEMPERATURE = 0.01  # the paper's fixed temperature for stage 2
-MAX_LOGIT_SCALE = 100.0  # open_clip clamps a learnable scale here (temperature >= 0.01)
+from uta_core.seeding import stable_seed
 
 
 def caption_ids(captions: Sequence[str]) -> torch.Tensor:
     """A stable 63-bit id per caption (equal captions, equal ids, in every process): (B,)."""
-    ids = [int.from_bytes(hashlib.sha256(c.encode()).digest()[:8], "little") >> 1 for c in captions]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor([stable_seed(c) for c in captions], dtype=torch.long)
 
 
 def soft_targets(group_B: torch.Tensor) -> torch.Tensor:
@@ -55,24 +50,3 @@ def clip_loss(
     loss_i = -(target_BB * logits_BB.log_softmax(dim=1)).sum(dim=1).mean()
     loss_t = -(target_BB * logits_BB.T.log_softmax(dim=1)).sum(dim=1).mean()
     return 0.5 * (loss_i + loss_t)
-
-
-
-def set_temperature(model: nn.Module, temperature: float, *, learnable: bool) -> None:
-    """Set ``model.logit_scale`` to log(1/temperature); fixed mode freezes it for good."""
-    if not 1.0 / MAX_LOGIT_SCALE <= temperature <= 1.0:
-        raise ValueError(f"temperature must lie in [{1 / MAX_LOGIT_SCALE}, 1], got {temperature}")
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1.0 / temperature))
-    model.logit_scale.requires_grad_(learnable)
-
-
-def clamp_logit_scale(model: nn.Module) -> None:
-    """After an optimiser step, keep a learnable temperature >= 0.01 (open_clip's clamp)."""
-    if model.logit_scale.requires_grad:
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-
-
-def temperature_of(model: nn.Module) -> float:
-    return float(1.0 / model.logit_scale.detach().exp())

@@ -60,6 +60,7 @@ def _check_maps(maps: dict[str, torch.Tensor]) -> None:
         raise ValueError("maps is empty; pass at least one {name: (H, W) probability map}")
     for name, prob_HW in maps.items():
         if not isinstance(prob_HW, torch.Tensor) or prob_HW.ndim != 2:
-            raise ValueError(f"map {name!r} must be a 2-D (H, W) tensor, got {getattr(prob_HW, 'shape', type(prob_HW))}")
+            got = getattr(prob_HW, "shape", type(prob_HW))
+            raise ValueError(f"map {name!r} must be a 2-D (H, W) tensor, got {got}")
         if prob_HW.numel() and not (0.0 <= prob_HW.min().item() and prob_HW.max().item() <= 1.0):
             raise ValueError(f"map {name!r} holds values outside [0, 1]; pass probabilities, not counts")

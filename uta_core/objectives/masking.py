@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-
 __all__ = ["STRATEGIES", "MaskConfig", "MaskGenerator", "keep_to_mask"]
 
-STRATEGIES = ("random", "block", "block_reversed", "gaussian")
+Strategy = Literal["random", "block", "block_reversed", "gaussian"]
+STRATEGIES = get_args(Strategy)
 
 # BEiT tries this many rectangles before deciding a mask cannot grow any more.
 _BEIT_ATTEMPTS = 10
@@ -36,7 +37,7 @@ _BEIT_ATTEMPTS = 10
 class MaskConfig:
     """Masking strategy and its options; the grid comes from the model, not from here."""
 
-    strategy: str = "block_reversed"
+    strategy: Strategy = "block_reversed"
     mask_ratio: float = 0.5
     min_block_area: int = 16  # block strategies: smallest rectangle, in patches
     aspect_min: float = 0.3  # block strategies: aspect ratio drawn log-uniform in [a, 1/a]
@@ -51,7 +52,8 @@ class MaskConfig:
         if isinstance(self.min_block_area, bool) or not isinstance(self.min_block_area, int) or self.min_block_area < 1:
             raise ValueError(f"min_block_area={self.min_block_area!r} must be a positive integer (patches)")
         if not 0.0 < self.aspect_min <= 1.0:
-            raise ValueError(f"aspect_min={self.aspect_min} must lie in (0, 1]; the range is [aspect_min, 1/aspect_min]")
+            raise ValueError(f"aspect_min={self.aspect_min} must lie in (0, 1]; "
+                             "the range is [aspect_min, 1/aspect_min]")
         if not 0.0 <= self.reverse_prob <= 1.0:
             raise ValueError(f"reverse_prob={self.reverse_prob} must lie in [0, 1]")
         if not self.gaussian_variance > 0.0:

@@ -26,14 +26,19 @@ import ray
 from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.progress import DriverProgress
-from pipelines.lib.ray_setup import (await_gpus, cluster_resources, connected_to_cluster, init_ray,
-                                     release_resource_request)
+from pipelines.lib.ray_setup import (
+    await_gpus,
+    cluster_resources,
+    connected_to_cluster,
+    init_ray,
+    release_resource_request,
+)
 from uta_core import tracking
 from uta_core.cache.codecs import BASIS_FILE, TokenCodec, basis_sha256
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
 from uta_core.cache.format import load_codec, save_manifest
 from uta_core.cache.plan import CachePlan, plan_cache, prepare_output
-from uta_core.cache.rows import PartWriter, TokenEncoder, ViewTask, fit_cache_basis, shard_view_tables
+from uta_core.cache.writer import PartWriter, TokenEncoder, ViewTask, fit_cache_basis, shard_view_tables
 from uta_core.data.shards import InputShard
 from uta_core.data.storage import join, write_bytes_atomic
 

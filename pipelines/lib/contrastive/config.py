@@ -4,33 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pipelines.lib.train.config import ClusterConfig, RunConfig, TrainConfig
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
 from uta_core.data.views import ViewConfig
-from uta_core.models.clip import ClipModelConfig
+from uta_core.models.clip import MAX_LOGIT_SCALE, ClipModelConfig
 from uta_core.models.teacher import TeacherConfig
-from uta_core.objectives.contrastive import MAX_LOGIT_SCALE
 from uta_core.optim import OptimConfig
 from uta_core.tracking import TrackingConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "contrastive_digits_teacher.yaml"
 
 
-INITS = ("scratch", "uta_student")
-
-
 @dataclass(kw_only=True)
 class ContrastiveModelConfig:
-    init: str = "scratch"  # scratch: a new small CLIP (clip); uta_student: stage 2 from a UTA export
+    init: Literal["scratch", "uta_student"] = "scratch"  # scratch: a new small CLIP; uta_student: stage 2
     clip: ClipModelConfig = field(default_factory=ClipModelConfig)
     student: str | None = None  # uta_student: the export folder pipelines/pretrain.py wrote
     teacher: TeacherConfig | None = None  # uta_student: the teacher whose text tower is fine-tuned
 
     def __post_init__(self) -> None:
-        if self.init not in INITS:
-            raise ValueError(f"init={self.init!r} must be one of {', '.join(INITS)}")
         if self.init == "uta_student" and (not self.student or self.teacher is None):
             raise ValueError("init=uta_student needs model.student (a UTA export folder) and model.teacher")
         if self.init == "scratch" and (self.student or self.teacher is not None):
@@ -55,9 +50,15 @@ class ContrastiveDataConfig:
     # Images are decoded once per epoch to a centre square of this side, and the training
     # crops are cut from it: above views.size, crops keep more detail. None = views.size.
     decode_size: int | None = None
-    shuffle_buffer: int = 1024  # rows mixed per worker (local shuffle); 0 keeps the shard order
+    # the dataset's image count (open_clip's --train-num-samples); null: read it from
+    # img2dataset's <shard>_stats.json files. Training never reads every shard to count.
+    num_samples: int | None = None
+    shuffle_files: bool = True  # a new shard order every epoch (seeded: reruns repeat it)
+    shuffle_buffer: int = 1024  # rows permuted together in each worker; 0 keeps the shard order
 
     def __post_init__(self) -> None:
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ValueError(f"num_samples={self.num_samples} must be >= 1 (or null: img2dataset's stats files)")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 turns shuffling off)")
         if self.decode_size is not None and self.decode_size < self.views.size:
@@ -96,8 +97,6 @@ class ContrastiveJobConfig:
     eval: ContrastiveEvalConfig = field(default_factory=ContrastiveEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     s3: S3Options = field(default_factory=S3Options)
-    fail_at_step: int | None = None  # testing: rank 0 raises at this step unless resumed
-    fail_with_sigkill: bool = False  # testing: rank 0's process SIGKILLs itself instead of raising
 
     def __post_init__(self) -> None:
         if self.train.global_batch is not None:

@@ -1,19 +1,65 @@
-"""The contrastive stage as a function: captioned shards on the driver's Ray Data, the one training loop."""
+"""The contrastive stage as a function: captioned shards planned on the driver (metadata only), the
+one training loop on the workers, each rank reading its own shards per epoch (as pre-training)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any
 
 import ray
+import torch
 
 from pipelines.lib.contrastive.config import ContrastiveJobConfig
-from pipelines.lib.contrastive.data import caption_dataset, count_rows
+from pipelines.lib.contrastive.task import ContrastiveTask
 from pipelines.lib.ray_setup import init_ray
-from pipelines.lib.train.trainer import fit, local_num_cpus, make_plan, resolve_paths, run_uri
+from pipelines.lib.train.plan import RunPlan, make_plan
+from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, resolve_paths, run_uri
+from uta_core.data.captions import CaptionRows
+from uta_core.data.epochs import Sources, producer_counts, spread
+from uta_core.data.shards import discover
 from uta_core.data.storage import filesystem_for, join, read_bytes
 from uta_core.models.export import UTA_CONFIG
 
 REPORT_KEYS = ("step", "loss", "temperature", "lr", "images_per_s", "zeroshot_top1", "zeroshot_top5")
+
+
+@dataclass(frozen=True)
+class ContrastiveJob:
+    """What the runner needs of a contrastive run (``pipelines/lib/train/spec.py``)."""
+
+    cfg: ContrastiveJobConfig
+    name = "contrastive"
+    experiment = "uta-contrastive"
+    artifact_name = "model"
+
+    def reader(self, epoch: int) -> CaptionRows:
+        d = self.cfg.data
+        return CaptionRows(input=d.input, s3=self.cfg.s3, size=d.decode_size or d.views.size)
+
+    def build_task(self, plan: RunPlan, device: torch.device, rank: int) -> ContrastiveTask:
+        return ContrastiveTask(self.cfg, device, rank)
+
+    def run_tags(self) -> dict[str, str]:
+        return {"uta.init": self.cfg.model.init}
+
+    def run_params(self) -> dict[str, Any]:
+        return {}
+
+
+def caption_sources(cfg: ContrastiveJobConfig) -> Sources:
+    """Captioned shards and their sample counts, from metadata only (never a pass over the data)."""
+    inputs = discover(cfg.data.input, cfg.s3)
+    if cfg.data.num_samples is not None:
+        return Sources(items=list(inputs.shards), rows=spread(cfg.data.num_samples, len(inputs.shards)),
+                       counted_from="data.num_samples")
+    counts = producer_counts(inputs.fs, inputs.shards)
+    if counts is None:
+        raise ValueError(
+            f"the number of images in {cfg.data.input.paths} is unknown and training never reads every shard to "
+            "count them: set data.num_samples (the dataset's image count), or keep img2dataset's "
+            "<shard>_stats.json files next to the shards")
+    return Sources(items=list(inputs.shards), rows=counts, counted_from="img2dataset *_stats.json")
 
 
 def precheck_stage2(cfg: ContrastiveJobConfig) -> None:
@@ -31,19 +77,29 @@ def precheck_stage2(cfg: ContrastiveJobConfig) -> None:
                          f"set data.views.size={img_size}")
 
 
-def run(cfg: ContrastiveJobConfig) -> dict:
-    """Train, export and evaluate on the configured cluster; returns the run report."""
+def plan_contrastive(cfg: ContrastiveJobConfig) -> tuple[ContrastiveJob, RunPlan]:
     precheck_stage2(cfg)
+    plan = make_plan(cfg.train, cfg.cluster, caption_sources(cfg), cfg.run.seed, cfg.data.shuffle_files,
+                     run_uri(cfg))
+    return ContrastiveJob(cfg), plan
+
+
+def run(cfg: ContrastiveJobConfig, in_process: bool = False) -> dict:
+    """Train, export and evaluate on the configured cluster (or in this process); returns the run report."""
     cfg = resolve_paths(cfg)
+    job, plan = plan_contrastive(cfg)
+    if in_process:
+        return _summary(fit_in_process(job, plan), cfg)
     started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster))
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch: noise
-        ds = caption_dataset(cfg)
-        plan = make_plan(cfg.train, cfg.cluster, count_rows(cfg, ds), run_uri(cfg))
-        report = fit(cfg, "contrastive", ds, plan)
+        report = fit(job, plan)
     finally:
         if started:
             ray.shutdown()
+    return _summary(report, cfg)
+
+
+def _summary(report: dict, cfg: ContrastiveJobConfig) -> dict:
     last = report["history"][-1] if report["history"] else {}
     return {**report, "init": cfg.model.init, "model": report["export"], "final_loss": last.get("loss"),
             "temperature": last.get("temperature"), "zeroshot_top1": report["metrics"].get("zeroshot_top1")}

@@ -15,30 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray.train.torch
 import torch
+from torch import nn
 
 from pipelines.lib.contrastive.config import ContrastiveJobConfig
 from uta_core.data.captions import augment
 from uta_core.data.prefetch import pin
-from uta_core.data.rows import load_eval_set
 from uta_core.data.views import to_model_input
 from uta_core.distributed import all_gather_with_grad
+from uta_core.eval.data import load_eval_set
 from uta_core.eval.evaluator import zeroshot_accuracy
 from uta_core.eval.zeroshot import build_classifier
-from uta_core.models.clip import ClipForward, build_clip, mean_std, save_clip, tokenizer_for
-from uta_core.checkpoint import load_trained_student
+from uta_core.models.clip import (
+    ClipForward,
+    build_clip,
+    clamp_logit_scale,
+    mean_std,
+    save_clip,
+    set_temperature,
+    tokenizer_for,
+)
 from uta_core.models.export import export_student
 from uta_core.models.open_clip_export import write_open_clip
 from uta_core.models.stage2 import build_stage2_model
 from uta_core.models.teacher import Teacher, build_teacher
-from uta_core.objectives.contrastive import (
-    caption_ids,
-    clamp_logit_scale,
-    clip_loss,
-    set_temperature,
-)
-from uta_core.optim import build_optimizer, build_scheduler, compiled, train_step
+from uta_core.models.trained import load_trained_student
+from uta_core.objectives.contrastive import caption_ids, clip_loss
+from uta_core.seeding import rng
 
 
 def build_model(cfg: ContrastiveJobConfig):
@@ -61,47 +64,35 @@ def build_model(cfg: ContrastiveJobConfig):
 
 
 class ContrastiveTask:
-    experiment = "uta-contrastive"
-    artifact_name = "model"
     tokens_per_image = None
 
-    def __init__(self, cfg: ContrastiveJobConfig, plan, device: torch.device, rank: int) -> None:
+    def __init__(self, cfg: ContrastiveJobConfig, device: torch.device, rank: int) -> None:
         self.cfg, self.device, self.rank = cfg, device, rank
         self.model, self.tokenizer, self.mean, self.std = build_model(cfg)
-        self.model.set_grad_checkpointing(cfg.train.grad_checkpointing)
-        self.forward = compiled(ray.train.torch.prepare_model(ClipForward(self.model)), cfg.train.compile)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, warmup_steps=plan.warmup_steps,
-                                         total_steps=plan.total_steps)
-        self.images_per_step = cfg.train.micro_batch
-        self.amp = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+        self.forward: nn.Module = ClipForward(self.model)
         self._eval: tuple[torch.Tensor, torch.Tensor] | None = None  # read once, evaluated every time
 
     def prepare(self, batch: dict[str, np.ndarray], step: int, micro: int) -> dict[str, Any]:
         """This step's random crops (seeded per seed, rank, step), as pinned uint8 pixels."""
-        rng = np.random.default_rng([self.cfg.data.views.seed, self.rank, step])
-        return {**batch, "pixels": pin(torch.from_numpy(augment(batch["pixels"], self.cfg.data.views, rng)),
-                                       self.device)}
+        crops = augment(batch["pixels"], self.cfg.data.views, rng("crops", self.cfg.data.views.seed, self.rank, step))
+        return {**batch, "pixels": pin(torch.from_numpy(crops), self.device)}
 
-    def step(self, group: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
-        (batch,) = group  # the config refuses accumulation: the loss needs every pair in one batch
+    def loss(self, forward: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         # uint8 to the device (a quarter of float32's bytes), normalised there.
         images_B3HW = to_model_input(batch["pixels"].to(self.device, non_blocking=True), self.mean, self.std)
         captions = [str(c) for c in batch["caption"]]
-        out = train_step(self.forward, self.optimizer, self.scheduler, [lambda: self._loss(images_B3HW, captions)], 1,
-                         grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type)
-        clamp_logit_scale(self.model)
-        return {**out, "temperature": self.model.logit_scale.detach().neg().exp()}  # read when logged
-
-    def _loss(self, images_B3HW: torch.Tensor, captions: list[str]) -> torch.Tensor:
         # Each distinct caption goes through the text tower once (digits: 10 per batch);
         # indexing copies the embedding, so the gradient is the same as encoding every row.
         unique, inverse_B = np.unique(np.array(captions, dtype=object), return_inverse=True)
         ids_UL = self.tokenizer([str(c) for c in unique]).to(self.device)
-        image_BD, text_UD, scale = self.forward(images_B3HW, ids_UL)
+        image_BD, text_UD, scale = forward(images_B3HW, ids_UL)
         text_BD = text_UD[torch.from_numpy(inverse_B.reshape(-1)).to(self.device)]
         groups_B = all_gather_with_grad(caption_ids(captions).to(self.device)) if self.cfg.loss.soft_targets else None
         return clip_loss(all_gather_with_grad(image_BD), all_gather_with_grad(text_BD), scale, groups_B)  # fp32
+
+    def after_step(self) -> dict[str, torch.Tensor]:
+        clamp_logit_scale(self.model)
+        return {"temperature": self.model.logit_scale.detach().neg().exp()}  # read when logged
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -133,11 +124,11 @@ class ContrastiveTask:
         teacher = self.cfg.model.teacher
         write_open_clip(folder, self.model, teacher.arch, teacher.pretrained)
 
+    def meta(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
     def on_run_start(self, log_artifact) -> None:
         pass
 
     def describe(self) -> str:
         return f"contrastive ({self.cfg.model.init})"
-
-    def run_tags(self) -> dict[str, str]:
-        return {"uta.init": self.cfg.model.init}

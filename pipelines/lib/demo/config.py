@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from uta_core.config import apply_overrides, from_dict, read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"

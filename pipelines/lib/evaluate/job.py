@@ -2,7 +2,7 @@
 file training uses.
 
 ``model`` is a student export folder, a pre-training checkpoint folder or a run folder
-(``uta_core.checkpoint.load_trained_student``); the classifier is the teacher's text tower
+(``uta_core.models.trained.load_trained_student``); the classifier is the teacher's text tower
 applied once to class names x templates (and, with ``retrieval_input``, to the eval captions),
 so a cache-mode run never builds a teacher.
 """
@@ -11,20 +11,29 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from pipelines.lib.destinations import check_output, check_tracking
 from uta_core import tracking
-from uta_core.device import require_cuda
-from uta_core.checkpoint import load_trained_student
-from uta_core.data.captions import load_caption_set
-from uta_core.data.rows import load_eval_set
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
-from uta_core.eval.evaluator import (RECALL_KS, caption_bank, eval_caption_bank, load_classifier, prompts, retrieval_metrics,
-                                    save_classifier, teacher_classifier, zeroshot_accuracy)
+from uta_core.device import require_cuda
+from uta_core.eval.data import load_caption_set, load_eval_set
+from uta_core.eval.evaluator import (
+    RECALL_KS,
+    caption_bank,
+    eval_caption_bank,
+    load_classifier,
+    prompts,
+    retrieval_metrics,
+    save_classifier,
+    teacher_classifier,
+    zeroshot_accuracy,
+)
 from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
+from uta_core.models.trained import load_trained_student
 from uta_core.tracking import TrackingConfig
 
 log = logging.getLogger("uta.evaluate")
@@ -44,7 +53,7 @@ class EvaluateConfig:
     templates: list[str] | None = None
     max_images: int = 10000
     batch_size: int = 64
-    device: str = "auto"  # auto: cuda when available
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     s3: S3Options = field(default_factory=S3Options)
 
@@ -98,7 +107,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     student, mean, std, info = load_trained_student(cfg.model, cfg.s3)
     student.to(device)
     classifier = load_classifier(cfg.classifier_path, cfg.s3) if cfg.classifier_path else {}
-    teacher = None if classifier and (cfg.retrieval_input is None or "captions" in classifier) else _teacher(cfg, device)
+    needs_teacher = not classifier or (cfg.retrieval_input is not None and "captions" not in classifier)
+    teacher = _teacher(cfg, device) if needs_teacher else None
     metrics: dict[str, float] = {}
     if cfg.input is not None:
         if "weights" in classifier:

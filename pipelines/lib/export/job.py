@@ -1,7 +1,7 @@
 """One local folder that timm, open_clip, clip_benchmark and MLflow load, from any trained student.
 
 The student comes from an export, a checkpoint or a run folder (local or ``s3://``), or a released
-UTA checkpoint file (``uta_core.checkpoint.load_trained_student``); the text tower from the
+UTA checkpoint file (``uta_core.models.trained.load_trained_student``); the text tower from the
 teacher the run recorded, or the one given. The folder is a timm ``local-dir:`` model and an
 open_clip ``local-dir:`` CLIP (``uta_core.models.open_clip_export``). Given a local export as
 ``model`` and no ``output``, the export's open_clip config is pointed at where the folder now is
@@ -16,12 +16,12 @@ from pathlib import Path
 
 from pipelines.lib.destinations import check_tracking
 from uta_core import tracking
-from uta_core.checkpoint import load_trained_student
 from uta_core.data.storage import S3Options, is_s3
 from uta_core.models.export import UTA_CONFIG, export_student
 from uta_core.models.mlflow_model import log_student_model
 from uta_core.models.open_clip_export import link_open_clip, write_open_clip
 from uta_core.models.teacher import TeacherConfig, build_teacher
+from uta_core.models.trained import load_trained_student
 from uta_core.tracking import TrackingConfig
 
 log = logging.getLogger("uta.export")

@@ -1,41 +1,76 @@
-"""Pre-training as a function: datasets + plan on the driver, the one Ray Train loop on the workers."""
+"""Pre-training as a function: the target source and plan on the driver (metadata only), the one
+training loop on the workers."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import ray
+import torch
 
 from pipelines.lib.pretrain.config import PretrainConfig
-from pipelines.lib.pretrain.data import cache_sources, check_sources, online_sources, teacher_description
+from pipelines.lib.pretrain.targets import target_source
+from pipelines.lib.pretrain.task import AlignmentTask
 from pipelines.lib.ray_setup import init_ray
-from pipelines.lib.train.trainer import RunPlan, fit, local_num_cpus, make_plan, resolve_paths, run_uri
+from pipelines.lib.train.plan import RunPlan, make_plan
+from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, resolve_paths, run_uri
+from uta_core.data.stream import SourceReader
+from uta_core.targets.source import TargetSource
 
 REPORT_KEYS = ("step", "epoch", "loss", "lr", "images_per_s", "tokens_per_s", "zeroshot_top1", "zeroshot_top5")
 
 
+@dataclass(frozen=True)
+class PretrainJob:
+    """What the runner needs of a pre-training run (``pipelines/lib/train/spec.py``)."""
+
+    cfg: PretrainConfig
+    source: TargetSource
+    teacher: dict[str, Any]  # the target source's provenance of the teacher
+    name = "pretrain"
+    experiment = "uta-pretrain"
+    artifact_name = "student"
+
+    def reader(self, epoch: int) -> SourceReader:
+        return self.source.reader(epoch)
+
+    def build_task(self, plan: RunPlan, device: torch.device, rank: int) -> AlignmentTask:
+        return AlignmentTask(self.cfg, self.source, self.teacher, device, rank)
+
+    def run_tags(self) -> dict[str, str]:
+        return {"uta.teacher_mode": self.source.mode}
+
+    def run_params(self) -> dict[str, Any]:
+        return {"targets": {"mode": self.source.mode, "teacher": self.teacher}}
+
+
+def plan_pretrain(cfg: PretrainConfig) -> tuple[PretrainJob, RunPlan]:
+    """The run's job and plan from metadata: the teacher source's checks, its sources and their counts."""
+    source = target_source(cfg)
+    targets = source.plan()
+    plan = make_plan(cfg.train, cfg.cluster, targets.sources, cfg.run.seed, cfg.data.shuffle_files, run_uri(cfg))
+    return PretrainJob(cfg, source, targets.teacher), plan
+
+
 def fit_pretrain(cfg: PretrainConfig, callbacks: Callable[[RunPlan], list] | None = None) -> dict:
-    """On a connected Ray: build the data, plan the steps and train; returns the run report.
-    ``callbacks`` makes the run's Ray Train callbacks from its plan (a sweep trial's report to Tune)."""
-    cfg = resolve_paths(cfg)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if cfg.data.teacher_mode == "cache":
-        sources, mean, std = cache_sources(cfg)
-    else:
-        sources, mean, std = online_sources(cfg), None, None
-    check_sources(sources, cfg)
-    plan = make_plan(cfg.train, cfg.cluster, sources.total_rows, run_uri(cfg), mean=mean, std=std,
-                     teacher=teacher_description(cfg), sources=dataclasses.asdict(sources))
-    return fit(cfg, "pretrain", None, plan, callbacks(plan) if callbacks else None)
+    """On a connected Ray: plan and train; returns the run report. ``callbacks`` makes the run's
+    Ray Train callbacks from its plan (a sweep trial's report to Tune)."""
+    job, plan = plan_pretrain(resolve_paths(cfg))
+    return fit(job, plan, callbacks(plan) if callbacks else None)
 
 
-def run(cfg: PretrainConfig) -> dict:
-    """Fit on the configured cluster (a new local Ray when none is given); raises if training failed."""
+def run(cfg: PretrainConfig, in_process: bool = False) -> dict:
+    """Fit on the configured cluster (a new local Ray when none is given), or in this process without
+    Ray (one CPU worker); raises if training failed."""
     cfg = resolve_paths(cfg)  # refuses lost or unwritable outputs before Ray starts
+    job, plan = plan_pretrain(cfg)  # refuses misfits before Ray starts
+    if in_process:
+        return fit_in_process(job, plan)
     started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster))
     try:
-        return fit_pretrain(cfg)
+        return fit(job, plan)
     finally:
         if started:
             ray.shutdown()

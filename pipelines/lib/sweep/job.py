@@ -9,11 +9,11 @@ from pathlib import Path
 
 import ray
 
-from pipelines.lib.pretrain.config import PretrainConfig
 from pipelines.lib.destinations import check_output
+from pipelines.lib.pretrain.config import PretrainConfig
 from pipelines.lib.ray_setup import init_ray
 from pipelines.lib.sweep.search_space import load_search_space
-from pipelines.lib.sweep.tune import check_cache_fits, concurrent_trials, log_results, make_tuner
+from pipelines.lib.sweep.tune import check_trials_fit, concurrent_trials, log_results, make_tuner
 from pipelines.lib.train.trainer import local_num_cpus, resolve_paths
 from uta_core import tracking
 from uta_core.config import apply_overrides, from_dict, read_yaml
@@ -27,7 +27,7 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
     returns the results CSV."""
     space = load_search_space(args.space)
     base = apply_overrides(read_yaml(args.config), space.fixed_overrides() + overrides)
-    check_cache_fits(space, base)
+    check_trials_fit(space, base)
     base_cfg = resolve_paths(from_dict(PretrainConfig, base))
     check_output("--storage-path", args.storage_path)
     storage = args.storage_path if is_s3(args.storage_path) else str(Path(args.storage_path).resolve())

@@ -8,6 +8,7 @@ teacher cache, so the teacher is paid for once per sweep.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
@@ -19,14 +20,14 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines.lib.pretrain.config import PretrainConfig
-from pipelines.lib.pretrain.data import check_cache
 from pipelines.lib.pretrain.job import fit_pretrain
+from pipelines.lib.pretrain.targets import TARGET_SOURCES, check_fits
 from pipelines.lib.sweep.report import plot_metric_vs_ratio, results_table, trial_status
 from pipelines.lib.sweep.search_space import ParamSpec, SearchSpace
 from uta_core import tracking
-from uta_core.cache.format import open_cache
-from uta_core.config import apply_overrides, from_dict
+from uta_core.config import apply_overrides, from_dict, to_dict
 from uta_core.data.storage import join
+from uta_core.targets.source import TargetSource
 
 log = logging.getLogger("uta.sweep")
 
@@ -112,22 +113,20 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any
     fit_pretrain(cfg, callbacks=lambda plan: [EvalReportCallback(sweep["metric"], plan.total_steps)])
 
 
-def check_cache_fits(space: SearchSpace, base: dict[str, Any]) -> None:
-    """In cache mode, every grid point must fit the cache's grid / dim / views: refuse before any trial."""
+def check_trials_fit(space: SearchSpace, base: dict[str, Any]) -> None:
+    """Every grid point's student must fit its teacher's tokens (a cache's grid / dim / views, an
+    online teacher's geometry): refuse before any trial."""
     space.validate_against(PretrainConfig, base)
-    manifests = {}  # one read per cache (a grid of 20 points shares one, often on S3)
+    sources: dict[str, TargetSource] = {}  # one per teacher (a grid of 20 points shares one manifest read)
     for overrides in space.example_overrides():
         cfg = from_dict(PretrainConfig, apply_overrides(base, overrides))
-        if cfg.data.teacher_mode != "cache":
-            continue
-        key = (cfg.data.cache, cfg.s3)
-        if key not in manifests:
-            manifests[key] = open_cache(cfg.data.cache, cfg.s3)[2]
-        manifest = manifests[key]
+        key = json.dumps([to_dict(cfg.data), to_dict(cfg.teacher), cfg.teacher_random_seed, to_dict(cfg.s3)])
         try:
-            check_cache(manifest, cfg, cfg.data.cache)
+            if key not in sources:
+                sources[key] = TARGET_SOURCES[cfg.data.teacher_mode](cfg)
+            check_fits(sources[key], cfg)
         except ValueError as err:
-            raise ValueError(f"trial {' '.join(overrides)} does not fit the cache: {err}") from None
+            raise ValueError(f"trial {' '.join(overrides)} does not fit its teacher: {err}") from None
 
 
 def concurrent_trials(cfg: PretrainConfig, space: SearchSpace, requested: int | None = None) -> int:

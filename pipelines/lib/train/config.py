@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass(kw_only=True)
@@ -41,9 +41,11 @@ class ClusterConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    # Logical CPUs a *new local* Ray gets on top of the workers', so Ray Data can schedule
-    # its read/decode tasks (with every CPU held by workers it stalls at 0 rows).
+    # Logical CPUs a *new local* Ray gets on top of the workers', for the read/decode tasks
+    # (with every CPU held by workers, reading would wait for a CPU forever).
     data_cpus: float = 2.0
+    read_tasks: int = 2  # sources each worker reads ahead at once (one Ray task each)
+    read_cpus: float = 1.0  # CPUs of each read task
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -51,7 +53,9 @@ class ClusterConfig:
         if not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker={self.cpus_per_worker} must be positive")
         if not self.data_cpus >= 1:
-            raise ValueError(f"data_cpus={self.data_cpus} must be >= 1: Ray Data needs a CPU to read")
+            raise ValueError(f"data_cpus={self.data_cpus} must be >= 1: reading the data needs a CPU")
+        if self.read_tasks < 1 or not self.read_cpus > 0:
+            raise ValueError(f"read_tasks={self.read_tasks} must be >= 1 and read_cpus={self.read_cpus} positive")
 
 
 @dataclass(kw_only=True)
@@ -64,7 +68,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     max_steps: int | None = None  # total optimiser steps; the cosine spans exactly these
     warmup_steps: int | None = None
-    precision: str = "bf16"  # autocast dtype on GPU; CPU always runs fp32
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU always runs fp32
     grad_checkpointing: bool = False
     prefetch: int = 2  # micro-batches prepared ahead on a thread (tensors, pinned memory, masks); 0: none
     compile: bool = False  # torch.compile the model's forward (static shapes: K is fixed); the first steps compile
@@ -84,8 +88,6 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 (or null to use epochs)")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0 (or null to use warmup_epochs)")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimiser step so that micro x world x accum == global batch."""

@@ -8,12 +8,12 @@ continues the same MLflow run.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
+from pipelines.lib.train.plan import RunPlan
+from pipelines.lib.train.spec import Task, TrainJob
 from uta_core import tracking
 from uta_core.checkpoint import Position
 from uta_core.config import flatten, to_dict
@@ -26,8 +26,8 @@ EXPORT_DIR = "export"
 
 
 class RunOutputs:
-    def __init__(self, cfg: Any, plan: Any, task, rank: int, job: str) -> None:
-        self.cfg, self.plan, self.task, self.job = cfg, plan, task, job
+    def __init__(self, job: TrainJob, plan: RunPlan, task: Task, rank: int) -> None:
+        self.job, self.cfg, self.plan, self.task = job, job.cfg, plan, task
         self.active = rank == 0
         self.run_id: str | None = None
         self._run = None
@@ -44,19 +44,14 @@ class RunOutputs:
             self._run = self._stack.enter_context(mlflow.start_run(run_id=pos.mlflow_run_id))
             mlflow.set_tag("uta.resumed_from_step", str(pos.step))
         else:
-            tags = {"job": self.job, "uta.run_name": self.cfg.run.name, **self.task.run_tags()}
+            tags = {"job": self.job.name, "uta.run_name": self.cfg.run.name, **self.job.run_tags()}
             run_name = self.cfg.tracking.run_name or self.cfg.run.name
             self._run = self._stack.enter_context(
-                tracking.start_run(self.cfg.tracking, self.task.experiment, run_name=run_name, tags=tags,
-                                   source=f"pipelines/{self.job}.py"))
+                tracking.start_run(self.cfg.tracking, self.job.experiment, run_name=run_name, tags=tags,
+                                   source=f"pipelines/{self.job.name}.py"))
             tracking.log_config(self.cfg)
-            plan = {k: v for k, v in dataclasses.asdict(self.plan).items()
-                    if k not in ("mean", "std", "run_uri", "sources")}
-            if self.plan.sources:  # per-source lists stay in config.yaml; MLflow gets their summary
-                src = self.plan.sources
-                plan["sources"] = {"kind": src["kind"], "count": len(src["items"]), "rows": sum(src["rows"]),
-                                   "counted_from": src["counted_from"]}
-            mlflow.log_params(tracking.redact_params(flatten(plan, "plan")))
+            params = {**flatten(self.plan.summary(), "plan"), **flatten(self.job.run_params())}
+            mlflow.log_params(tracking.redact_params(params))
             mlflow.log_dict(to_dict(self.cfg), "config.yaml")
             self.task.on_run_start(mlflow.log_artifact)
         self.run_id = self._run.info.run_id
@@ -89,7 +84,7 @@ class RunOutputs:
             if self._run is not None:
                 import mlflow
 
-                mlflow.log_artifacts(folder, self.task.artifact_name)
+                mlflow.log_artifacts(folder, self.job.artifact_name)
                 self._log_loss_curve(folder)
                 if self.cfg.tracking.log_model and (Path(folder) / UTA_CONFIG).is_file():
                     log_student_model(folder, register_as=self.cfg.tracking.register_as)

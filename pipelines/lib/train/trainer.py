@@ -1,9 +1,9 @@
-"""The driver side of every Ray Train job: the run's plan, its TorchTrainer, its report.
+"""The driver side of every training job: paths, the resolved config, the TorchTrainer, the report.
 
-``pipelines/pretrain.py`` and ``pipelines/contrastive.py`` (and each sweep trial) call
-``fit(cfg, task, dataset, plan)``; the workers run ``pipelines/lib/train/loop.py`` with the
-named task. Rerunning the same ``run.name`` in the same ``run.storage_path`` resumes from
-the last checkpoint (Ray Train restores it; the loop skips the micro-batches consumed).
+A job's driver builds its ``TrainJob`` and ``RunPlan`` from metadata and calls ``fit`` (on a
+connected Ray: a ``TorchTrainer`` whose workers run ``ray_runtime.train_loop_per_worker``) or
+``fit_in_process`` (the same loop here, without Ray). Rerunning the same ``run.name`` in the
+same ``run.storage_path`` resumes from the newest checkpoint, exactly where each rank was.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,52 +23,20 @@ from ray.train.torch import TorchTrainer
 from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.progress import DriverProgress
 from pipelines.lib.ray_setup import cluster_resources
-from pipelines.lib.train.config import ClusterConfig, TrainConfig
-from pipelines.lib.train.loop import TRAIN_DATASET, train_loop_per_worker
+from pipelines.lib.train.config import ClusterConfig
+from pipelines.lib.train.faults import Fault
+from pipelines.lib.train.loop import train_worker
+from pipelines.lib.train.outputs import EXPORT_DIR
+from pipelines.lib.train.plan import RunPlan
+from pipelines.lib.train.ray_runtime import loop_config, train_loop_per_worker
+from pipelines.lib.train.runtime import LocalRuntime
+from pipelines.lib.train.spec import TrainJob
 from uta_core import tracking
+from uta_core.checkpoint import checkpoint_dir_name, stored_checkpoint_steps
 from uta_core.config import to_dict
 from uta_core.data.storage import S3_SCHEME, filesystem_for, is_s3, join, s3_filesystem, write_bytes_atomic
 
 log = logging.getLogger("uta.train")
-
-
-@dataclass(kw_only=True)
-class RunPlan:
-    """Run geometry the driver computes once and every worker shares."""
-
-    rows_per_epoch: int | None  # None: the length is set in steps and the rows were not counted
-    steps_per_epoch: int | None
-    total_steps: int
-    warmup_steps: int
-    accumulation: int
-    run_uri: str  # <storage_path>/<name>: local absolute path or s3://
-    mean: list[float] | None = None  # the model's input normalisation (None: set by each worker's teacher)
-    std: list[float] | None = None
-    teacher: dict[str, Any] | None = None  # where the targets come from (pre-training)
-    # Pre-training: the sources each rank reads itself, epoch by epoch (pipelines/lib/pretrain/data.py
-    # ``Sources``); None: the job hands Ray Train a dataset to split (the contrastive stage).
-    sources: dict[str, Any] | None = None
-
-
-def make_plan(train: TrainConfig, cluster: ClusterConfig, rows: int | None, run_uri: str, **extra: Any) -> RunPlan:
-    """Steps of the run; ``rows`` may be None only when ``train.max_steps`` and ``warmup_steps`` are set."""
-    world = cluster.num_workers
-    accum = train.accumulation(world)
-    if rows is None:
-        if train.max_steps is None or train.warmup_steps is None:
-            raise ValueError("the run's length needs the row count: set train.max_steps and train.warmup_steps")
-        return RunPlan(rows_per_epoch=None, steps_per_epoch=None, total_steps=train.max_steps,
-                       warmup_steps=min(train.warmup_steps, train.max_steps - 1), accumulation=accum,
-                       run_uri=run_uri, **extra)
-    steps_per_epoch = (rows // world) // train.micro_batch // accum
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"the data has {rows} rows: fewer than one step ({world} workers x {train.micro_batch * accum} rows); "
-            "add data or lower train.micro_batch / train.global_batch"
-        )
-    total, warmup = train.resolve(steps_per_epoch)
-    return RunPlan(rows_per_epoch=rows, steps_per_epoch=steps_per_epoch, total_steps=total, warmup_steps=warmup,
-                   accumulation=accum, run_uri=run_uri, **extra)
 
 
 def resolve_paths(cfg: Any) -> Any:
@@ -89,29 +56,35 @@ def run_uri(cfg: Any) -> str:
 
 
 def local_num_cpus(cluster: ClusterConfig) -> int:
-    """Logical CPUs for a new local Ray: the workers' plus ``cluster.data_cpus`` for Ray Data."""
+    """Logical CPUs for a new local Ray: the workers' plus ``cluster.data_cpus`` for the read tasks."""
     return math.ceil(cluster.num_workers * cluster.cpus_per_worker + cluster.data_cpus)
 
 
-def save_resolved_config(cfg: Any, plan: RunPlan) -> None:
-    fs, root = filesystem_for(plan.run_uri, cfg.s3)
-    text = yaml.safe_dump({**to_dict(cfg), "plan": dataclasses.asdict(plan)}, sort_keys=False)
+def save_resolved_config(job: TrainJob, plan: RunPlan) -> None:
+    fs, root = filesystem_for(plan.run_uri, job.cfg.s3)
+    text = yaml.safe_dump({**to_dict(job.cfg), "plan": plan.summary()}, sort_keys=False)
     write_bytes_atomic(fs, join(root, "config.yaml"), text.encode())
 
 
-def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan,
-                  callbacks: list | None = None, progress: str | None = None) -> TorchTrainer:
+def _announce(job: TrainJob, plan: RunPlan) -> None:
+    save_resolved_config(job, plan)
+    log.info("%s: %d rows (%s), %d steps/epoch, %d steps (warm-up %d), accumulation %d, %d workers", plan.run_uri,
+             plan.sources.total_rows, plan.sources.counted_from, plan.steps_per_epoch, plan.total_steps,
+             plan.warmup_steps, plan.accumulation, job.cfg.cluster.num_workers)
+
+
+def build_trainer(job: TrainJob, plan: RunPlan, callbacks: list | None = None,
+                  progress: str | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; ``callbacks`` (Ray Train ``UserCallback``s) let a sweep listen in;
     ``progress`` names the driver's progress board (``pipelines/lib/progress.py``)."""
-    cl = cfg.cluster
+    cfg, cl = job.cfg, job.cfg.cluster
     resources = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if cl.use_gpu else {})}
     storage_path, storage_fs = cfg.run.storage_path, None
     if is_s3(storage_path):
         storage_path, storage_fs = storage_path[len(S3_SCHEME):], s3_filesystem(cfg.s3)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task, "config": to_dict(cfg), "plan": dataclasses.asdict(plan),
-                           "progress": progress},
+        train_loop_config=loop_config(job, plan, Fault.from_env(), progress),
         scaling_config=ray.train.ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -121,34 +94,45 @@ def build_trainer(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: R
             callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # Ray Train's INFO: its log files
         ),
-        datasets={TRAIN_DATASET: dataset} if dataset is not None else None,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[TRAIN_DATASET]) if dataset is not None else None,
     )
 
 
-def fit(cfg: Any, task: str, dataset: ray.data.Dataset | None, plan: RunPlan, callbacks: list | None = None) -> dict:
-    """Save the resolved config, train, and return the run's report (rank 0's history + Ray's result).
+def fit(job: TrainJob, plan: RunPlan, callbacks: list | None = None) -> dict:
+    """On a connected Ray: save the resolved config, train, return the run's report (rank 0's history).
     A run of its own draws a progress bar; a sweep's trial (``callbacks``) reports to Tune instead."""
-    save_resolved_config(cfg, plan)
-    log.info("%s: %s rows, %s steps/epoch, %d steps (warm-up %d), accumulation %d, %d workers", plan.run_uri,
-             plan.rows_per_epoch if plan.rows_per_epoch is not None else "uncounted",
-             plan.steps_per_epoch or "-", plan.total_steps, plan.warmup_steps, plan.accumulation,
-             cfg.cluster.num_workers)
+    _announce(job, plan)
+    cfg = job.cfg
     gpus = cluster_resources()[1]
     if cfg.cluster.use_gpu and gpus < cfg.cluster.num_workers:
         log.info("the cluster has %g GPUs now, the run needs %d: Ray Train's placement group asks the autoscaler "
                  "for them and the workers start once they join", gpus, cfg.cluster.num_workers)
-    progress = DriverProgress(f"{task} {cfg.run.name}", plan.total_steps) if callbacks is None else None
+    progress = DriverProgress(f"{job.name} {cfg.run.name}", plan.total_steps) if callbacks is None else None
     with progress or contextlib.nullcontext():
-        result = build_trainer(cfg, task, dataset, plan, callbacks, progress.name if progress else None).fit()
-    rank0 = result.return_value or {}
-    history = rank0.get("history", [])
+        result = build_trainer(job, plan, callbacks, progress.name if progress else None).fit()
+    return run_report(job, plan, result.return_value or {},
+                      result.checkpoint.path if result.checkpoint else None)
+
+
+def fit_in_process(job: TrainJob, plan: RunPlan, fault: Fault | None = None) -> dict:
+    """The same run in this process, without Ray (one rank, on the CPU)."""
+    cfg = job.cfg
+    if cfg.cluster.num_workers != 1 or cfg.cluster.use_gpu:
+        raise ValueError("a run in this process has one CPU worker: set cluster.num_workers=1, cluster.use_gpu=false")
+    _announce(job, plan)
+    runtime = LocalRuntime(plan.run_uri, cfg.s3, cfg.run.keep_checkpoints,
+                           threads=max(1, int(cfg.cluster.cpus_per_worker)))
+    rank0 = train_worker(job, plan, runtime, fault) or {}
+    steps = stored_checkpoint_steps(plan.run_uri, cfg.s3)
+    return run_report(job, plan, rank0, join(plan.run_uri, checkpoint_dir_name(steps[0])) if steps else None)
+
+
+def run_report(job: TrainJob, plan: RunPlan, rank0: dict, checkpoint: str | None) -> dict:
+    cfg = job.cfg
     return {
-        "run": cfg.run.name, "task": task, "steps": plan.total_steps,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "export": join(plan.run_uri, "export") if cfg.run.export else None,
-        "history": history, "metrics": rank0.get("final", {}), "mlflow_run_id": rank0.get("mlflow_run_id"),
-        "tracking_uri": cfg.tracking.tracking_uri,
+        "run": cfg.run.name, "job": job.name, "steps": plan.total_steps, "checkpoint": checkpoint,
+        "export": join(plan.run_uri, EXPORT_DIR) if cfg.run.export else None,
+        "history": rank0.get("history", []), "metrics": rank0.get("final", {}),
+        "mlflow_run_id": rank0.get("mlflow_run_id"), "tracking_uri": cfg.tracking.tracking_uri,
     }
 
 

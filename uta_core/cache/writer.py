@@ -1,5 +1,5 @@
-"""The per-shard work of the caching job (Ray-free): views on CPU tasks, tokens on teacher actors,
-part files from write tasks.
+"""Writing a teacher cache (Ray-free): views on CPU tasks, tokens on teacher actors, part files
+from write tasks; the caching job (``pipelines/lib/cache/job.py``) runs them on Ray Data.
 
 ``shard_view_tables`` streams one input shard, decodes, skips and counts bad samples,
 samples V seeded views per image and encodes them; the shard's stats go to
@@ -21,7 +21,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,18 +34,19 @@ from uta_core.cache.codecs import TokenCodec, fit_basis, token_cosine
 from uta_core.cache.format import (
     VIEW_SCHEMA,
     CacheSettings,
+    byte_rows,
     cache_schema,
     shard_dir,
     store_view,
-    byte_rows,
     tmp_path,
     tokens_array,
 )
 from uta_core.cache.plan import CachePlan, CacheSpec, build_cache_teacher
 from uta_core.data.prefetch import pin
-from uta_core.data.shards import InputConfig, InputShard, ShardReadError, iter_samples
+from uta_core.data.samples import SampleStats, decoded_samples
+from uta_core.data.shards import InputConfig, InputShard
 from uta_core.data.storage import S3Options, filesystem_for, join, open_hashing_sink, write_bytes_atomic
-from uta_core.data.views import ImageDecodeError, ViewConfig, decode_image, sample_views, to_model_input
+from uta_core.data.views import ViewConfig, sample_views, to_model_input
 from uta_core.device import require_cuda
 
 log = logging.getLogger("uta.cache")
@@ -56,7 +57,6 @@ PART_SCHEMA = pa.schema([
     pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("total", pa.int64()),
     pa.field("seq_ranges", pa.string()),  # JSON [[first, end), ...] of the shard rows in the part
 ])
-_MAX_ERRORS = 10  # skip reasons kept per shard in the manifest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,63 +80,27 @@ class ViewTask:
                    root_uri=cfg.output.path, s3=cfg.s3, images_per_block=images_per_block)
 
 
-@dataclass(kw_only=True)
-class ShardStats:
-    source: str
-    images: int = 0
-    rows: int = 0
-    skipped: int = 0
-    errors: list[str] = field(default_factory=list)
-    read_error: str | None = None  # the container broke: only the images before the damage were read
-
-    def skip(self, key: str, reason: str) -> None:
-        self.skipped += 1
-        self.note(f"{key}: {reason}")
-
-    def note(self, message: str) -> None:
-        if len(self.errors) < _MAX_ERRORS:
-            self.errors.append(message[:300])
-
-
 def shard_view_tables(task: ViewTask, name: str, shard: InputShard) -> Iterator[pa.Table]:
     """One input shard -> tables of view rows (+ ``_shard``, ``_shard_rows``); stats to _tmp/."""
     fs_in, _ = filesystem_for(shard.uri, task.s3)
-    stats, seen, rows, held = ShardStats(source=shard.uri), set(), [], None
-    try:
-        for sample in iter_samples(fs_in, shard, task.input):
-            if sample.key in seen:
-                stats.skip(sample.key, "duplicate key in the shard")
-                continue
-            seen.add(sample.key)
-            try:
-                if sample.image is None:
-                    raise ImageDecodeError("the sample has no image")
-                img = decode_image(sample.image)
-            except ImageDecodeError as err:
-                stats.skip(sample.key, str(err))
-                continue
-            rows += _view_rows(task, sample, img, stats.images)
-            stats.images += 1
-            if len(rows) >= task.images_per_block * task.num_views:
-                if held is not None:  # hold one block back: the last one announces the total
-                    yield held
-                held, rows = _view_table(name, rows, -1), []
-    except ShardReadError as err:
-        stats.note(str(err))
-        stats.read_error = str(err)[:300]
-        log.warning("%s: %s; keeping the %d images read before it", name, err, stats.images)
+    stats, rows, held = SampleStats(source=shard.uri), [], None
+    for _, sample, img in decoded_samples(fs_in, shard, task.input, stats=stats, unique_keys=True):
+        rows += _view_rows(task, sample, img, stats.images - 1)
+        if len(rows) >= task.images_per_block * task.num_views:
+            if held is not None:  # hold one block back: the last one announces the total
+                yield held
+            held, rows = _view_table(name, rows, -1), []
     if rows:
         if held is not None:
             yield held
         held = _view_table(name, rows, -1)
-    stats.rows = stats.images * task.num_views
-    if stats.skipped:
-        log.warning("%s: skipped %d samples, e.g. %s", name, stats.skipped, "; ".join(stats.errors[:3]))
     fs_out, root = filesystem_for(task.root_uri, task.s3)
-    write_bytes_atomic(fs_out, tmp_path(root, name, ".stats.json"), json.dumps(dataclasses.asdict(stats)).encode())
+    shard_rows = stats.images * task.num_views
+    record = {**dataclasses.asdict(stats), "rows": shard_rows}
+    write_bytes_atomic(fs_out, tmp_path(root, name, ".stats.json"), json.dumps(record).encode())
     if held is not None:
         yield held.set_column(held.schema.get_field_index(TOTAL_COLUMN), TOTAL_COLUMN,
-                              pa.array(np.full(held.num_rows, stats.rows, dtype=np.int64)))
+                              pa.array(np.full(held.num_rows, shard_rows, dtype=np.int64)))
 
 
 def _view_rows(task: ViewTask, sample, img, ordinal: int) -> list[dict[str, Any]]:
@@ -188,16 +152,9 @@ def _stored_views(cfg: CacheSpec, shards: list[InputShard]) -> Iterator[np.ndarr
     """The cache's views of ``shards`` as the teacher sees them (decoded JPEG for a JPEG cache)."""
     for shard in shards:
         fs, _ = filesystem_for(shard.uri, cfg.s3)
-        try:
-            for sample in iter_samples(fs, shard, cfg.input):
-                try:
-                    img = decode_image(sample.image) if sample.image is not None else None
-                except ImageDecodeError:
-                    continue
-                for _, pixels_HW3 in sample_views(img, sample.key, cfg.num_views, cfg.views) if img else ():
-                    yield store_view(pixels_HW3, cfg.output.pixel_format, cfg.output.jpeg_quality)[1]
-        except ShardReadError:
-            continue
+        for _, sample, img in decoded_samples(fs, shard, cfg.input, unique_keys=True):
+            for _, pixels_HW3 in sample_views(img, sample.key, cfg.num_views, cfg.views):
+                yield store_view(pixels_HW3, cfg.output.pixel_format, cfg.output.jpeg_quality)[1]
 
 
 def teacher_tokens(teacher, pixels_BHW3: np.ndarray, device: torch.device | str) -> torch.Tensor:

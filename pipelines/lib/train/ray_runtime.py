@@ -1,0 +1,114 @@
+"""The loop's runtime on a Ray cluster: Ray Train's worker group, and a rank's sources read by Ray tasks.
+
+``train_loop_per_worker`` is what every ``TorchTrainer`` worker runs: it builds ``RayRuntime``
+from Ray Train's context and calls the one loop (``loop.train_worker``).
+
+A rank reads its sources with ``ray_read``: one streaming-generator task per source (the
+reader's blocks flow to the rank as they are decoded, at most ``blocks_ahead`` unconsumed per
+task), ``tasks_ahead`` sources in flight, consumed in the rank's order. That is all a
+replayable per-rank stream needs; Ray Data's streaming executor would add its own thread to
+every training process and a coordinator per epoch (``benchmarks/pretrain_step.py`` measures
+both against the in-process reader).
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from pipelines.lib.progress import WorkerProgress
+from pipelines.lib.train.faults import Fault
+from pipelines.lib.train.loop import train_worker
+from pipelines.lib.train.plan import RunPlan
+from pipelines.lib.train.spec import TrainJob
+from uta_core.checkpoint import checkpoint_dir_name, load_state, save_state
+from uta_core.data.stream import ReadTask, SourceReader
+from uta_core.device import require_cuda
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
+    """Ray Train entry point: ``{"job": TrainJob, "plan": RunPlan, "fault": Fault | None, "progress": name}``."""
+    job: TrainJob = config["job"]
+    runtime = RayRuntime(job, config["progress"])
+    return train_worker(job, config["plan"], runtime, config.get("fault"))
+
+
+def loop_config(job: TrainJob, plan: RunPlan, fault: Fault | None, progress: str | None) -> dict[str, Any]:
+    return {"job": job, "plan": plan, "fault": fault, "progress": progress}
+
+
+class RayRuntime:
+    def __init__(self, job: TrainJob, progress: str | None) -> None:
+        cluster = job.cfg.cluster
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if cluster.use_gpu:  # else Ray Train would hand out the CPU without a word
+            require_cuda("cluster.use_gpu=true")
+        self.device = ray.train.torch.get_device()
+        torch.set_num_threads(max(1, int(cluster.cpus_per_worker)))
+        self.tasks_ahead, self.read_cpus = cluster.read_tasks, cluster.read_cpus
+        self.progress = WorkerProgress(progress, active=self.rank == 0)
+
+    def prepare_model(self, module: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(module)
+
+    def read(self, reader: SourceReader, tasks: list[ReadTask]) -> Iterator[dict]:
+        return ray_read(reader, tasks, tasks_ahead=self.tasks_ahead, num_cpus=self.read_cpus)
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
+        """``ray.train.report`` on every rank (a barrier); rank 0 alone attaches the checkpoint."""
+        name = checkpoint_dir_name(step)  # rank 0's name wins (Ray broadcasts it)
+        if state is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        with tempfile.TemporaryDirectory(prefix="uta-ckpt-") as folder:
+            save_state(state, folder)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=name)
+
+    def handed_checkpoint(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return load_state(folder)
+
+
+@ray.remote
+def _read_source(reader: SourceReader, item: Any, start: int, source: int) -> Iterator[dict]:
+    yield from reader(item, start, source)
+
+
+def ray_read(reader: SourceReader, tasks: list[ReadTask], *, tasks_ahead: int, num_cpus: float,
+             blocks_ahead: int = 4) -> Iterator[dict]:
+    """The blocks of ``tasks`` in order, each source read by its own Ray task, ``tasks_ahead`` at once."""
+    reader_ref = ray.put(reader)
+    # "DEFAULT": never inside the placement group of the trainers (a Tune trial's captures child tasks).
+    read = _read_source.options(num_cpus=num_cpus, scheduling_strategy="DEFAULT",
+                                _generator_backpressure_num_objects=blocks_ahead)
+    queue: collections.deque = collections.deque()
+    todo, current = iter(tasks), None
+    try:
+        for task in todo:
+            queue.append(read.remote(reader_ref, *task))
+            if len(queue) >= tasks_ahead:
+                break
+        while queue:
+            current = queue.popleft()
+            for task in todo:  # keep the window full while this source is consumed
+                queue.append(read.remote(reader_ref, *task))
+                break
+            for ref in current:
+                yield ray.get(ref)
+            current = None
+    finally:
+        for blocks in [current, *queue] if current is not None else queue:  # an epoch that ended early
+            ray.cancel(blocks)

@@ -1,0 +1,151 @@
+"""The one training loop without Ray (``LocalRuntime``): resume, cursors across ranks and epochs,
+the checkpoint it resumes from, the MLflow run it continues, for both jobs.
+
+Each run is the real job (pre-training on digits with a tiny teacher from a file, or the
+contrastive stage) with its real data path, checkpoints on disk and SQLite MLflow; only the
+runtime differs from a cluster run. Several ranks are several processes joined by gloo.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from helpers import checkpoint_state, pretrain_config, samples_seen, train_ranks
+
+from pipelines.lib.contrastive import job as contrastive
+from pipelines.lib.contrastive.config import DEFAULT_CONFIG as CONTRASTIVE_CONFIG
+from pipelines.lib.contrastive.config import ContrastiveJobConfig
+from pipelines.lib.pretrain.job import plan_pretrain
+from pipelines.lib.train.faults import Fault
+from pipelines.lib.train.trainer import fit_in_process, resolve_paths
+from uta_core.checkpoint import checkpoint_dir_name
+from uta_core.config import load_config
+from uta_core.models.clip import tiny_clip_config
+from uta_core.optim import lr_at
+
+
+@pytest.fixture(scope="module")
+def ws(pretrain_ws):
+    return pretrain_ws
+
+
+def config(ws, name: str, mode: str, *extra: str):
+    return pretrain_config(ws, name, mode, *extra)
+
+
+def train(cfg, fault: Fault | None = None) -> dict:
+    job, plan = plan_pretrain(resolve_paths(cfg))
+    return fit_in_process(job, plan, fault)
+
+
+def state(ws, name: str, step: int) -> dict:
+    return checkpoint_state(str(ws.root / "runs"), name, step)
+
+
+def rows_seen(ws, name: str, rank: int = 0, epoch: int = 0) -> list[int]:
+    return samples_seen(str(ws.root / "runs"), name, rank, epoch)
+
+
+def the_run(ws, name: str):
+    client = mlflow.tracking.MlflowClient(ws.mlflow)
+    (run,) = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id],
+                                f"tags.`uta.run_name` = '{name}'")
+    return client, run
+
+
+# --------------------------------------------------------------------- one rank
+@pytest.fixture(scope="module")
+def straight(ws):
+    """An uninterrupted online run: 120 rows, 2 micro-batches of 8 a step -> 7 steps an epoch; 10 steps."""
+    train(config(ws, "straight", "online", "train.global_batch=16", "train.max_steps=10"))
+    return state(ws, "straight", 10)
+
+
+@pytest.mark.parametrize("fail_at", [3, 9])  # inside epoch 0, inside epoch 1
+def test_a_stopped_and_resumed_run_trains_the_uninterrupted_runs_rows_to_the_same_weights(ws, straight, fail_at):
+    name = f"resumed-{fail_at}"
+    cfg = config(ws, name, "online", "train.global_batch=16", "train.max_steps=10")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(cfg, Fault(step=fail_at))
+    assert (ws.root / "runs" / name / checkpoint_dir_name(fail_at - 1)).is_dir()
+    train(cfg)  # the same run name again: it resumes from the checkpoint before the failure
+    for epoch in (0, 1):
+        assert rows_seen(ws, name, epoch=epoch) == rows_seen(ws, "straight", epoch=epoch)
+    assert len(rows_seen(ws, name, epoch=0)) == 7 * 16 and len(rows_seen(ws, name, epoch=1)) == 3 * 16
+    final = state(ws, name, 10)
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(final["model"][key], value, rtol=0, atol=0, msg=key)
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {10}  # AdamW never restarted
+    client, run = the_run(ws, name)  # one MLflow run, continued
+    assert run.info.status == "FINISHED" and run.data.tags["uta.resumed_from_step"] == str(fail_at - 1)
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == sorted([*range(1, 11), fail_at])  # the failed step, logged by both attempts
+    for m in client.get_metric_history(run.info.run_id, "lr"):  # the schedule the optimiser used
+        assert m.value == pytest.approx(lr_at(m.step - 1, base_lr=2e-3, min_lr=1e-5, warmup_steps=1, total_steps=10))
+
+
+def test_a_resume_takes_the_newest_checkpoint_it_can_read_whole(ws):
+    cfg = config(ws, "truncated", "cache", "train.max_steps=6", "run.keep_checkpoints=3")
+    with pytest.raises(RuntimeError, match="injected failure"):
+        train(cfg, Fault(step=5))
+    newest = ws.root / "runs" / "truncated" / checkpoint_dir_name(4) / "state.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # an upload killed half-way
+    train(cfg)
+    _, run = the_run(ws, "truncated")
+    assert run.data.tags["uta.resumed_from_step"] == "2" and state(ws, "truncated", 6)["position"]["step"] == 6
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_evaluates_once(ws):
+    cfg = config(ws, "finished", "cache", "train.max_steps=2")
+    first = train(cfg)
+    again = train(cfg)
+    assert again["metrics"]["step"] == 2 and again["metrics"]["zeroshot_top1"] == first["metrics"]["zeroshot_top1"]
+    assert state(ws, "finished", 2)["scheduler"]["last_epoch"] == 2
+
+
+# --------------------------------------------------------------------- two ranks (gloo)
+def test_two_ranks_stopped_and_resumed_each_train_their_own_uninterrupted_rows(ws, tmp_path):
+    """Rank 0 is SIGKILLed after step 3 (checkpoint at 2); the rerun resumes both ranks at their own
+    cursors: each rank's rows are those of an uninterrupted two-rank run, none twice, none shared."""
+    args = ("cluster.num_workers=2", "train.max_steps=6")
+    assert train_ranks(config(ws, "ranks-straight", "cache", *args), 2, tmp_path) == [0, 0]
+    cfg = config(ws, "ranks-resumed", "cache", *args)
+    codes = train_ranks(cfg, 2, tmp_path, Fault(step=3, kind="sigkill"))
+    assert codes[0] == -9 and codes[1] != 0  # rank 1 learns of the loss from gloo
+    assert train_ranks(cfg, 2, tmp_path) == [0, 0]
+    resumed = [rows_seen(ws, "ranks-resumed", rank) for rank in (0, 1)]
+    assert resumed == [rows_seen(ws, "ranks-straight", rank) for rank in (0, 1)]
+    assert all(len(r) == len(set(r)) == 6 * 8 for r in resumed) and not set(resumed[0]) & set(resumed[1])
+    for rank in (0, 1):
+        names = sorted(p.name for p in (ws.root / "runs" / "ranks-resumed" / "samples").glob(f"rank{rank}-*"))
+        assert names == [f"rank{rank}-epoch0000-from{s:07d}.txt" for s in (0, 2, 4)]
+    cursors = state(ws, "ranks-resumed", 6)["position"]["cursors"]
+    assert len(cursors) == 2 and cursors[0] != cursors[1]
+
+
+# --------------------------------------------------------------------- the contrastive job
+def test_the_contrastive_stage_resumes_in_the_same_mlflow_run_with_its_temperature(ws):
+    clip = tiny_clip_config()
+    cfg = load_config(ContrastiveJobConfig, CONTRASTIVE_CONFIG, [
+        "model.clip.name=uta-loop-clip", f"model.clip.embed_dim={clip['embed_dim']}",
+        f"model.clip.vision={clip['vision_cfg']}", f"model.clip.text={clip['text_cfg']}",
+        f"data.input.paths={ws.train}", "train.micro_batch=16", "train.max_steps=6", "train.warmup_steps=1",
+        "run.checkpoint_every=2", "run.log_every=2", "run.name=clip", f"run.storage_path={ws.root / 'runs'}",
+        f"tracking.tracking_uri={ws.mlflow}", "loss.temperature=0.01", "loss.learnable_temperature=false"])
+    job, plan = contrastive.plan_contrastive(resolve_paths(cfg))
+    with pytest.raises(RuntimeError, match="injected failure"):
+        fit_in_process(job, plan, Fault(step=3))
+    report = fit_in_process(job, plan)
+    final = state(ws, "clip", 6)
+    assert final["position"]["step"] == 6 and final["scheduler"]["last_epoch"] == 6
+    assert torch.equal(final["model"]["logit_scale"], torch.tensor(math.log(100.0)))  # fixed: never updated
+    assert [h["temperature"] for h in report["history"]] == [pytest.approx(0.01, rel=1e-6)] * 2  # steps 4, 6
+    client = mlflow.tracking.MlflowClient(ws.mlflow)
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.data.tags["uta.resumed_from_step"] == "2" and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [2, 4, 6]
+    assert Path(report["export"], "uta-loop-clip.pt").is_file()
