@@ -11,9 +11,9 @@ writes it as ``<name>.json`` + ``<name>.pt`` for ``Teacher.from_open_clip``;
 ``model.init=uta_student`` is UTA's stage 2: the student export + the teacher's text tower,
 fine-tuned with the temperature fixed at 0.01 (configs/contrastive_stage2.yaml).
 
-Ray Data reads and decodes the shards (CPU tasks); each Ray Train worker runs the one
-training loop (``pipelines/lib/train/loop.py``, as pre-training: same resume, checkpoints,
-MLflow run, export) with the contrastive task (``pipelines/lib/contrastive/task.py``). The
+Each Ray Train worker reads its own shards of each epoch (decoded by Ray tasks) and runs the
+one training loop (``pipelines/lib/train/loop.py``, as pre-training: same exact resume,
+checkpoints, MLflow run, export) with the contrastive task (``pipelines/lib/contrastive/task.py``). The
 final model goes to ``<storage_path>/<run.name>/export``: ``<name>.json`` + ``<name>.pt``
 (scratch) or a student export as pipelines/pretrain.py writes it + ``text.pt`` (stage 2).
 """

@@ -185,7 +185,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     start = time.perf_counter()
     started = init_ray(None, cfg.ray_cpus)
     try:
-        # Training workers get every CPU but one, which Ray Data keeps for reading.
+        # Training workers get every CPU but one, which the read tasks (and the cache job's Ray Data) keep.
         worker_cpus = max(1, int(cluster_resources()[0]) - 1)
         tcfg = teacher_config(cfg, paths, worker_cpus)  # wiring errors surface before anything runs
         scfg = student_config(cfg, paths, worker_cpus)

@@ -5,15 +5,15 @@
     python pipelines/pretrain.py data.teacher_mode=cache data.cache=s3://b/cache s3.endpoint_url=...
     ray job submit --working-dir . -- python pipelines/pretrain.py --config my.yaml key=value
 
-The driver resolves the config, builds the Ray Data pipeline (raw shards -> decoded views,
-or cache parquet -> decoded views + stored tokens), computes the run's steps from the row
-count, and fits a ``TorchTrainer`` whose workers run the one training loop
-(``pipelines/lib/train/loop.py``) with the pre-training task (``pipelines/lib/pretrain/task.py``).
-Rerunning the same ``run.name`` with the same ``run.storage_path`` resumes from the last
-checkpoint (model, optimiser, scheduler, step, MLflow run, and the data position as far as
-Ray allows: the epoch and how many micro-batches each rank had consumed, which are skipped;
-``streaming_split`` hands out blocks dynamically, so *which* rows those were is not replayed).
-Config defaults: ``configs/pretrain_local.yaml``.
+The driver resolves the config and, from metadata only, the run's teacher source
+(``data.teacher_mode``: ``pipelines/lib/pretrain/targets.py``), its sources with their row
+counts and the run's steps; then it fits a ``TorchTrainer`` whose workers run the one training
+loop (``pipelines/lib/train/loop.py``) with the pre-training task
+(``pipelines/lib/pretrain/task.py``). Each rank reads its own sources of each epoch in a seeded
+order, decoded by Ray tasks. Rerunning the same ``run.name`` with the same ``run.storage_path``
+resumes from the newest checkpoint: model, optimiser, schedule, MLflow run, and each rank's
+place in its epoch, so the resumed epoch trains exactly the rows the stopped run had not.
+``--help`` lists every config key; defaults: ``configs/pretrain_local.yaml``.
 """
 
 from __future__ import annotations

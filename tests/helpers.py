@@ -100,26 +100,9 @@ def run_clip_benchmark(model_dir: Path, dataset_root: Path, output: Path) -> dic
 
 
 def write_cache_in_process(cfg) -> None:
-    """A teacher cache written by the caching job's own pieces, serially in this process (no Ray):
-    views -> teacher tokens -> part files -> commits, as the Ray Data pipeline runs them."""
-    from uta_core.cache.commit import ShardCommitter
-    from uta_core.cache.format import load_codec
-    from uta_core.cache.plan import plan_cache, prepare_output
-    from uta_core.cache.writer import PartWriter, TokenEncoder, ViewTask, shard_view_tables
+    from uta_core.cache.writer import write_in_process
 
-    plan = plan_cache(cfg)
-    prepare_output(plan)
-    codec = load_codec(plan.fs, plan.root, plan.manifest)
-    encoder = TokenEncoder(cfg, codec, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
-    writer = PartWriter(root_uri=cfg.output.path, s3=cfg.s3, settings=plan.manifest.settings,
-                        bytes_per_view=codec.bytes_per_view, compression="zstd", token_compression="none",
-                        row_group_mb=64)
-    task = ViewTask.from_plan(plan, images_per_block=cfg.ray.images_per_block)
-    committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
-    for name, shard in plan.pending.items():
-        for table in shard_view_tables(task, name, shard):
-            committer.add(writer(encoder(table)))
-    result = committer.finish()
+    result = write_in_process(cfg, cfg.ray.images_per_block)
     assert not result.incomplete, result.incomplete
 
 

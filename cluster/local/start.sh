@@ -54,9 +54,11 @@ fi
 export RAY_AUTH_MODE=token
 ray get-auth-token --generate >/dev/null 2>&1 || die "could not create a Ray auth token (ray get-auth-token --generate)"
 
-# Stale Ray Data resource requests of a Tune trial stopped early expire after 30 s instead
-# of 180 s (see RAY_PROCESS_ENV in pipelines/lib/ray_setup.py); every Ray process inherits this.
+# Stale Ray Data resource requests of a killed job expire after 30 s instead of 180 s, and
+# Ray Train's controller looks at its workers every 0.5 s instead of 2 s (see RAY_PROCESS_ENV
+# in pipelines/lib/ray_setup.py); every Ray process inherits these.
 export RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S="${RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S:-30}"
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}"
 
 gpu_args=()
 [ -n "${UTA_RAY_NUM_GPUS:-}" ] && gpu_args=(--num-gpus "$UTA_RAY_NUM_GPUS")

@@ -12,13 +12,18 @@ import ray
 
 log = logging.getLogger("uta.ray")
 
-# Ray Data and Ray Train share a cluster through one coordinator actor that hands out CPUs by
-# request; requests expire unless renewed (live ones renew every 10 s). A Tune trial stopped
-# early (ASHA) is killed without cancelling its requests, and by default they hold their
-# CPUs for 180 s: on a small cluster the next trial's Ray Data is granted 0 CPUs and waits at
-# 0 rows for those minutes. A 30 s expiry bounds that wait. Ray reads it when a worker starts,
-# so it must be in the environment of every Ray process (the image and `ray start` set it too).
-RAY_PROCESS_ENV = {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30"}
+# Ray Data (the caching job) and Ray Train share a cluster through one coordinator actor that
+# hands out CPUs by request; requests expire unless renewed (live ones renew every 10 s). A
+# job killed mid-way leaves its requests behind, and by default they hold their CPUs for 180 s:
+# on a small cluster the next job's Ray Data is granted 0 CPUs and waits at 0 rows for those
+# minutes. A 30 s expiry bounds that wait.
+# Ray Train's controller looks at its workers every 2 s by default, and every ray.train.report
+# (checkpoints, evaluations) waits for that look: 2 s a report, and ~5 s from the last step to
+# the end of fit() (measured with a no-op TorchTrainer). Every 0.5 s costs the controller a few
+# RPCs more and the run 0.5 s a report.
+# Ray reads both when a process starts, so they must be in the environment of every Ray process
+# (the image and `ray start` set them too).
+RAY_PROCESS_ENV = {"RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S": "30", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Ray's workers print Ray Train's and Ray Data's internals and library chatter; the console shows
 # our stages and progress instead, and the worker output stays in the session's log files.
@@ -82,7 +87,7 @@ def start_local_ray(num_cpus: int | None, **init_kwargs) -> None:
     down (a Tune trial that ASHA stops) from a watcher actor that asks the dashboard's state
     API whether the controller still lives. In a Ray started by ``ray.init`` that watcher finds
     neither the dashboard nor the cluster, so the placement group, with its CPUs, leaks until
-    the driver exits and the next trial's Ray Data waits at 0 rows forever. Hence: a dashboard,
+    the driver exits and the next trial's read tasks wait for a CPU forever. Hence: a dashboard,
     on a port chosen here, whose address every Ray process inherits (RAY_API_SERVER_ADDRESS).
     """
     port = free_port()

@@ -31,17 +31,19 @@ import pyarrow.parquet as pq
 import torch
 
 from uta_core.cache.codecs import TokenCodec, fit_basis, token_cosine
+from uta_core.cache.commit import CacheResult, ShardCommitter
 from uta_core.cache.format import (
     VIEW_SCHEMA,
     CacheSettings,
     byte_rows,
     cache_schema,
+    load_codec,
     shard_dir,
     store_view,
     tmp_path,
     tokens_array,
 )
-from uta_core.cache.plan import CachePlan, CacheSpec, build_cache_teacher
+from uta_core.cache.plan import CachePlan, CacheSpec, build_cache_teacher, plan_cache, prepare_output
 from uta_core.data.prefetch import pin
 from uta_core.data.samples import SampleStats, decoded_samples
 from uta_core.data.shards import InputConfig, InputShard
@@ -238,3 +240,23 @@ class PartWriter:
                         "sha256": sink.sha256, "total": int(pc.max(part.column(TOTAL_COLUMN)).as_py()),
                         "seq_ranges": json.dumps(seq_ranges(np.unique(seq)))})
         return pa.Table.from_pylist(out, schema=PART_SCHEMA)
+
+
+def write_in_process(cfg: CacheSpec, images_per_block: int = 64) -> CacheResult:
+    """A whole cache written by this module's pieces, serially in this process (no Ray): views ->
+    teacher tokens -> part files -> commits, as the caching job's Ray Data pipeline runs them.
+    For small caches, tests and benchmarks; the job (``pipelines/cache_teacher.py``) scales."""
+    plan = plan_cache(cfg)
+    prepare_output(plan)
+    codec = load_codec(plan.fs, plan.root, plan.manifest)
+    encoder = TokenEncoder(cfg, codec, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
+    out = cfg.output
+    writer = PartWriter(root_uri=out.path, s3=cfg.s3, settings=plan.manifest.settings,
+                        bytes_per_view=codec.bytes_per_view, compression=out.compression,
+                        token_compression=out.token_compression, row_group_mb=out.row_group_mb)
+    task = ViewTask.from_plan(plan, images_per_block=images_per_block)
+    committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
+    for name, shard in plan.pending.items():
+        for table in shard_view_tables(task, name, shard):
+            committer.add(writer(encoder(table)))
+    return committer.finish()

@@ -1,6 +1,6 @@
 """Host-side work for the next micro-batches on a background thread, while the device trains.
 
-The training loop hands each micro-batch (numpy rows from Ray Data) to ``prefetched`` with the
+The training loop hands each micro-batch (numpy rows of its epoch stream) to ``prefetched`` with the
 task's ``prepare`` (tensors, pinned memory on a GPU worker, the micro-batch's masks), so that
 work runs ``depth`` micro-batches ahead instead of between two steps. Torch and numpy release
 the GIL in their kernels, so the thread overlaps the loop's own Python (kernel launches).

@@ -64,24 +64,34 @@ class EpochStream:
         return epoch_steps(self.sources.rows, self.seed, epoch, self.shuffle_sources, self.world, self.rows_per_step)
 
     def batches(self, epoch: int, cursor: Cursor) -> Iterator[tuple[Block, Cursor]]:
-        """(numpy micro-batch, cursor after it); the rank's list starts over if it runs short."""
+        """(numpy micro-batch, cursor after it); the rank's list starts over if it runs short. The
+        reading starts now (with a read function that submits its work when called), not at the
+        first batch: a loop asks for the next epoch while it trains the last steps of this one."""
         order = rank_sources(len(self.sources.items), self.seed, epoch, self.shuffle_sources, self.rank, self.world)
         reader = self.reader_for_epoch(epoch)
-        passes, first, start = cursor.passes, cursor.source, cursor.row
+        first_pass = self.read(reader, self._tasks(order, cursor.source, cursor.row))
+        return self._batches(epoch, order, reader, cursor, first_pass)
+
+    def _tasks(self, order: list[int], first: int, start: int) -> list:
+        return [(self.sources.items[order[p]], start if p == first else 0, p) for p in range(first, len(order))]
+
+    def _batches(self, epoch: int, order: list[int], reader: SourceReader, cursor: Cursor,
+                 blocks: Iterator[Block]) -> Iterator[tuple[Block, Cursor]]:
+        passes, first = cursor.passes, cursor.source
         while True:
-            tasks = [(self.sources.items[order[p]], start if p == first else 0, p) for p in range(first, len(order))]
             window = (self.shuffle_buffer, rng("shuffle", self.seed, self.rank, epoch, passes))
             produced = False
-            for batch in micro_batches(self.read(reader, tasks), self.micro_batch, *window):
+            for batch in micro_batches(blocks, self.micro_batch, *window):
                 produced = True
                 yield batch, Cursor(passes=passes, source=int(batch["source_pos"][-1]),
                                     row=int(batch["row_pos"][-1]) + 1)
             if not produced and first == 0:
                 raise RuntimeError(f"rank {self.rank}: its sources of epoch {epoch} hold no full micro-batch of "
                                    f"{self.micro_batch} usable rows; check the data or lower train.micro_batch")
-            passes, first, start = passes + 1, 0, 0
+            passes, first = passes + 1, 0
             log.warning("rank %d: its sources of epoch %d gave fewer rows than counted; reading them again "
                         "(pass %d) to finish the epoch's steps", self.rank, epoch, passes)
+            blocks = self.read(reader, self._tasks(order, 0, 0))
 
 
 def micro_batches(blocks: Iterable[Block], size: int, shuffle_buffer: int = 0,

@@ -1,4 +1,4 @@
-"""The contrastive task the Ray Train loop runs: CLIP loss on image-caption batches.
+"""The contrastive task the training loop runs: CLIP loss on image-caption batches.
 
 ``model.init=scratch`` trains a small open_clip CLIP (the demo's teacher), exported as
 ``<name>.json`` + ``<name>.pt`` for ``Teacher.from_open_clip``; ``model.init=uta_student`` is

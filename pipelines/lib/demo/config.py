@@ -43,7 +43,7 @@ class Expectation:
 @dataclass(kw_only=True)
 class DemoConfig:
     out: str = "outputs/demo"
-    ray_cpus: int = 3  # logical CPUs of the local Ray: training workers + one for Ray Data
+    ray_cpus: int = 3  # logical CPUs of the local Ray: training workers + one for reading the data
     experiment: str = "uta-demo"
     tracking_uri: str | None = None  # None: sqlite:///<out>/mlflow.db
     control_seed: int = 1234
@@ -55,7 +55,7 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.ray_cpus < 2:
-            raise ValueError(f"ray_cpus={self.ray_cpus} must be >= 2: a training worker and a Ray Data task")
+            raise ValueError(f"ray_cpus={self.ray_cpus} must be >= 2: a training worker and a read task")
 
 
 def load_demo_config(path: Path, fast: bool, overrides: list[str]) -> DemoConfig:

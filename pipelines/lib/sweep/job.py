@@ -31,7 +31,7 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> Path:
     base_cfg = resolve_paths(from_dict(PretrainConfig, base))
     check_output("--storage-path", args.storage_path)
     storage = args.storage_path if is_s3(args.storage_path) else str(Path(args.storage_path).resolve())
-    # A new local Ray gets room for two trials at once, each with its workers and its Ray Data CPUs.
+    # A new local Ray gets room for two trials at once, each with its workers and its read tasks' CPUs.
     started = init_ray(base_cfg.cluster.address, 2 * local_num_cpus(base_cfg.cluster))
     try:
         experiment = EXPERIMENT  # the trials' runs are nested under the sweep's run, in its experiment

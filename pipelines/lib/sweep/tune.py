@@ -131,8 +131,8 @@ def check_trials_fit(space: SearchSpace, base: dict[str, Any]) -> None:
 
 def concurrent_trials(cfg: PretrainConfig, space: SearchSpace, requested: int | None = None) -> int:
     """Trials at once: ``requested`` (the CLI), else the space's ``max_concurrent_trials``, else what
-    the cluster holds now, each trial with its workers *and* its own Ray Data budget
-    (``cluster.data_cpus``: a trial whose data pipeline gets no CPU hangs at 0 rows).
+    the cluster holds now, each trial with its workers *and* its own CPUs for its read tasks
+    (``cluster.data_cpus``: a trial whose reads get no CPU waits for one forever).
 
     A GPU sweep on a cluster with fewer GPUs than one trial needs is on GPU nodes that scale
     from zero: sized from what is there it would run one trial at a time forever. It runs

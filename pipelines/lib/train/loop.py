@@ -48,6 +48,7 @@ def train_worker(job: TrainJob, plan: RunPlan, runtime: Runtime, fault: Fault | 
     """Train this rank to ``plan.total_steps`` and finish the run; rank 0 returns its history and
     final metrics."""
     loop = TrainLoop(job, plan, runtime, fault)
+    loop.start_reading()  # the first sources decode (in new processes, on a cluster) while MLflow opens
     loop.outputs.open(loop.pos)
     loop.pos.mlflow_run_id = loop.outputs.run_id
     try:
@@ -93,6 +94,12 @@ class TrainLoop:
         self._last: dict[str, torch.Tensor] = {}
         self._cursor: Cursor | None = None
         self._ids_from, self._seen_ids = 0, []
+        self._next_epoch: Iterator[tuple[dict, Cursor]] | None = None  # its reads already under way
+
+    def start_reading(self) -> None:
+        """Send off the reads of the epoch the run continues with."""
+        if self.pos.step < self.plan.total_steps:
+            self._next_epoch = self.stream.batches(self.pos.epoch, self._start_cursor())
 
     # ----------------------------------------------------------------- resume
     def _restore(self) -> Position:
@@ -139,17 +146,12 @@ class TrainLoop:
         self.runtime.progress.step(pos.step, {})  # where the bar starts (a resumed run: at its checkpoint)
         while pos.step < plan.total_steps:
             epoch_steps = self.stream.steps(pos.epoch)
-            batches = self.stream.batches(pos.epoch, self._start_cursor())
+            batches = self._next_epoch or self.stream.batches(pos.epoch, self._start_cursor())
+            self._next_epoch = None
             prepared = self._prepared(batches, epoch_steps)
             self._ids_from, self._seen_ids = pos.step, []
             while pos.step < plan.total_steps and pos.micro_in_epoch // plan.accumulation < epoch_steps:
-                group = []
-                for batch, cursor in itertools.islice(prepared, plan.accumulation):
-                    group.append(batch)
-                    self._cursor = cursor
-                if self.cfg.run.record_samples:
-                    self._seen_ids += [int(i) for b in group for i in b["sample_id"]]
-                self._step(group)
+                self._step(self._next_group(prepared, epoch_steps))
                 self._after_step()
             prepared.close()
             batches.close()
@@ -158,6 +160,19 @@ class TrainLoop:
         if pos.step == start_step:  # a rerun of a finished run: evaluate and report once
             self.final = {"step": pos.step, **self._evaluate()}
             self.runtime.report(self.final, None, pos.step)
+
+    def _next_group(self, prepared: Iterator[tuple[dict, Cursor]], epoch_steps: int) -> list[dict]:
+        """The next step's micro-batches; at the epoch's last step, the next epoch's reads go out."""
+        pos, acc = self.pos, self.plan.accumulation
+        group = []
+        for batch, cursor in itertools.islice(prepared, acc):
+            group.append(batch)
+            self._cursor = cursor
+        if pos.micro_in_epoch // acc + 1 == epoch_steps and pos.step + 1 < self.plan.total_steps:
+            self._next_epoch = self.stream.batches(pos.epoch + 1, Cursor())  # read while this step trains
+        if self.cfg.run.record_samples:
+            self._seen_ids += [int(i) for b in group for i in b["sample_id"]]
+        return group
 
     def _prepared(self, batches: Iterator[tuple[dict, Cursor]], epoch_steps: int) -> Iterator[tuple]:
         """This epoch's remaining micro-batches, each put through ``task.prepare`` on a thread

@@ -14,6 +14,7 @@ both against the in-process reader).
 from __future__ import annotations
 
 import collections
+import itertools
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -89,18 +90,20 @@ def _read_source(reader: SourceReader, item: Any, start: int, source: int) -> It
 
 def ray_read(reader: SourceReader, tasks: list[ReadTask], *, tasks_ahead: int, num_cpus: float,
              blocks_ahead: int = 4) -> Iterator[dict]:
-    """The blocks of ``tasks`` in order, each source read by its own Ray task, ``tasks_ahead`` at once."""
+    """The blocks of ``tasks`` in order, each source read by its own Ray task, ``tasks_ahead`` at once.
+    The first tasks are submitted now, before the first block is asked for."""
     reader_ref = ray.put(reader)
     # "DEFAULT": never inside the placement group of the trainers (a Tune trial's captures child tasks).
     read = _read_source.options(num_cpus=num_cpus, scheduling_strategy="DEFAULT",
                                 _generator_backpressure_num_objects=blocks_ahead)
-    queue: collections.deque = collections.deque()
-    todo, current = iter(tasks), None
+    todo = iter(tasks)
+    queue = collections.deque(read.remote(reader_ref, *task) for task in itertools.islice(todo, tasks_ahead))
+    return _in_order(queue, todo, read, reader_ref)
+
+
+def _in_order(queue: collections.deque, todo: Iterator[ReadTask], read, reader_ref) -> Iterator[dict]:
+    current = None
     try:
-        for task in todo:
-            queue.append(read.remote(reader_ref, *task))
-            if len(queue) >= tasks_ahead:
-                break
         while queue:
             current = queue.popleft()
             for task in todo:  # keep the window full while this source is consumed
