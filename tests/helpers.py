@@ -133,8 +133,9 @@ def _train_rank(cfg, rank: int, world: int, init: str, fault) -> None:
     from pipelines.lib.train.trainer import resolve_paths
 
     job, plan = plan_pretrain(resolve_paths(cfg))
+    stage = job.stage(in_process=True)
     runtime = LocalRuntime(plan.run_uri, cfg.s3, cfg.run.keep_checkpoints, rank=rank, world=world, init_method=init,
-                           threads=1, timeout_s=120)
+                           threads=1, timeout_s=120, stage=stage.work if stage else None)
     try:
         train_worker(job, plan, runtime, fault)
     finally:
@@ -155,7 +156,7 @@ def pretrain_config(ws, name: str, mode: str, *extra: str, storage: str | None =
         "cluster.cpus_per_worker=1", f"eval.input.paths={ws.heldout}", f"eval.classifier_path={ws.classifier}",
         "eval.max_images=40", f"eval.retrieval_input.paths={ws.heldout}", f"tracking.tracking_uri={ws.mlflow}",
     ]
-    if mode == "online":
+    if mode in ("online", "stream"):
         base += [f"data.input.paths={ws.train}", f"teacher.arch={ws.arch}", f"teacher.pretrained={ws.weights}",
                  "teacher.precision=fp32"]
     else:

@@ -62,7 +62,8 @@ def announce_logs() -> None:
         log.info("Ray worker logs: %s (%s=console prints them here)", logs, WORKER_LOGS_ENV)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             resources: dict[str, float] | None = None) -> bool:
     """Connect to ``address`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it), else start a
     local Ray (``start_local_ray``). Returns True when this call started Ray (so the caller
     shuts it down); an already initialised Ray (tests, notebooks) is reused as it is.
@@ -76,7 +77,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         quiet_ray_console()
         announce_logs()
         return True
-    start_local_ray(num_cpus)
+    start_local_ray(num_cpus, resources=resources)
     return True
 
 

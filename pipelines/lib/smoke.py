@@ -55,6 +55,7 @@ def pretrain_overrides(workdir: Path) -> list[str]:
         "student.variant=nano", "student.img_size=32", "student.patch_size=4",
         f"student.out_dim={tiny_clip_config()['embed_dim']}", *tiny_teacher(workdir),
         "train.micro_batch=16", "train.max_steps=6", "train.warmup_steps=2", "optim.lr=1e-3",
+        "stream.token_rank=16", "stream.basis_views=128",  # data.teacher_mode=stream: the tiny teacher is 32-d
         "run.name=smoke", f"run.storage_path={workdir / 'runs'}", "run.log_every=2", "run.checkpoint_every=3",
         f"eval.input.paths={workdir / 'digits' / 'heldout'}", *prompt_overrides("eval."), "eval.max_images=200",
         "cluster.num_workers=2", "cluster.cpus_per_worker=0.5", "cluster.data_cpus=1", _tracking(workdir),

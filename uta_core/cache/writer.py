@@ -20,7 +20,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from uta_core.cache.codecs import TokenCodec, fit_basis, token_cosine
+from uta_core.cache.codecs import BASIS_FILE, TokenCodec, basis_sha256, fit_basis, token_cosine
 from uta_core.cache.commit import CacheResult, ShardCommitter
 from uta_core.cache.format import (
     VIEW_SCHEMA,
@@ -38,6 +38,7 @@ from uta_core.cache.format import (
     byte_rows,
     cache_schema,
     load_codec,
+    save_manifest,
     shard_dir,
     store_view,
     tmp_path,
@@ -242,13 +243,31 @@ class PartWriter:
         return pa.Table.from_pylist(out, schema=PART_SCHEMA)
 
 
+def cache_codec(plan: CachePlan, fit: Callable[[CacheSpec, list[InputShard]], tuple[bytes, dict]]) -> TokenCodec:
+    """The cache's codec; for lowrank_int8 without a basis yet, ``fit(cfg, shards)`` fits it once
+    (``fit_cache_basis``, where the teacher may run) and it is stored with the manifest."""
+    cfg, manifest = plan.cfg, plan.manifest
+    if manifest.settings.token_codec == "lowrank_int8" and manifest.token_basis is None:
+        log.info("fitting the rank-%d token basis on %d views of the first input shards", cfg.output.token_rank,
+                 cfg.output.basis_views)
+        data, fit_stats = fit(cfg, list(plan.pending.values()))
+        write_bytes_atomic(plan.fs, join(plan.root, BASIS_FILE), data)
+        manifest.token_basis = {"file": BASIS_FILE, "sha256": basis_sha256(data), "rank": cfg.output.token_rank,
+                                **fit_stats}
+        save_manifest(plan.fs, plan.root, manifest)
+        log.info("token basis: rank %d, patch-token cosine %.4f (mean) / %.4f (min) on %d views",
+                 cfg.output.token_rank, fit_stats["patch_cosine_mean"], fit_stats["patch_cosine_min"],
+                 fit_stats["views"])
+    return load_codec(plan.fs, plan.root, manifest)
+
+
 def write_in_process(cfg: CacheSpec, images_per_block: int = 64) -> CacheResult:
     """A whole cache written by this module's pieces, serially in this process (no Ray): views ->
     teacher tokens -> part files -> commits, as the caching job's Ray Data pipeline runs them.
     For small caches, tests and benchmarks; the job (``pipelines/cache_teacher.py``) scales."""
     plan = plan_cache(cfg)
     prepare_output(plan)
-    codec = load_codec(plan.fs, plan.root, plan.manifest)
+    codec = cache_codec(plan, lambda *args: fit_cache_basis(*args, device="cpu"))
     encoder = TokenEncoder(cfg, codec, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
     out = cfg.output
     writer = PartWriter(root_uri=out.path, s3=cfg.s3, settings=plan.manifest.settings,

@@ -24,16 +24,17 @@ from uta_core.data.storage import S3Options, filesystem_for, join
 from uta_core.data.views import to_model_input
 from uta_core.models.student import StudentConfig
 from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
-from uta_core.targets.source import TargetPlan
+from uta_core.targets.source import SetUpNothing, TargetPlan
 
 log = logging.getLogger("uta.targets")
 CacheViews = Literal["cycle", "all"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class CachedTargets:
+class CachedTargets(SetUpNothing):
     mode: ClassVar[str] = "cache"
     teacher_in_worker: ClassVar[bool] = False
+    teacher_apart: ClassVar[bool] = False  # no teacher runs at all
 
     uri: str  # the cache root
     manifest: Manifest  # read once, on the driver

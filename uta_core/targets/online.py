@@ -21,13 +21,14 @@ from uta_core.data.views import ViewConfig, to_model_input
 from uta_core.models.student import StudentConfig
 from uta_core.models.teacher import Teacher, TeacherConfig, build_teacher
 from uta_core.models.teacher_weights import check_student_fits_teacher, check_weights_chosen
-from uta_core.targets.source import TargetPlan, check_teacher_fits
+from uta_core.targets.source import SetUpNothing, TargetPlan, check_teacher_fits
 
 
 @dataclass(frozen=True, kw_only=True)
-class OnlineTargets:
+class OnlineTargets(SetUpNothing):
     mode: ClassVar[str] = "online"
     teacher_in_worker: ClassVar[bool] = True
+    teacher_apart: ClassVar[bool] = False  # the teacher runs in the workers
 
     input: InputConfig  # the raw shards
     views: ViewConfig

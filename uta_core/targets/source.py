@@ -1,9 +1,12 @@
 """The seam between pre-training and its teacher: a ``TargetSource`` per teacher mode.
 
-A source lives in two places. On the driver it checks the student against the teacher's
+A source lives in up to four places. On the driver it checks the student against the teacher's
 geometry and plans what the run reads (``TargetPlan``: the sources with their row counts,
-and the teacher's provenance), from metadata only. In a read task it is the ``reader`` of
-one source of a rank's epoch (rows as ``uta_core.data.rows`` lists them). In a training
+and the teacher's provenance), from metadata only, then ``start``s the run (the streamed
+teacher fits its codec once; the others have nothing to do). In a read task it is the
+``reader`` of one source of a rank's epoch (rows as ``uta_core.data.rows`` lists them). A
+source may have a ``stage``: work on each block between the reads and the steps that runs
+apart from the trainers (the streamed teacher's tokens, on its own actors). In a training
 worker it opens ``Targets``: a batch of rows -> (normalised images, the teacher's tokens).
 The training task and the loop never ask which mode they run.
 
@@ -12,9 +15,9 @@ Shape legend: B batch, T = 1+N tokens (CLS first), D teacher embed dim.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 import torch
 
@@ -49,6 +52,7 @@ class Targets(Protocol):
 class TargetSource(Protocol):
     mode: ClassVar[str]  # data.teacher_mode
     teacher_in_worker: ClassVar[bool]  # workers hold a teacher (can build classifiers without a file)
+    teacher_apart: ClassVar[bool]  # a teacher runs on actors of its own: its ``stage`` (pool resources)
 
     def check(self, student: StudentConfig) -> None:
         """Refuse a student that does not fit the teacher's tokens (metadata only; a ValueError naming the key)."""
@@ -56,11 +60,38 @@ class TargetSource(Protocol):
     def plan(self) -> TargetPlan:
         """The run's sources and the teacher's provenance (metadata only)."""
 
+    def start(self, student: StudentConfig, run_uri: str, items: list[Any], call: Callable[..., Any],
+              device: str) -> TargetSource:
+        """The source a run trains with, set up once before the workers start; ``call(fn, *args)`` runs
+        ``fn`` where a teacher may run (``device``), ``items`` are the run's sources in plan order."""
+
+    def provenance(self) -> dict[str, Any]:
+        """What the started source adds to the teacher's provenance (e.g. its codec)."""
+
     def reader(self, epoch: int) -> SourceReader:
         """Reads one source of a rank's ``epoch`` (picklable: it runs in read tasks)."""
 
+    def stage(self, student: StudentConfig, device: str, threads: int | None) -> Any | None:
+        """Work on each block that runs apart from the trainers (``open()`` -> block -> extra columns); None:
+        none (the rows already hold what ``open`` needs)."""
+
     def open(self, student: StudentConfig, device: torch.device) -> Targets:
         """The worker's targets (builds the teacher or loads the codec)."""
+
+
+class SetUpNothing:
+    """A source with nothing to set up at the run's start and no stage (online: the teacher is in the
+    worker; cache: the tokens are in the rows)."""
+
+    def start(self, student: StudentConfig, run_uri: str, items: list[Any], call: Callable[..., Any],
+              device: str) -> Self:
+        return self
+
+    def provenance(self) -> dict[str, Any]:
+        return {}
+
+    def stage(self, student: StudentConfig, device: str, threads: int | None) -> None:
+        return None
 
 
 def check_teacher_fits(teacher: Teacher, student: StudentConfig) -> None:

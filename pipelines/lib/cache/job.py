@@ -34,13 +34,11 @@ from pipelines.lib.ray_setup import (
     release_resource_request,
 )
 from uta_core import tracking
-from uta_core.cache.codecs import BASIS_FILE, TokenCodec, basis_sha256
+from uta_core.cache.codecs import TokenCodec
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
-from uta_core.cache.format import load_codec, save_manifest
 from uta_core.cache.plan import CachePlan, plan_cache, prepare_output
-from uta_core.cache.writer import PartWriter, TokenEncoder, ViewTask, fit_cache_basis, shard_view_tables
+from uta_core.cache.writer import PartWriter, TokenEncoder, ViewTask, cache_codec, fit_cache_basis, shard_view_tables
 from uta_core.data.shards import InputShard
-from uta_core.data.storage import join, write_bytes_atomic
 
 log = logging.getLogger("uta.cache")
 
@@ -149,21 +147,8 @@ def build_dataset(plan: CachePlan, codec: TokenCodec, device: str, num_actors: i
 
 def prepare_codec(plan: CachePlan, device: str, actor_cpus: float, threads: int) -> TokenCodec:
     """The cache's codec; lowrank_int8 fits its basis once, on a teacher worker (resumes reuse it)."""
-    cfg, manifest = plan.cfg, plan.manifest
-    if manifest.settings.token_codec == "lowrank_int8" and manifest.token_basis is None:
-        shards = list(plan.pending.values())
-        log.info("fitting the rank-%d token basis on %d views of the first input shards", cfg.output.token_rank,
-                 cfg.output.basis_views)
-        fit = ray.remote(fit_cache_basis).options(num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else 0)
-        data, fit_stats = ray.get(fit.remote(cfg, shards, device=device, num_threads=threads))
-        write_bytes_atomic(plan.fs, join(plan.root, BASIS_FILE), data)
-        manifest.token_basis = {"file": BASIS_FILE, "sha256": basis_sha256(data), "rank": cfg.output.token_rank,
-                                **fit_stats}
-        save_manifest(plan.fs, plan.root, manifest)
-        log.info("token basis: rank %d, patch-token cosine %.4f (mean) / %.4f (min) on %d views",
-                 cfg.output.token_rank, fit_stats["patch_cosine_mean"], fit_stats["patch_cosine_min"],
-                 fit_stats["views"])
-    return load_codec(plan.fs, plan.root, manifest)
+    fit = ray.remote(fit_cache_basis).options(num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else 0)
+    return cache_codec(plan, lambda *args: ray.get(fit.remote(*args, device=device, num_threads=threads)))
 
 
 def execute(plan: CachePlan) -> dict:

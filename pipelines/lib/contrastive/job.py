@@ -40,6 +40,9 @@ class ContrastiveJob:
     def build_task(self, plan: RunPlan, device: torch.device, rank: int) -> ContrastiveTask:
         return ContrastiveTask(self.cfg, device, rank)
 
+    def stage(self, in_process: bool) -> None:
+        return None  # reads, decodes and trains; nothing runs apart
+
     def run_tags(self) -> dict[str, str]:
         return {"uta.init": self.cfg.model.init}
 

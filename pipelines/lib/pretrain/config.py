@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pipelines.lib.train.config import ClusterConfig, RunConfig, TrainConfig
+from pipelines.lib.train.config import ClusterConfig, PoolConfig, RunConfig, TrainConfig
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
 from uta_core.data.views import ViewConfig
@@ -21,18 +21,20 @@ from uta_core.objectives.alignment import ObjectiveConfig
 from uta_core.objectives.masking import MaskConfig
 from uta_core.optim import OptimConfig
 from uta_core.targets.cached import CacheViews
+from uta_core.targets.streamed import StreamCodecConfig
 from uta_core.tracking import TrackingConfig
 
-TeacherMode = Literal["online", "cache"]  # each a target source (pipelines/lib/pretrain/targets.py)
+TeacherMode = Literal["online", "cache", "stream"]  # each a target source (pipelines/lib/pretrain/targets.py)
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "pretrain_local.yaml"
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     # Where the teacher's tokens come from: online = raw shards, the teacher in every worker
-    # (fresh views every epoch, as the paper); cache = a teacher cache (pipelines/cache_teacher.py)
+    # (fresh views every epoch, as the paper); cache = a teacher cache (pipelines/cache_teacher.py);
+    # stream = raw shards, fresh views every epoch, the teacher on its own actors (the stream section)
     teacher_mode: TeacherMode = "online"
-    input: InputConfig | None = None  # raw shards (online mode)
+    input: InputConfig | None = None  # raw shards (online and stream modes)
     cache: str | None = None  # cache root written by pipelines/cache_teacher.py (cache mode)
     views: ViewConfig = field(default_factory=ViewConfig)  # online mode; size = student img_size
     num_views: int = 1  # online mode: views per image per epoch, drawn afresh every epoch
@@ -54,6 +56,18 @@ class DataConfig:
             raise ValueError(f"num_samples={self.num_samples} must be >= 1 (or null: img2dataset's stats files)")
         if self.shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 turns it off)")
+
+
+@dataclass(kw_only=True)
+class StreamConfig(StreamCodecConfig):
+    """teacher_mode=stream: the teacher's actors (on a cluster: their own GPU node group) and the codec
+    its tokens travel in to the trainers."""
+
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def __post_init__(self) -> None:
+        if self.token_rank < 1 or self.basis_views < 1:
+            raise ValueError(f"token_rank={self.token_rank} and basis_views={self.basis_views} must be >= 1")
 
 
 @dataclass(kw_only=True)
@@ -93,6 +107,7 @@ class PretrainConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(precision="bf16"))
     teacher_random_seed: int | None = None  # int: allow a random-init teacher on purpose (tests, timing)
+    stream: StreamConfig = field(default_factory=StreamConfig)  # teacher_mode=stream only
     mask: MaskConfig = field(default_factory=MaskConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -15,7 +15,9 @@ from pipelines.lib.pretrain.targets import target_source
 from pipelines.lib.pretrain.task import AlignmentTask
 from pipelines.lib.ray_setup import init_ray
 from pipelines.lib.train.plan import RunPlan, make_plan
-from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, resolve_paths, run_uri
+from pipelines.lib.train.spec import Stage
+from pipelines.lib.train.stage_pool import call_on_pool_resources
+from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, local_resources, resolve_paths, run_uri
 from uta_core.data.stream import SourceReader
 from uta_core.targets.source import TargetSource
 
@@ -39,6 +41,12 @@ class PretrainJob:
     def build_task(self, plan: RunPlan, device: torch.device, rank: int) -> AlignmentTask:
         return AlignmentTask(self.cfg, self.source, self.teacher, device, rank)
 
+    def stage(self, in_process: bool) -> Stage | None:
+        pool = self.cfg.stream.pool
+        device, threads = ("cpu", None) if in_process else (pool.device, max(1, int(pool.cpus_per_actor)))
+        work = self.source.stage(self.cfg.student, device, threads)
+        return Stage(work, pool, "teacher pool") if work is not None else None
+
     def run_tags(self) -> dict[str, str]:
         return {"uta.teacher_mode": self.source.mode}
 
@@ -46,18 +54,27 @@ class PretrainJob:
         return {"targets": {"mode": self.source.mode, "teacher": self.teacher}}
 
 
-def plan_pretrain(cfg: PretrainConfig) -> tuple[PretrainJob, RunPlan]:
-    """The run's job and plan from metadata: the teacher source's checks, its sources and their counts."""
+def plan_pretrain(cfg: PretrainConfig, in_process: bool = True) -> tuple[PretrainJob, RunPlan]:
+    """The run's job and plan: the teacher source's checks, its sources and their counts (metadata),
+    then the source's start (the streamed teacher's setup: in this process, or on a Ray task with a
+    pool actor's resources)."""
     source = target_source(cfg)
     targets = source.plan()
     plan = make_plan(cfg.train, cfg.cluster, targets.sources, cfg.run.seed, cfg.data.shuffle_files, run_uri(cfg))
-    return PretrainJob(cfg, source, targets.teacher), plan
+    pool = cfg.stream.pool
+    call = _here if in_process else call_on_pool_resources(pool, "the teacher's setup")
+    source = source.start(cfg.student, plan.run_uri, targets.sources.items, call, "cpu" if in_process else pool.device)
+    return PretrainJob(cfg, source, {**targets.teacher, **source.provenance()}), plan
+
+
+def _here(fn, *args):
+    return fn(*args)
 
 
 def fit_pretrain(cfg: PretrainConfig, callbacks: Callable[[RunPlan], list] | None = None) -> dict:
     """On a connected Ray: plan and train; returns the run report. ``callbacks`` makes the run's
     Ray Train callbacks from its plan (a sweep trial's report to Tune)."""
-    job, plan = plan_pretrain(resolve_paths(cfg))
+    job, plan = plan_pretrain(resolve_paths(cfg), in_process=False)
     return fit(job, plan, callbacks(plan) if callbacks else None)
 
 
@@ -65,12 +82,12 @@ def run(cfg: PretrainConfig, in_process: bool = False) -> dict:
     """Fit on the configured cluster (a new local Ray when none is given), or in this process without
     Ray (one CPU worker); raises if training failed."""
     cfg = resolve_paths(cfg)  # refuses lost or unwritable outputs before Ray starts
-    job, plan = plan_pretrain(cfg)  # refuses misfits before Ray starts
     if in_process:
-        return fit_in_process(job, plan)
-    started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster))
+        return fit_in_process(*plan_pretrain(cfg))
+    pool = cfg.stream.pool if target_source(cfg).teacher_apart else None  # refuses misfits before Ray starts
+    started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster, pool), local_resources(pool))
     try:
-        return fit(job, plan)
+        return fit(*plan_pretrain(cfg, in_process=False))
     finally:
         if started:
             ray.shutdown()

@@ -12,6 +12,7 @@ from pipelines.lib.pretrain.config import PretrainConfig
 from uta_core.targets.cached import CachedTargets
 from uta_core.targets.online import OnlineTargets
 from uta_core.targets.source import TargetSource
+from uta_core.targets.streamed import StreamCodecConfig, StreamedTargets
 
 
 def online(cfg: PretrainConfig) -> OnlineTargets:
@@ -20,6 +21,14 @@ def online(cfg: PretrainConfig) -> OnlineTargets:
         raise ValueError("data.teacher_mode=online reads raw shards: set data.input.paths")
     return OnlineTargets(input=d.input, views=d.views, num_views=d.num_views, num_samples=d.num_samples,
                          teacher=cfg.teacher, teacher_random_seed=cfg.teacher_random_seed, s3=cfg.s3)
+
+
+def stream(cfg: PretrainConfig) -> StreamedTargets:
+    if cfg.data.input is None:
+        raise ValueError("data.teacher_mode=stream reads raw shards: set data.input.paths")
+    s = cfg.stream
+    return StreamedTargets(online=online(cfg), codec=StreamCodecConfig(codec=s.codec, token_rank=s.token_rank,
+                                                                        basis_views=s.basis_views))
 
 
 def cache(cfg: PretrainConfig) -> CachedTargets:
@@ -31,6 +40,7 @@ def cache(cfg: PretrainConfig) -> CachedTargets:
 TARGET_SOURCES: dict[str, Callable[[PretrainConfig], TargetSource]] = {
     "online": online,
     "cache": cache,
+    "stream": stream,
 }
 
 
@@ -43,7 +53,7 @@ def check_fits(source: TargetSource, cfg: PretrainConfig) -> TargetSource:
     """Refuse a student or an evaluation the source cannot serve."""
     source.check(cfg.student)
     ev = cfg.eval
-    if ev.enabled and ev.classifier_path is None and not source.teacher_in_worker:
+    if ev.enabled and ev.classifier_path is None and not (source.teacher_in_worker or source.teacher_apart):
         raise ValueError(f"eval in teacher_mode={source.mode} needs eval.classifier_path (no teacher runs in the "
-                         "workers): write one with `python pipelines/evaluate.py build-classifier`")
+                         "run): write one with `python pipelines/evaluate.py build-classifier`")
     return source

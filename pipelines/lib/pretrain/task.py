@@ -92,14 +92,16 @@ class AlignmentTask:
 
     def _load_eval(self):
         """Eval images, labels and text embeddings: read once, from the classifier file or the worker's teacher."""
-        ev, size, teacher = self.cfg.eval, self.cfg.student.img_size, self.targets.teacher
+        ev, size = self.cfg.eval, self.cfg.student.img_size
         classifier = load_classifier(ev.classifier_path, self.cfg.s3) if ev.classifier_path is not None else {}
+        # the worker's teacher, else (stream: it runs on actors) its text tower rebuilt here, once
+        teacher = self.targets.teacher or (self.targets.text_teacher() if "weights" not in classifier else None)
         pixels = labels = classifier_DC = retrieval = None
         if ev.input is not None:
             pixels, labels = load_eval_set(ev.input, self.cfg.s3, size, ev.max_images)
             if "weights" in classifier:
                 classifier_DC = classifier["weights"]
-            else:  # a teacher in the worker (the job refuses a source without one and no file)
+            else:  # the run's teacher (the job refuses a source without one and no file)
                 names, templates = prompts(ev.prompts, ev.classnames, ev.templates)
                 classifier_DC = teacher_classifier(teacher, names, templates)["weights"]
         if ev.retrieval_input is not None:

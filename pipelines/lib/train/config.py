@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -108,3 +108,29 @@ class TrainConfig:
         total = self.max_steps if self.max_steps is not None else max(1, round(self.epochs * steps_per_epoch))
         warmup = self.warmup_steps if self.warmup_steps is not None else round(self.warmup_epochs * steps_per_epoch)
         return total, min(warmup, total - 1)
+
+
+@dataclass(kw_only=True)
+class PoolConfig:
+    """Where and how wide a job's stage actors run (``stage_pool.py``; the streamed teacher's pool)."""
+
+    actors: int = 1  # actors for the whole run (each builds the stage once)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # 1 on a GPU node group: each actor its own GPU
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {teacher: 1}
+    blocks_in_flight: int = 4  # per rank: blocks sent to the pool and not yet trained on
+    start_timeout_s: float = 600.0  # then: the actors' resources never appeared; fail with the fix
+
+    def __post_init__(self) -> None:
+        if self.actors < 1 or self.blocks_in_flight < 1:
+            raise ValueError(f"actors={self.actors} and blocks_in_flight={self.blocks_in_flight} must be >= 1")
+        if not self.cpus_per_actor > 0 or self.gpus_per_actor < 0:
+            raise ValueError(f"cpus_per_actor={self.cpus_per_actor} must be positive, gpus_per_actor >= 0")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+    def wants(self) -> str:
+        parts = [f"{self.cpus_per_actor:g} CPU"] + ([f"{self.gpus_per_actor:g} GPU"] if self.gpus_per_actor else [])
+        return " + ".join(parts + [f"{v:g} {k}" for k, v in self.resources.items()])

@@ -269,6 +269,7 @@ class TrainLoop:
         if self.task.tokens_per_image is not None:
             metrics["tokens_per_s"] = images * self.task.tokens_per_image / seconds
         metrics.update({k: float(v) for k, v in self._last.items() if k != "loss"})
+        metrics.update({k: v / steps for k, v in self.runtime.read_metrics().items()})  # per step, e.g. stage waits
         metrics.update(step=self.pos.step, epoch=self.pos.epoch,
                        lr=lr_at(self.pos.step - 1, base_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                 warmup_steps=plan.warmup_steps, total_steps=plan.total_steps))

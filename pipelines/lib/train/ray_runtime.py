@@ -3,12 +3,13 @@
 ``train_loop_per_worker`` is what every ``TorchTrainer`` worker runs: it builds ``RayRuntime``
 from Ray Train's context and calls the one loop (``loop.train_worker``).
 
-A rank reads its sources with ``ray_read``: one streaming-generator task per source (the
+A rank reads its sources with ``block_refs``: one streaming-generator task per source (the
 reader's blocks flow to the rank as they are decoded, at most ``blocks_ahead`` unconsumed per
 task), ``tasks_ahead`` sources in flight, consumed in the rank's order. That is all a
 replayable per-rank stream needs; Ray Data's streaming executor would add its own thread to
 every training process and a coordinator per epoch (``benchmarks/pretrain_step.py`` measures
-both against the in-process reader).
+both against the in-process reader). A job with a stage (the streamed teacher) sends each block
+through the run's actor pool on the way (``stage_pool.py``).
 """
 
 from __future__ import annotations
@@ -30,24 +31,27 @@ from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.loop import train_worker
 from pipelines.lib.train.plan import RunPlan
 from pipelines.lib.train.spec import TrainJob
+from pipelines.lib.train.stage_pool import StagePool
 from uta_core.checkpoint import checkpoint_dir_name, load_state, save_state
 from uta_core.data.stream import ReadTask, SourceReader
 from uta_core.device import require_cuda
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
-    """Ray Train entry point: ``{"job": TrainJob, "plan": RunPlan, "fault": Fault | None, "progress": name}``."""
+    """Ray Train entry point: ``{"job": TrainJob, "plan": RunPlan, "fault": Fault | None, "progress": name,
+    "pool": StagePool | None}``."""
     job: TrainJob = config["job"]
-    runtime = RayRuntime(job, config["progress"])
+    runtime = RayRuntime(job, config["progress"], config.get("pool"))
     return train_worker(job, config["plan"], runtime, config.get("fault"))
 
 
-def loop_config(job: TrainJob, plan: RunPlan, fault: Fault | None, progress: str | None) -> dict[str, Any]:
-    return {"job": job, "plan": plan, "fault": fault, "progress": progress}
+def loop_config(job: TrainJob, plan: RunPlan, fault: Fault | None, progress: str | None,
+                pool: StagePool | None = None) -> dict[str, Any]:
+    return {"job": job, "plan": plan, "fault": fault, "progress": progress, "pool": pool}
 
 
 class RayRuntime:
-    def __init__(self, job: TrainJob, progress: str | None) -> None:
+    def __init__(self, job: TrainJob, progress: str | None, pool: StagePool | None = None) -> None:
         cluster = job.cfg.cluster
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
@@ -57,12 +61,23 @@ class RayRuntime:
         torch.set_num_threads(max(1, int(cluster.cpus_per_worker)))
         self.tasks_ahead, self.read_cpus = cluster.read_tasks, cluster.read_cpus
         self.progress = WorkerProgress(progress, active=self.rank == 0)
+        self.pool, self.pool_waits = pool, []
+
+    def read_metrics(self) -> dict[str, float]:
+        """Since the last call: seconds this rank waited on the stage pool (the trainer's wait on its teacher)."""
+        if self.pool is None:
+            return {}
+        waits, self.pool_waits[:] = sum(self.pool_waits), []
+        return {"stage_wait_s": waits}
 
     def prepare_model(self, module: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(module)
 
     def read(self, reader: SourceReader, tasks: list[ReadTask]) -> Iterator[dict]:
-        return ray_read(reader, tasks, tasks_ahead=self.tasks_ahead, num_cpus=self.read_cpus)
+        refs = block_refs(reader, tasks, tasks_ahead=self.tasks_ahead, num_cpus=self.read_cpus)
+        if self.pool is None:
+            return (ray.get(ref) for ref in refs)
+        return self.pool.through(refs, self.rank, self.pool_waits)
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         """``ray.train.report`` on every rank (a barrier); rank 0 alone attaches the checkpoint."""
@@ -88,10 +103,10 @@ def _read_source(reader: SourceReader, item: Any, start: int, source: int) -> It
     yield from reader(item, start, source)
 
 
-def ray_read(reader: SourceReader, tasks: list[ReadTask], *, tasks_ahead: int, num_cpus: float,
-             blocks_ahead: int = 4) -> Iterator[dict]:
-    """The blocks of ``tasks`` in order, each source read by its own Ray task, ``tasks_ahead`` at once.
-    The first tasks are submitted now, before the first block is asked for."""
+def block_refs(reader: SourceReader, tasks: list[ReadTask], *, tasks_ahead: int, num_cpus: float,
+               blocks_ahead: int = 4) -> Iterator[ray.ObjectRef]:
+    """The blocks of ``tasks`` in order (object refs), each source read by its own Ray task,
+    ``tasks_ahead`` at once. The first tasks are submitted now, before the first block is asked for."""
     reader_ref = ray.put(reader)
     # "DEFAULT": never inside the placement group of the trainers (a Tune trial's captures child tasks).
     read = _read_source.options(num_cpus=num_cpus, scheduling_strategy="DEFAULT",
@@ -101,7 +116,7 @@ def ray_read(reader: SourceReader, tasks: list[ReadTask], *, tasks_ahead: int, n
     return _in_order(queue, todo, read, reader_ref)
 
 
-def _in_order(queue: collections.deque, todo: Iterator[ReadTask], read, reader_ref) -> Iterator[dict]:
+def _in_order(queue: collections.deque, todo: Iterator[ReadTask], read, reader_ref) -> Iterator[ray.ObjectRef]:
     current = None
     try:
         while queue:
@@ -109,8 +124,7 @@ def _in_order(queue: collections.deque, todo: Iterator[ReadTask], read, reader_r
             for task in todo:  # keep the window full while this source is consumed
                 queue.append(read.remote(reader_ref, *task))
                 break
-            for ref in current:
-                yield ray.get(ref)
+            yield from current
             current = None
     finally:
         for blocks in [current, *queue] if current is not None else queue:  # an epoch that ended early

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipelines.lib.train.spec import BlockWork
 from uta_core.checkpoint import checkpoint_dir_name, state_bytes, stored_checkpoint_steps
 from uta_core.data.storage import S3Options, filesystem_for, join, remove_dir, write_bytes_atomic
 from uta_core.data.stream import ReadTask, SourceReader, serial_read
@@ -42,7 +44,10 @@ class Runtime(Protocol):
         """The module on this rank's device, wrapped for gradient all-reduce when there are several ranks."""
 
     def read(self, reader: SourceReader, tasks: list[ReadTask]) -> Iterator[dict]:
-        """The blocks of ``tasks`` (this rank's sources), in order."""
+        """The blocks of ``tasks`` (this rank's sources), in order, through the job's stage if it has one."""
+
+    def read_metrics(self) -> dict[str, float]:
+        """Since the last call: what reading cost the trainer (``stage_wait_s``: seconds waited on the stage)."""
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         """Every rank at the same steps: metrics, and rank 0's checkpoint state (None on other ranks and
@@ -63,8 +68,10 @@ class LocalRuntime:
     Train names them, and the newest ``keep`` are kept."""
 
     def __init__(self, run_uri: str, s3: S3Options, keep: int, *, rank: int = 0, world: int = 1,
-                 init_method: str | None = None, threads: int | None = None, timeout_s: float = 600) -> None:
+                 init_method: str | None = None, threads: int | None = None, timeout_s: float = 600,
+                 stage: BlockWork | None = None) -> None:
         self.rank, self.world, self.device = rank, world, torch.device("cpu")
+        self.stage, self._stage_fn, self._stage_s = stage, None, 0.0  # the stage runs inline, built on first use
         self.run_uri, self.s3, self.keep = run_uri, s3, keep
         self.progress: Progress = NoProgress()
         if threads is not None:
@@ -78,7 +85,23 @@ class LocalRuntime:
         return nn.parallel.DistributedDataParallel(module) if self.world > 1 else module
 
     def read(self, reader: SourceReader, tasks: list[ReadTask]) -> Iterator[dict]:
-        return serial_read(reader, tasks)
+        blocks = serial_read(reader, tasks)
+        return blocks if self.stage is None else self._through_stage(blocks)
+
+    def _through_stage(self, blocks: Iterator[dict]) -> Iterator[dict]:
+        if self._stage_fn is None:
+            self._stage_fn = self.stage.open()
+        for block in blocks:
+            start = time.perf_counter()
+            out = self._stage_fn(block)
+            self._stage_s += time.perf_counter() - start
+            yield {**block, **out}
+
+    def read_metrics(self) -> dict[str, float]:
+        if self.stage is None:
+            return {}
+        spent, self._stage_s = self._stage_s, 0.0
+        return {"stage_wait_s": spent}
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         if state is not None:

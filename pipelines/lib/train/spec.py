@@ -14,6 +14,7 @@ one), and a ``pipelines/<name>.py`` that calls ``fit``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.lib.train.config import ClusterConfig, RunConfig, TrainConfig
+from pipelines.lib.train.config import ClusterConfig, PoolConfig, RunConfig, TrainConfig
 from pipelines.lib.train.plan import RunPlan
 from uta_core.data.storage import S3Options
 from uta_core.data.stream import SourceReader
@@ -84,6 +85,23 @@ class Task(Protocol):
         """A short title for plots."""
 
 
+class BlockWork(Protocol):
+    """Picklable; ``open()`` builds the work in the process that runs it (e.g. loads a teacher) and
+    returns ``block (numpy columns) -> extra columns``; the same block always gives the same columns."""
+
+    def open(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Work on every block between a rank's reads and its steps that runs apart from the trainers:
+    a pool of actors on a cluster (``stage_pool.py``), inline in a run without Ray."""
+
+    work: BlockWork
+    pool: PoolConfig
+    name: str  # what the console calls the pool, e.g. "teacher pool"
+
+
 class TrainJob(Protocol):
     """A training job as the runner sees it; small and picklable (no model, no data)."""
 
@@ -97,6 +115,9 @@ class TrainJob(Protocol):
 
     def build_task(self, plan: RunPlan, device: torch.device, rank: int) -> Task:
         """This worker's task (model on the CPU; the loop places it)."""
+
+    def stage(self, in_process: bool) -> Stage | None:
+        """The job's stage, if it has one (built for the CPU ``in_process``, else for the pool's devices)."""
 
     def run_tags(self) -> dict[str, str]:
         """MLflow tags of a new run."""

@@ -23,14 +23,15 @@ from ray.train.torch import TorchTrainer
 from pipelines.lib.destinations import check_output, check_tracking
 from pipelines.lib.progress import DriverProgress
 from pipelines.lib.ray_setup import cluster_resources
-from pipelines.lib.train.config import ClusterConfig
+from pipelines.lib.train.config import ClusterConfig, PoolConfig
 from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.loop import train_worker
 from pipelines.lib.train.outputs import EXPORT_DIR
 from pipelines.lib.train.plan import RunPlan
 from pipelines.lib.train.ray_runtime import loop_config, train_loop_per_worker
 from pipelines.lib.train.runtime import LocalRuntime
-from pipelines.lib.train.spec import TrainJob
+from pipelines.lib.train.spec import Stage, TrainJob
+from pipelines.lib.train.stage_pool import StagePool, start_pool, stop_pool
 from uta_core import tracking
 from uta_core.checkpoint import checkpoint_dir_name, stored_checkpoint_steps
 from uta_core.config import to_dict
@@ -55,9 +56,16 @@ def run_uri(cfg: Any) -> str:
     return join(cfg.run.storage_path, cfg.run.name)
 
 
-def local_num_cpus(cluster: ClusterConfig) -> int:
-    """Logical CPUs for a new local Ray: the workers' plus ``cluster.data_cpus`` for the read tasks."""
-    return math.ceil(cluster.num_workers * cluster.cpus_per_worker + cluster.data_cpus)
+def local_num_cpus(cluster: ClusterConfig, pool: PoolConfig | None = None) -> int:
+    """Logical CPUs for a new local Ray: the workers' plus ``cluster.data_cpus`` for the read tasks,
+    plus a stage pool's actors'."""
+    stage = pool.actors * pool.cpus_per_actor if pool is not None else 0.0
+    return math.ceil(cluster.num_workers * cluster.cpus_per_worker + cluster.data_cpus + stage)
+
+
+def local_resources(pool: PoolConfig | None) -> dict[str, float] | None:
+    """The custom resources a new local Ray offers so that a stage pool that names some can start."""
+    return {k: v * pool.actors for k, v in pool.resources.items()} or None if pool is not None else None
 
 
 def save_resolved_config(job: TrainJob, plan: RunPlan) -> None:
@@ -74,9 +82,10 @@ def _announce(job: TrainJob, plan: RunPlan) -> None:
 
 
 def build_trainer(job: TrainJob, plan: RunPlan, callbacks: list | None = None,
-                  progress: str | None = None) -> TorchTrainer:
+                  progress: str | None = None, pool: StagePool | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; ``callbacks`` (Ray Train ``UserCallback``s) let a sweep listen in;
-    ``progress`` names the driver's progress board (``pipelines/lib/progress.py``)."""
+    ``progress`` names the driver's progress board (``pipelines/lib/progress.py``); ``pool``: the
+    actors of the job's stage, which every worker sends its blocks through."""
     cfg, cl = job.cfg, job.cfg.cluster
     resources = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if cl.use_gpu else {})}
     storage_path, storage_fs = cfg.run.storage_path, None
@@ -84,7 +93,7 @@ def build_trainer(job: TrainJob, plan: RunPlan, callbacks: list | None = None,
         storage_path, storage_fs = storage_path[len(S3_SCHEME):], s3_filesystem(cfg.s3)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config(job, plan, Fault.from_env(), progress),
+        train_loop_config=loop_config(job, plan, Fault.from_env(), progress, pool),
         scaling_config=ray.train.ScalingConfig(num_workers=cl.num_workers, use_gpu=cl.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -106,11 +115,25 @@ def fit(job: TrainJob, plan: RunPlan, callbacks: list | None = None) -> dict:
     if cfg.cluster.use_gpu and gpus < cfg.cluster.num_workers:
         log.info("the cluster has %g GPUs now, the run needs %d: Ray Train's placement group asks the autoscaler "
                  "for them and the workers start once they join", gpus, cfg.cluster.num_workers)
+    stage = job.stage(in_process=False)
+    pool = start_pool(stage) if stage is not None else None  # for the whole run: every rank, every epoch
     progress = DriverProgress(f"{job.name} {cfg.run.name}", plan.total_steps) if callbacks is None else None
-    with progress or contextlib.nullcontext():
-        result = build_trainer(job, plan, callbacks, progress.name if progress else None).fit()
+    try:
+        with progress or contextlib.nullcontext():
+            result = build_trainer(job, plan, callbacks, progress.name if progress else None, pool).fit()
+    finally:
+        if pool is not None:
+            log_pool_stats(stage, pool)
+            stop_pool(pool)
     return run_report(job, plan, result.return_value or {},
                       result.checkpoint.path if result.checkpoint else None)
+
+
+def log_pool_stats(stage: Stage, pool: StagePool) -> None:
+    stats = pool.stats()
+    rows, busy = sum(s["rows"] for s in stats), sum(s["busy_s"] for s in stats)
+    log.info("%s: %d actor(s) processed %d rows in %.0f actor-seconds (%.1f rows/s per actor)", stage.name,
+             len(stats), rows, busy, rows / busy if busy else 0.0)
 
 
 def fit_in_process(job: TrainJob, plan: RunPlan, fault: Fault | None = None) -> dict:
@@ -119,8 +142,9 @@ def fit_in_process(job: TrainJob, plan: RunPlan, fault: Fault | None = None) -> 
     if cfg.cluster.num_workers != 1 or cfg.cluster.use_gpu:
         raise ValueError("a run in this process has one CPU worker: set cluster.num_workers=1, cluster.use_gpu=false")
     _announce(job, plan)
+    stage = job.stage(in_process=True)
     runtime = LocalRuntime(plan.run_uri, cfg.s3, cfg.run.keep_checkpoints,
-                           threads=max(1, int(cfg.cluster.cpus_per_worker)))
+                           threads=max(1, int(cfg.cluster.cpus_per_worker)), stage=stage.work if stage else None)
     rank0 = train_worker(job, plan, runtime, fault) or {}
     steps = stored_checkpoint_steps(plan.run_uri, cfg.s3)
     return run_report(job, plan, rank0, join(plan.run_uri, checkpoint_dir_name(steps[0])) if steps else None)
