@@ -93,7 +93,7 @@ def test_a_sigkilled_driver_resumes_on_resubmit_in_the_same_mlflow_run(tmp_path)
     work = tmp_path / "inputs"
     uri = f"sqlite:///{work / 'mlflow.db'}"
     args = [*pretrain_overrides(work), "run.name=faults", "train.max_steps=8", "run.checkpoint_every=2",
-            "run.log_every=1"]
+            "run.log_every=1", "cluster.num_workers=1"]  # one worker: the trial is about the driver
     log = tmp_path / "job.log"
     proc = start("pretrain.py", args, log)
     wait_for((work / "runs" / "faults" / "checkpoint_0000002" / "state.pt").is_file, proc, log, timeout=300,
