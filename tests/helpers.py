@@ -187,3 +187,10 @@ def checkpoint_state(storage: str, name: str, step: int, s3=None) -> dict:
     data = read_bytes(fs, path)
     assert data is not None, f"{storage}/{name} has no checkpoint of step {step}"
     return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def upload_tree(s3_client, bucket: str, prefix: str, folder: Path) -> None:
+    """Every file under ``folder`` to ``s3://bucket/prefix/<relative path>``."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            s3_client.put_object(Bucket=bucket, Key=f"{prefix}/{path.relative_to(folder)}", Body=path.read_bytes())

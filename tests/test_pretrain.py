@@ -24,6 +24,7 @@ from helpers import (
     pretrain_config,
     samples_seen,
     train_ranks,
+    upload_tree,
     write_cache_in_process,
 )
 
@@ -261,9 +262,7 @@ def test_two_ray_workers_on_s3_survive_a_sigkilled_worker_and_train_the_rows_of_
     which resumes from the newest checkpoint: each rank's rows are then exactly those of the same
     two-rank run, uninterrupted and without Ray (LocalRuntime, gloo)."""
     ws = pretrain_ws
-    for path in ws.cache.rglob("*"):
-        if path.is_file():
-            s3_client.put_object(Bucket=s3_bucket, Key=f"cache/{path.relative_to(ws.cache)}", Body=path.read_bytes())
+    upload_tree(s3_client, s3_bucket, "cache", ws.cache)
     storage, s3 = f"s3://{s3_bucket}/runs", S3Options(endpoint_url=s3_server)
     monkeypatch.setenv("UTA_FAULT_AT_STEP", "3")
     monkeypatch.setenv("UTA_FAULT", "sigkill")

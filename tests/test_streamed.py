@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import checkpoint_state, pretrain_config, samples_seen, train_ranks
+from helpers import checkpoint_state, pretrain_config, samples_seen, train_ranks, upload_tree
 
 from pipelines.lib.pretrain.job import plan_pretrain, run
 from pipelines.lib.train.config import PoolConfig
@@ -176,9 +176,7 @@ def test_two_ray_workers_and_a_teacher_pool_on_s3_survive_sigkills_and_train_the
     restarts the group from the newest checkpoint. Each rank's rows are then exactly those of the
     same two-rank run, uninterrupted and without Ray (LocalRuntime, gloo, the teacher inline)."""
     ws = pretrain_ws
-    for path in ws.train.rglob("*"):
-        if path.is_file():
-            s3_client.put_object(Bucket=s3_bucket, Key=f"train/{path.relative_to(ws.train)}", Body=path.read_bytes())
+    upload_tree(s3_client, s3_bucket, "train", ws.train)
     storage, s3 = f"s3://{s3_bucket}/runs", S3Options(endpoint_url=s3_server)
     monkeypatch.setenv("UTA_FAULT_AT_STEP", "3")
     monkeypatch.setenv("UTA_FAULT", "sigkill")

@@ -141,10 +141,15 @@ def fit_cache_basis(
     views = list(itertools.islice(_stored_views(cfg, shards), cfg.output.basis_views))
     if not views:
         raise ValueError(f"no decodable image in {[s.uri for s in shards[:3]]}...: cannot fit the token basis")
-    teacher = build_cache_teacher(cfg, device)
+    return fit_views_basis(build_cache_teacher(cfg, device), views, cfg.output.token_rank, device)
+
+
+def fit_views_basis(teacher, views: list[np.ndarray], rank: int, device: torch.device | str) -> tuple[bytes, dict]:
+    """The lowrank_int8 basis (safetensors bytes) of ``teacher``'s patch tokens on ``views`` (uint8 HW3),
+    and the cosine of restored vs original tokens on them (what a cache's manifest or a run states)."""
     tokens_BTD = torch.cat([teacher_tokens(teacher, np.stack(views[i:i + 64]), device).float().cpu()
                             for i in range(0, len(views), 64)])
-    basis = fit_basis(tokens_BTD, cfg.output.token_rank)
+    basis = fit_basis(tokens_BTD, rank)
     codec = TokenCodec(name="lowrank_int8", token_shape=tuple(tokens_BTD.shape[1:]), basis=basis)
     cosine = token_cosine(codec.decode(codec.encode(tokens_BTD)), tokens_BTD)
     return basis.to_bytes(), {"views": len(views), "patch_cosine_mean": round(cosine["patch_mean"], 5),

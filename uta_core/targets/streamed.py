@@ -28,8 +28,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from uta_core.cache.codecs import LowRankBasis, TokenCodec, basis_sha256, fit_basis, token_cosine
-from uta_core.cache.writer import teacher_tokens
+from uta_core.cache.codecs import LowRankBasis, TokenCodec, basis_sha256
+from uta_core.cache.writer import fit_views_basis, teacher_tokens
 from uta_core.data.storage import S3Options, filesystem_for, join, read_bytes, write_bytes_atomic
 from uta_core.data.stream import SourceReader
 from uta_core.models.student import StudentConfig
@@ -127,14 +127,8 @@ def stream_setup(online: OnlineTargets, student: StudentConfig, codec: StreamCod
     views = list(itertools.islice(first_views, codec.basis_views))
     if not views:
         raise ValueError(f"no decodable image in {online.input.paths}: cannot fit the token basis")
-    stage = TokenStage(teacher, setup.codec("float16"), torch.device(device))
-    tokens_BTD = torch.cat([stage.tokens(np.stack(views[i:i + 64])).float().cpu() for i in range(0, len(views), 64)])
-    basis = fit_basis(tokens_BTD, codec.token_rank)
-    restored = TokenCodec(name="lowrank_int8", token_shape=setup.token_shape, basis=basis)
-    cosine = token_cosine(restored.decode(restored.encode(tokens_BTD)), tokens_BTD)
-    return dataclasses.replace(setup, basis=basis.to_bytes(), basis_cosine={
-        "views": len(views), "patch_cosine_mean": round(cosine["patch_mean"], 5),
-        "patch_cosine_min": round(cosine["patch_min"], 5)})
+    basis, cosine = fit_views_basis(teacher, views, codec.token_rank, device)
+    return dataclasses.replace(setup, basis=basis, basis_cosine=cosine)
 
 
 def first_views(online: OnlineTargets, items: list[Any]) -> Iterator[np.ndarray]:

@@ -54,11 +54,12 @@ class PretrainJob:
         return {"targets": {"mode": self.source.mode, "teacher": self.teacher}}
 
 
-def plan_pretrain(cfg: PretrainConfig, in_process: bool = True) -> tuple[PretrainJob, RunPlan]:
-    """The run's job and plan: the teacher source's checks, its sources and their counts (metadata),
-    then the source's start (the streamed teacher's setup: in this process, or on a Ray task with a
-    pool actor's resources)."""
-    source = target_source(cfg)
+def plan_pretrain(cfg: PretrainConfig, in_process: bool = True,
+                  source: TargetSource | None = None) -> tuple[PretrainJob, RunPlan]:
+    """The run's job and plan: the teacher source's checks (``source``: already made and checked by
+    ``target_source``), its sources and their counts (metadata), then the source's start (the
+    streamed teacher's setup: in this process, or on a Ray task with a pool actor's resources)."""
+    source = source or target_source(cfg)
     targets = source.plan()
     plan = make_plan(cfg.train, cfg.cluster, targets.sources, cfg.run.seed, cfg.data.shuffle_files, run_uri(cfg))
     pool = cfg.stream.pool
@@ -84,10 +85,11 @@ def run(cfg: PretrainConfig, in_process: bool = False) -> dict:
     cfg = resolve_paths(cfg)  # refuses lost or unwritable outputs before Ray starts
     if in_process:
         return fit_in_process(*plan_pretrain(cfg))
-    pool = cfg.stream.pool if target_source(cfg).teacher_apart else None  # refuses misfits before Ray starts
+    source = target_source(cfg)  # refuses misfits before Ray starts
+    pool = cfg.stream.pool if source.teacher_apart else None
     started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster, pool), local_resources(pool))
     try:
-        return fit(*plan_pretrain(cfg, in_process=False))
+        return fit(*plan_pretrain(cfg, in_process=False, source=source))
     finally:
         if started:
             ray.shutdown()
