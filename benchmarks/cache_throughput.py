@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -47,10 +46,11 @@ from pipelines.lib.cache.job import execute
 from pipelines.lib.ray_setup import init_ray
 from uta_core.cache.format import load_codec, open_cache
 from uta_core.cache.plan import build_cache_teacher, plan_cache
-from uta_core.cache.reader import cache_file_rows
+from uta_core.cache.reader import CachePart, cache_file_rows
 from uta_core.config import load_config
 from uta_core.data.digits import webdataset_bytes
 from uta_core.data.shards import Sample
+from uta_core.data.storage import join
 from uta_core.data.views import to_model_input
 
 GEOMETRIES = {  # (image size, patch, joint dim): a narrow tower of that geometry
@@ -89,25 +89,31 @@ def cache_config(args, workdir: Path, codec: str, teacher: list[str], size: int)
     ])
 
 
-def loader_rate(fs, paths: list[str], codec) -> tuple[float, float]:
-    """(views/s of cache_file_rows on one core, views/s of the codec's restore on one CPU thread)."""
+def loader_rate(fs, root: str, manifest, codec) -> tuple[float, float, float]:
+    """(views/s of cache_file_rows on one core as training reads it, each part's size and sha256 checked
+    (``uta_core.cache.verify``); the same without the check; views/s of the codec's restore on one CPU
+    thread). The two reads alternate part by part, twice over, so that both see the same machine."""
     threads = (pa.cpu_count(), torch.get_num_threads())
     pa.set_cpu_count(1)  # Arrow decompresses on a thread pool: one core, as the rate is per core
     torch.set_num_threads(1)
-    read_s = restore_s = 0.0
-    views = 0
-    for path in paths:
-        start = time.perf_counter()
-        batches = list(cache_file_rows(fs, path, block=256))
-        read_s += time.perf_counter() - start
-        for batch in batches:
-            start = time.perf_counter()
-            codec.decode(batch["tokens"])
-            restore_s += time.perf_counter() - start
-            views += len(batch["tokens"])
+    parts = [CachePart(path=join(root, p.file), shard=name, file=p.file, bytes=p.bytes, sha256=p.sha256)
+             for name in sorted(manifest.shards) for p in manifest.shards[name].parts]
+    seconds = {True: 0.0, False: 0.0}
+    restore_s, views = 0.0, 0
+    for _ in range(2):
+        for part in parts:
+            for verified in (True, False):
+                start = time.perf_counter()
+                batches = list(cache_file_rows(fs, part.path, block=256, expect=part if verified else None))
+                seconds[verified] += time.perf_counter() - start
+            for batch in batches:
+                start = time.perf_counter()
+                codec.decode(batch["tokens"])
+                restore_s += time.perf_counter() - start
+                views += len(batch["tokens"])
     pa.set_cpu_count(threads[0])
     torch.set_num_threads(threads[1])
-    return views / read_s, views / restore_s
+    return views / seconds[True], views / seconds[False], views / restore_s
 
 
 def fidelity(cfg: CacheConfig, fs, root, manifest, codec) -> dict[str, float]:
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         fs, root, manifest, paths = open_cache(str(workdir / name))
         codec = load_codec(fs, root, manifest)
         views = s["views"]
-        read_rate, restore_rate = loader_rate(pafs.LocalFileSystem(), paths, codec)
+        read_rate, unverified_rate, restore_rate = loader_rate(fs, root, manifest, codec)
         T, D = manifest.settings.token_shape
         fid = None if args.no_fidelity else fidelity(cfg, fs, root, manifest, codec)
         header = (T, D, views)
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{(2 * T * D) / codec.bytes_per_view:.1f}x",
             "-" if fid is None else f"{fid['cls']:.5f}",
             "-" if fid is None else f"{fid['patch_mean']:.5f} / {fid['patch_min']:.4f}",
-            f"{read_rate:.0f}", f"{restore_rate:.0f}",
+            f"{read_rate:.0f}", f"{unverified_rate:.0f}", f"{100 * (unverified_rate / read_rate - 1):+.1f}%",
+            f"{restore_rate:.0f}",
         ])
     T, D, views = header
     load = os.getloadavg()
@@ -189,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{views} views in {args.shards} shards; local Ray with {args.num_cpus} CPUs; torch threads "
           f"{torch.get_num_threads()}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     cols = ["codec", "job views/s", "driver ms/view", "KB/view on disk", "token KB/view", "fp16 / codec",
-            "cos CLS", "cos patches mean / min", "loader views/s (1 thread)", "restore views/s (CPU)"]
+            "cos CLS", "cos patches mean / min", "loader views/s (1 thread, verified)", "unverified",
+            "verify cost", "restore views/s (CPU)"]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

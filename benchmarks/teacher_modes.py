@@ -44,11 +44,12 @@ from pipelines.lib.train.config import PoolConfig  # noqa: E402
 from pipelines.lib.train.loop import train_worker  # noqa: E402
 from pipelines.lib.train.runtime import LocalRuntime  # noqa: E402
 from pipelines.lib.train.spec import Stage  # noqa: E402
-from pipelines.lib.train.stage_pool import start_pool, stop_pool  # noqa: E402
+from pipelines.lib.train.stage_pool import PoolMeter, start_pool, stop_pool  # noqa: E402
 from pipelines.lib.train.trainer import resolve_paths  # noqa: E402
 from uta_core.cache.writer import write_in_process  # noqa: E402
 from uta_core.config import load_config  # noqa: E402
 from uta_core.data.digits import webdataset_bytes  # noqa: E402
+from uta_core.data.rows import BLOCK_ROWS  # noqa: E402
 from uta_core.data.stream import serial_read  # noqa: E402
 
 SIZE, PATCH, DIM = 224, 14, 768
@@ -69,14 +70,13 @@ class PoolRuntime(LocalRuntime):
 
     def __init__(self, pool, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.pool, self.waits = pool, []
+        self.pool, self.meter = pool, PoolMeter()
 
     def read(self, reader, tasks):
-        return self.pool.through((ray.put(block) for block in serial_read(reader, tasks)), 0, self.waits)
+        return self.pool.through((ray.put(block) for block in serial_read(reader, tasks)), 0, self.meter)
 
-    def read_metrics(self) -> dict[str, float]:
-        spent, self.waits[:] = sum(self.waits), []
-        return {"stage_wait_s": spent}
+    def read_metrics(self, steps: int, window_s: float) -> dict[str, float]:
+        return {"stage_wait_s": self.meter.read().wait_s / max(1, steps)}
 
 
 def workspace(root: Path, args) -> list[str]:
@@ -126,9 +126,9 @@ def run_mode(root: Path, mode: str, teacher: list[str], args) -> dict[str, float
     (s0, cpu0, wall0), (s1, cpu1, wall1) = clock.marks[0], clock.marks[-1]
     steps = s1 - s0
     waits = [h.get("stage_wait_s", 0.0) for h in history[1:]]
+    codec_bytes = job.source.open(job.cfg.student, "cpu").codec.bytes_per_view if mode != "online" else 0
     return {"cpu": (cpu1 - cpu0) / steps, "wall": (wall1 - wall0) / steps,
-            "wait": sum(waits) / len(waits) if waits else 0.0, "bytes": job.source.open(job.cfg.student, "cpu").codec
-            .bytes_per_view if mode != "online" else 0}
+            "wait": sum(waits) / len(waits) if waits else 0.0, "bytes": codec_bytes}
 
 
 def pool_rate(root: Path, teacher: list[str], args, actors: int) -> float:
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, r in rows.items():
         print(f"| {mode} | {r['cpu']:.3f} | {r['cpu'] / rows['cache']['cpu']:.2f}x | {r['wall']:.3f} | "
               f"{r['wait']:.3f} | {r['bytes'] or '-'} |")
+    block = BLOCK_ROWS * (SIZE * SIZE * 3 + rows["stream"]["bytes"])  # a block of views: pixels in, tokens back
+    print(f"object store bound of the stream run: blocks_in_flight 4 x {block / 2**20:.1f} MiB a block "
+          f"({BLOCK_ROWS} views of {SIZE}x{SIZE}x3 uint8 pixels + {rows['stream']['bytes']} token bytes)")
     print(f"\nteacher pool, views/s: 1 actor {rates[1]:.1f}, 2 actors {rates[2]:.1f} ({rates[2] / rates[1]:.2f}x)")
     return 0
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -106,10 +107,22 @@ def cache_config(cfg: DemoConfig, paths: Paths, arch: str, weights: str) -> Cach
     return stage_config(CacheConfig, "cache", wiring, cfg.cache)
 
 
-def student_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> PretrainConfig:
+def student_mode(cfg: DemoConfig) -> str:
+    """The student's teacher mode: cache (the default), or stream / online (no cache: fresh views)."""
+    return (cfg.student.get("data") or {}).get("teacher_mode", "cache")
+
+
+def student_config(cfg: DemoConfig, paths: Paths, worker_cpus: int, arch: str, weights: str) -> PretrainConfig:
+    if student_mode(cfg) == "cache":
+        data: dict[str, Any] = {"teacher_mode": "cache", "cache": str(paths.cache), "input": None}
+        teacher: dict[str, Any] = {}
+    else:  # the teacher's views as the cache stage draws them, fresh every epoch
+        views = {**(cfg.cache.get("views") or {}), "size": cfg.digits.size}
+        data = {"cache": None, "input": {"paths": [str(paths.digits / "train")]}, "views": views}
+        teacher = {"teacher": {"arch": arch, "pretrained": weights, "precision": "fp32"}}
     wiring = {
         "cluster": {"num_workers": 1, "cpus_per_worker": worker_cpus},
-        "data": {"teacher_mode": "cache", "cache": str(paths.cache), "input": None},
+        "data": data, **teacher,
         "student": {"img_size": cfg.digits.size},
         "run": {"name": paths.student_run, "storage_path": str(paths.work)},
         "eval": {"input": {"paths": [str(paths.digits / "heldout")]}, "classifier_path": str(paths.classifier),
@@ -185,12 +198,17 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     start = time.perf_counter()
     started = init_ray(None, cfg.ray_cpus)
     try:
-        # Training workers get every CPU but one, which the read tasks (and the cache job's Ray Data) keep.
+        # Training workers get every CPU but one, which the read tasks (and the cache job's Ray Data) keep,
+        # and but the streamed teacher's actors.
         worker_cpus = max(1, int(cluster_resources()[0]) - 1)
         tcfg = teacher_config(cfg, paths, worker_cpus)  # wiring errors surface before anything runs
-        scfg = student_config(cfg, paths, worker_cpus)
-        paths.student_run = scfg.run.name
         arch, weights = teacher_files(tcfg, paths)
+        scfg = student_config(cfg, paths, worker_cpus, arch, weights)
+        if scfg.data.teacher_mode == "stream":
+            pool = scfg.stream.pool
+            scfg = student_config(cfg, paths, max(1, worker_cpus - math.ceil(pool.actors * pool.cpus_per_actor)),
+                                  arch, weights)
+        paths.student_run = scfg.run.name
         work.mkdir(parents=True, exist_ok=False)
         timed("digits", "1/6 writing digits as WebDataset shards (train / held-out, with captions)", times,
               lambda: write_digits_splits(paths.digits, size=cfg.digits.size,
@@ -200,14 +218,20 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         teacher_report = timed("teacher", "2/6 training a small CLIP teacher on images + captions", times,
                                lambda: contrastive_job.run(tcfg))
 
+        mode = scfg.data.teacher_mode
+
         def cache_stage():
             write_classifier(cfg, paths, arch, weights)
+            if mode != "cache":
+                return
             report = cache_job.run(cache_config(cfg, paths, arch, weights))
             if report["incomplete"]:
                 raise RuntimeError(f"the cache left shards incomplete: {', '.join(report['incomplete'])}")
 
-        timed("cache", "3/6 caching the teacher's projected tokens of the train images", times, cache_stage)
-        student_result = timed("student", "4/6 pre-training the UTA student from the cache (no captions)", times,
+        timed("cache", "3/6 caching the teacher's projected tokens of the train images" if mode == "cache" else
+              f"3/6 the teacher's zero-shot classifier ({mode} mode: no cache)", times, cache_stage)
+        source = {"cache": "the cache", "stream": "the teacher's actor", "online": "the teacher in the worker"}[mode]
+        student_result = timed("student", f"4/6 pre-training the UTA student from {source} (no captions)", times,
                                lambda: pretrain_job.run(scfg))
         results = timed("eval", "5/6 zero-shot on the held-out split: teacher, UTA student, untrained control",
                         times, lambda: evaluate_all(cfg, paths, arch, weights, scfg))
@@ -228,7 +252,8 @@ def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, wei
                 mlflow_history(paths.tracking_uri, student_run_id, "loss"),
                 mlflow_history(paths.tracking_uri, student_run_id, "zeroshot_top1"), results)
     files = {"teacher": arch, "teacher weights": weights, "student export": str(paths.student_export),
-             "cache": str(paths.cache), "loss curves": str(curves), "results": str(paths.work / "results.json")}
+             "cache": str(paths.cache) if student_mode(cfg) == "cache" else "-", "loss curves": str(curves),
+             "results": str(paths.work / "results.json")}
     summary = {
         "zeroshot_top1": {k: results[k] for k in ("teacher", "student", "control")},
         "retrieval": results["retrieval"],

@@ -2,13 +2,14 @@
 
     python pipelines/export.py model=runs/uta-local output=exports/uta-local
     python pipelines/export.py model=s3://bucket/runs/uta-l14 output=exports/uta-l14 s3.endpoint_url=...
-    python pipelines/export.py model=UTA-B.pt teacher.arch=EVA02-B-16 output=exports/uta-b
+    python pipelines/export.py model=UTA-L.pt output=exports/uta-l   # a released UTA: its own text tower
+    python pipelines/export.py model=UTA-B.pt teacher.arch=EVA02-B-16 output=exports/uta-b   # another one
     python pipelines/export.py model=exports/uta-local     # after moving the folder: relink it
     python pipelines/export.py model=runs/uta-local output=exports/x tracking.register_as=uta-student
 
 Then ``timm.create_model("local-dir:<output>", pretrained=True)`` is the student's trunk and
 ``open_clip.create_model_and_transforms("local-dir:<output>")`` the student + the teacher's text
-tower as a CLIP (``clip_benchmark eval --model local-dir:<output> ...``). With
+tower (a released UTA checkpoint: its own) as a CLIP (``clip_benchmark eval --model local-dir:<output> ...``). With
 ``tracking.enabled=true`` (or ``tracking.register_as``) it is also logged as an MLflow model.
 """
 

@@ -53,7 +53,7 @@ def ray_local(aws_test_env):
     started = not ray.is_initialized()
     if started:
         # uta_test_teacher: a custom resource, as a cluster's teacher node group offers (tests/test_streamed.py)
-        start_local_ray(num_cpus=2, log_to_driver=True, resources={"uta_test_teacher": 1})
+        start_local_ray(num_cpus=2, log_to_driver=True, resources={"uta_test_teacher": 2})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     if started:

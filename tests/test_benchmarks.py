@@ -42,8 +42,9 @@ def test_cache_throughput_benchmark_runs_tiny_and_prints_every_codec(ray_local, 
     assert set(rows) == {"float16", "int8", "lowrank_int8"}
     assert "65 x 32 tokens per view" in out and "load average" in out
     for codec, token_kb, ratio in (("float16", 4.2, 1.0), ("int8", 2.1, 2.0), ("lowrank_int8", 0.7, 5.9)):
-        views_per_s, driver_ms, _, kb, fp16_ratio, cos_cls, cos_patch, loader, restore = rows[codec]
+        views_per_s, driver_ms, _, kb, fp16_ratio, cos_cls, cos_patch, loader, unverified, cost, restore = rows[codec]
         assert float(views_per_s) > 0 and float(driver_ms) > 0 and float(loader) > 0 and float(restore) > 0
+        assert float(unverified) > 0 and cost.endswith("%")
         assert float(kb) == token_kb and float(fp16_ratio.rstrip("x")) == ratio
         assert float(cos_cls) > 0.999 and float(cos_patch.split("/")[0]) > (0.999 if codec != "lowrank_int8" else 0.5)
 

@@ -99,6 +99,7 @@ def test_shards_commit_from_part_metadata_in_any_order_without_duplicates(setup,
         for p in record.parts:
             data = (root / p.file).read_bytes()
             assert (len(data), __import__("hashlib").sha256(data).hexdigest()) == (p.bytes, p.sha256)
+            assert __import__("xxhash").xxh3_128_hexdigest(data) == p.xxh3_128
     empty = manifest.shards["00002"]
     assert (empty.rows, empty.images, empty.skipped, empty.parts) == (0, 0, 3, [])
     assert result.skipped == 3 and result.views == 24

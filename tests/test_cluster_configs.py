@@ -306,7 +306,7 @@ def test_gpu_pods_are_whole_8_gpu_nodes_with_efa_for_nccl(label, spec):
     over EFA between pods, not over pod sockets: 8 GPUs a pod, EFA devices, what NCCL needs."""
     for group in spec["workerGroupSpecs"]:
         for c in group["template"]["spec"]["containers"]:
-            if gpus(c) == 0:
+            if gpus(c) == 0 or "teacher" in custom_resources(group):  # the teacher pool talks through Ray
                 continue
             limits, env = c["resources"]["limits"], {e["name"]: e.get("value") for e in c.get("env", [])}
             assert gpus(c) == 8 and int(limits["vpc.amazonaws.com/efa"]) >= 1, f"{label}: {limits}"
@@ -314,6 +314,40 @@ def test_gpu_pods_are_whole_8_gpu_nodes_with_efa_for_nccl(label, spec):
             assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"], f"{label}: EFA pins memory"
             shm = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm"]
             assert shm and shm[0]["emptyDir"]["medium"] == "Memory", label
+
+
+def custom_resources(group: dict) -> dict[str, float]:
+    """A KubeRay group's custom Ray resources (``rayStartParams.resources``: JSON inside a YAML string)."""
+    import json
+
+    text = group.get("rayStartParams", {}).get("resources")
+    return json.loads(json.loads(text)) if text else {}
+
+
+def test_trainers_and_the_teacher_pool_have_node_groups_of_their_own():
+    """The cluster configs' trainers ask for "trainer", the streamed teacher's actors for "teacher"; on
+    KubeRay and AWS exactly the 8-GPU group offers the one and a smaller GPU group the other, so a
+    teacher actor never takes a trainer's GPU (and the reverse)."""
+    from pipelines.lib.pretrain.config import PretrainConfig
+    from uta_core.config import load_config
+
+    stream = load_config(PretrainConfig, ROOT / "configs/cluster/pretrain_stream.yaml")
+    cache = load_config(PretrainConfig, ROOT / "configs/cluster/pretrain.yaml")
+    assert stream.data.teacher_mode == "stream" and stream.stream.pool.gpus_per_actor == 1
+    assert cache.cluster.worker_resources == stream.cluster.worker_resources == {"trainer": 1}
+    assert stream.stream.pool.resources == {"teacher": 1} and stream.stream.pool.most_actors > stream.stream.pool.actors
+    ((_, rc),) = objects_of("RayCluster")
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    offers = {name: custom_resources(g) for name, g in groups.items()}
+    assert offers["gpu"] == {"trainer": 8} and offers["teacher"] == {"teacher": 4}, offers
+    for name, resource in (("gpu", "trainer"), ("teacher", "teacher")):
+        (container,) = groups[name]["template"]["spec"]["containers"]
+        assert gpus(container) == offers[name][resource], f"{name}: one {resource} per GPU"
+    types = aws()["available_node_types"]
+    assert types["gpu_a100x8"]["resources"] == {"trainer": 8} and types["teacher_l4x4"]["resources"] == {"teacher": 4}
+    assert types["teacher_l4x4"]["node_config"]["InstanceType"] == "g6.12xlarge"  # 4x L4
+    readme = README.read_text()
+    assert "## Sizing the teacher pool" in readme and "configs/cluster/pretrain_stream.yaml" in readme
 
 
 def test_aws_8_gpu_nodes_have_efa_interfaces_in_a_placement_group():

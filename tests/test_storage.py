@@ -8,13 +8,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from uta_core.cache.sink import open_hashing_sink
 from uta_core.data.storage import (
     S3Options,
     StorageError,
     delete_files,
     expand,
     glob_regex,
-    open_hashing_sink,
     read_bytes,
     remove_dir,
     s3_filesystem,
@@ -80,12 +80,15 @@ def _write_parquet_through_sink(fs, path):
     return sink, table
 
 
-def test_hashing_sink_checksum_is_the_files_sha256(tmp_path):
+def test_hashing_sink_checksums_are_the_files_sha256_and_xxh3(tmp_path):
+    import xxhash
+
     fs = pafs.LocalFileSystem()
     path = str(tmp_path / "tmp" / "x.parquet")
     sink, table = _write_parquet_through_sink(fs, path)
     data = (tmp_path / "tmp" / "x.parquet").read_bytes()
     assert (sink.sha256, sink.bytes) == (hashlib.sha256(data).hexdigest(), len(data))
+    assert sink.xxh3_128 == xxhash.xxh3_128_hexdigest(data)  # the reference library's digest of the file
     assert pq.read_table(path).equals(table)
 
 

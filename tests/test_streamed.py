@@ -6,6 +6,7 @@ SIGKILLed worker and a SIGKILLed teacher actor: tests/test_pretrain.py.)"""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -21,6 +22,7 @@ from pipelines.lib.pretrain.job import plan_pretrain, run
 from pipelines.lib.train.config import PoolConfig
 from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.spec import Stage
+from pipelines.lib.train.stage_pool import PoolMeter, PoolWatch
 from pipelines.lib.train.trainer import fit_in_process, resolve_paths
 from uta_core.data.rows import sample_id
 from uta_core.data.shards import InputConfig, discover, iter_samples
@@ -136,7 +138,7 @@ def test_the_pool_takes_its_resource_survives_a_sigkilled_actor_and_bounds_block
     cfg = PoolConfig(actors=1, cpus_per_actor=0.5, resources={"uta_test_teacher": 1}, blocks_in_flight=3)
     pool = start_pool(Stage(work, cfg, "teacher pool"))
     try:
-        assert ray.available_resources().get("uta_test_teacher", 0) == 0  # held by the actor
+        assert ray.available_resources().get("uta_test_teacher", 0) == 1  # one of two held by the actor
         pulled = []
 
         def refs():
@@ -144,22 +146,79 @@ def test_the_pool_takes_its_resource_survives_a_sigkilled_actor_and_bounds_block
                 pulled.append(i)
                 yield ray.put(block)
 
-        got, waits = [], []
-        for i, out in enumerate(pool.through(refs(), rank=0, waits=waits)):
+        got, meter = [], PoolMeter()
+        for i, out in enumerate(pool.through(refs(), rank=0, meter=meter)):
             assert len(pulled) - i <= cfg.blocks_in_flight  # never more blocks out than the bound
             if i == 3:
                 os.kill(ray.get(pool.actors[0].pid.remote()), signal.SIGKILL)  # mid-stream
             time.sleep(0.05)  # a slow trainer
             got.append(out["tokens"])
         assert len(got) == len(blocks) and all(np.array_equal(a, b) for a, b in zip(got, expected))
-        assert len(waits) == len(blocks)
+        assert meter.blocks == len(blocks) and meter.rows == sum(len(b) for b in got)
         assert ray.get(pool.actors[0].pid.remote()) > 0  # restarted
     finally:
         stop_pool(pool)
     deadline = time.monotonic() + 30
-    while ray.available_resources().get("uta_test_teacher", 0) < 1 and time.monotonic() < deadline:
+    while ray.available_resources().get("uta_test_teacher", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ray.available_resources().get("uta_test_teacher", 0) == 1  # released
+    assert ray.available_resources().get("uta_test_teacher", 0) == 2  # released
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_the_pool_grows_as_its_resource_appears_and_holds_the_seconds_of_tokens_it_is_given(ws, ray_local):
+    """A node with the teacher resource joining, as the scheduler sees it: the resource a placeholder
+    actor held is freed. The pool starts with one actor, its second starts then, and the ranks use it.
+    With ``buffer_s`` below one block of the trainer's pace, one block is in flight."""
+    from pipelines.lib.train.stage_pool import start_pool, stop_pool
+
+    ray = ray_local
+    job, plan = plan_pretrain(resolve_paths(stream_config(ws, "pool-grows", "float16")))
+    work = job.stage(in_process=False).work
+    blocks = ([ray.put(dict(b)) for b in job.reader(0)(plan.sources.items[0], 0, 0)] * 12)[:12]
+
+    class Holder:  # defined here: Ray ships it by value (a test module is not importable on workers)
+        def ready(self) -> bool:
+            return True
+
+    placeholder = ray.remote(num_cpus=0, resources={"uta_test_teacher": 1})(Holder).remote()
+    ray.get(placeholder.ready.remote())
+    cfg = PoolConfig(actors=1, max_actors=2, cpus_per_actor=0.5, resources={"uta_test_teacher": 1},
+                     blocks_in_flight=4, buffer_s=0.02)
+    pool = start_pool(Stage(work, cfg, "teacher pool"))
+    try:
+        assert len(pool.actors) == 2 and len(pool.running()) == 1
+        ray.kill(placeholder)  # "a node joins"
+        deadline = time.monotonic() + 60
+        while len(pool.running()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(pool.running()) == 2
+        pulled, out_at_take = [], []
+
+        def refs():
+            for ref in blocks:
+                pulled.append(ref)
+                yield ref
+
+        watch, meter, start = PoolWatch(pool), PoolMeter(), time.perf_counter()
+        assert watch.read(PoolMeter(), 1.0, 1).keys() == {"stage_wait_s", "teacher_ready_blocks"}  # asks
+        for i, _ in enumerate(pool.through(refs(), rank=0, meter=meter)):
+            out_at_take.append(len(pulled) - i)
+            time.sleep(0.1)  # a trainer slower than buffer_s per block
+        assert out_at_take[:2] == [cfg.blocks_in_flight] * 2 and set(out_at_take[4:-1]) == {1}, out_at_take
+        rows = [s["rows"] for s in ray.get(pool.stats())]
+        assert len(rows) == 2 and min(rows) > 0  # both actors took blocks
+        # Rank 0's log steps: the pool's rate over the window, and the actors the trainer's pace asks for.
+        window, taken = time.perf_counter() - start, meter.read()
+        watch.read(PoolMeter(), 1.0, 1)
+        time.sleep(0.3)
+        metrics = watch.read(taken, window, 1)
+        assert metrics["teacher_actors"] == 2 and metrics["teacher_views_per_s"] > 0
+        per_actor, demand = metrics["teacher_views_per_s_per_actor"], taken.rows / (window - taken.wait_s)
+        assert metrics["trainer_views_per_s"] == pytest.approx(demand)
+        assert metrics["teacher_needed_actors"] == math.ceil(demand / per_actor) >= 1
+    finally:
+        stop_pool(pool)
 
 
 # --------------------------------------------------------------------- end to end on Ray Train

@@ -142,6 +142,7 @@ def train_step(
     grad_clip: float,
     autocast_dtype: torch.dtype | None = None,
     device_type: str = "cpu",
+    skip_nonfinite: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One optimiser step over ``num_micro`` accumulated micro-batch losses; returns the mean loss
     and the gradient norm (before clipping) as 0-d tensors on the device.
@@ -150,6 +151,9 @@ def train_step(
     it is divided by ``num_micro``, so with equal micro-batches the gradient is that of the
     mean loss over the step. Under DDP (``module``) only the last backward all-reduces. Nothing
     here waits for the GPU: reading a returned value does, so a loop reads them when it logs.
+    ``skip_nonfinite``: a NaN/inf gradient norm (the same on every rank: it is taken after the
+    all-reduce) skips the update (the schedule still advances) and returns ``skipped``; this reads
+    the norm on the host, a sync per step.
     """
     optimizer.zero_grad(set_to_none=True)
     total, seen = None, 0
@@ -166,6 +170,10 @@ def train_step(
         raise RuntimeError(f"train_step got {seen} micro-batches, expected {num_micro}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if skip_nonfinite and not (torch.isfinite(grad_norm) and torch.isfinite(total)):
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return {"loss": total / num_micro, "grad_norm": grad_norm.detach(), "skipped": torch.ones(())}
     optimizer.step()
     scheduler.step()
     return {"loss": total / num_micro, "grad_norm": grad_norm.detach()}

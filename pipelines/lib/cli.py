@@ -18,6 +18,7 @@ import yaml
 
 from uta_core import tracking
 from uta_core.config import describe_config, load_config, to_dict
+from uta_core.errors import DiskFull, RunCannotContinue, cannot_continue, is_disk_full
 from uta_core.secrets import redact_urls
 
 
@@ -108,10 +109,16 @@ def run_job(config_cls: type, args: argparse.Namespace, overrides: list[str], ru
         if cfg is None:
             return 0
         result = run(cfg)
+    except RunCannotContinue as err:  # damaged data, a NaN loss, an output in use: one line, no retry would help
+        return user_error(cannot_continue(err), code=1)
     except ValueError as err:
         return user_error(err)
     except ray.train.TrainingFailedError as err:
-        return user_error(f"training failed: {err}", code=1)
+        return user_error(cannot_continue(err) or f"training failed: {err}", code=1)
+    except OSError as err:
+        if is_disk_full(err):
+            return user_error(DiskFull.of(err), code=1)
+        raise
     return report(result) or 0
 
 

@@ -137,16 +137,24 @@ class DriverProgress:
 
 
 class _ToBoard(logging.Handler):
+    """Rank 0's ``uta`` warnings, and records logged with ``extra=CONSOLE``, to the driver's console."""
+
     def __init__(self, board) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.INFO)
         self.board = board
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and not getattr(record, "console", False):
+            return
         try:
-            self.board.message.remote(self.format(record))
+            self.board.message.remote(self.format(record) if record.levelno >= logging.WARNING else
+                                      f"{record.name}: {record.getMessage()}")
         except Exception:
             pass
+
+
+CONSOLE = {"console": True}  # log.info(..., extra=CONSOLE): also on the driver's console, from rank 0
 
 
 class WorkerProgress:
@@ -165,6 +173,8 @@ class WorkerProgress:
         for handler in [h for h in uta.handlers if isinstance(h, _ToBoard)]:  # a reused worker process
             uta.removeHandler(handler)
         uta.addHandler(_ToBoard(self.board))
+        if uta.getEffectiveLevel() > logging.INFO:  # a worker process: let the CONSOLE records through
+            uta.setLevel(logging.INFO)
 
     def step(self, step: int, metrics: dict[str, float] | None = None) -> None:
         if self.board is None:

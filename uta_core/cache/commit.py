@@ -79,7 +79,7 @@ class ShardCommitter:
             self.result.duplicate_parts += 1
             return
         shard.parts.append((ranges[0][0], PartRecord(file=row["file"], rows=row["rows"], bytes=row["bytes"],
-                                                     sha256=row["sha256"])))
+                                                     sha256=row["sha256"], xxh3_128=row.get("xxh3_128"))))
         shard.covered += [(a, b) for a, b in ranges]
         shard.rows += row["rows"]
         if row["total"] >= 0:

@@ -100,6 +100,7 @@ class PartRecord:
     rows: int
     bytes: int
     sha256: str
+    xxh3_128: str | None = None  # checked as training reads the part (caches written before it: sha256)
 
 
 @dataclass(kw_only=True)

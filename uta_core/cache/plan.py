@@ -10,6 +10,8 @@ first write. The job's data flow: docs/ARCHITECTURE.md; the format: docs/CACHE_F
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +29,7 @@ from uta_core.cache.format import (
     save_manifest,
     settings_diff,
 )
+from uta_core.cache.verify import mismatched_parts
 from uta_core.data.shards import InputConfig, InputSet, InputShard, discover, shard_names
 from uta_core.data.storage import (
     S3Options,
@@ -44,8 +47,13 @@ from uta_core.data.storage import (
     translate_error,
 )
 from uta_core.data.views import ViewConfig
+from uta_core.lease import LEASE_FILE
 from uta_core.models.teacher import ImageSizeError, Teacher, TeacherConfig, build_teacher
 from uta_core.models.teacher_weights import check_weights_chosen
+
+log = logging.getLogger("uta.cache")
+# (cache uri, [(part path, sha256)], s3) -> the paths whose bytes do not match
+Verifier = Callable[[str, list[tuple[str, str]], S3Options], list[str]]
 
 
 @dataclass(kw_only=True)
@@ -64,6 +72,9 @@ class OutputConfig:
     # once all its parts are written: small jobs with big parts commit everything at the end)
     manifest_interval_s: float = 5.0  # the manifest is rewritten at most this often (and at the end)
     row_group_mb: int = 64  # target size of a part file's row groups
+    # A rerun checks the committed parts' sizes always; verify: also their sha256 (reads every committed
+    # byte once, one Ray task per few parts) and redoes the shards whose parts do not match.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -166,8 +177,9 @@ class CachePlan:
         return to_uri(self.fs, self.root)
 
 
-def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None) -> CachePlan:
-    """Everything that can fail before work starts fails here; nothing is written."""
+def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None, verify_with: Verifier | None = None) -> CachePlan:
+    """Everything that can fail before work starts fails here; nothing is written. ``output.verify``:
+    the committed parts' hashes are checked by ``verify_with`` (default: here, serially)."""
     inputs = discover(cfg.input, cfg.s3)
     fs, root = filesystem_for(cfg.output.path, cfg.s3)
     check_bucket(fs, root, cfg.s3)
@@ -198,6 +210,16 @@ def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None) -> CachePlan:
         if rec is not None:
             redo.append(name)
         pending[name] = shard
+    if cfg.output.verify and done:
+        by_name = dict(zip(names, inputs.shards))
+        parts = [(join(root, p.file), p.sha256) for name in done for p in manifest.shards[name].parts]
+        bad = set((verify_with or mismatched_parts)(cfg.output.path, parts, cfg.s3))
+        for name in [n for n in done if any(join(root, p.file) in bad for p in manifest.shards[n].parts)]:
+            log.warning("%s: shard %s has parts whose sha256 differs from the manifest's; redoing it", cfg.output.path,
+                        name)
+            done.remove(name)
+            redo.append(name)
+            pending[name] = by_name[name]
     kept = {join(root, p.file) for name in done for p in manifest.shards[name].parts}
     return CachePlan(cfg=cfg, inputs=inputs, fs=fs, root=root, manifest=manifest,
                      manifest_exists=existing is not None, pending=pending, done=done, redo=redo,
@@ -209,7 +231,7 @@ def _check_empty_output(fs: pafs.FileSystem, root: str, cfg: CacheSpec) -> None:
     if info.type == pafs.FileType.File:
         raise StorageError(f"output.path {cfg.output.path} is a file; pass a folder or s3:// prefix")
     entries = list_dir(fs, root, recursive=False, s3=cfg.s3) if info.type == pafs.FileType.Directory else []
-    if any(not is_atomic_leftover(e.base_name, MANIFEST_NAME) for e in entries):  # leftovers: a killed first save
+    if any(not is_atomic_leftover(e.base_name, MANIFEST_NAME) and e.base_name != LEASE_FILE for e in entries):
         raise StorageError(
             f"output.path {cfg.output.path} is not empty and holds no manifest.json; "
             "pass an empty or new folder (or an existing cache)"

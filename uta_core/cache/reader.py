@@ -23,6 +23,7 @@ import torch
 
 from uta_core.cache.codecs import TokenCodec
 from uta_core.cache.format import byte_rows, decode_pixels
+from uta_core.cache.verify import RERUN, DamagedCacheError, read_part
 from uta_core.data.rows import BLOCK_ROWS, NO_LABEL, sample_id
 from uta_core.data.shards import InputConfig, InputShard, iter_samples
 from uta_core.data.storage import S3Options, filesystem_for
@@ -48,10 +49,16 @@ class ViewSource:
 
 @dataclass(frozen=True, kw_only=True)
 class CachePart:
-    """One part file of a cache, as a source of training rows."""
+    """One part file of a cache, as a source of training rows, with what its manifest record says of
+    it (``bytes``, ``sha256``: checked as it is read, ``uta_core.cache.verify``)."""
 
     path: str  # scheme-less, on the cache's filesystem
     rebuild: ViewSource | None = None  # a cache without pixels: where its views are rebuilt from
+    shard: str = ""
+    file: str = ""  # relative to the cache root, as the manifest lists it
+    bytes: int | None = None
+    sha256: str | None = None
+    xxh3_128: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +72,7 @@ class CacheRows:
     def __call__(self, part: CachePart, start: int, source: int) -> Iterator[dict[str, np.ndarray]]:
         fs, _ = filesystem_for(self.uri, self.s3)
         yield from cache_file_rows(fs, part.path, view=self.view, start_row=start, source=source,
-                                   rebuild=part.rebuild, s3=self.s3)
+                                   rebuild=part.rebuild, s3=self.s3, expect=part, uri=self.uri)
 
 
 def rebuilt_views(rows: pa.Table, src: ViewSource, s3: S3Options) -> Iterator[np.ndarray]:
@@ -94,13 +101,24 @@ def rebuilt_views(rows: pa.Table, src: ViewSource, s3: S3Options) -> Iterator[np
 
 def cache_file_rows(
     fs, path: str, *, view: int | None = None, start_row: int = 0, source: int = 0, block: int = BLOCK_ROWS,
-    rebuild: ViewSource | None = None, s3: S3Options | None = None,
+    rebuild: ViewSource | None = None, s3: S3Options | None = None, expect: CachePart | None = None,
+    uri: str | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One cache part file -> training rows; ``view`` keeps only that stored view (None: all).
     ``row_pos`` counts the rows this read keeps; rows before ``start_row`` are not decoded.
-    ``rebuild``: the cache stores no pixels; the views are rebuilt from that source shard."""
-    with fs.open_input_file(path) as f:
-        table = pq.read_table(f, columns=CACHE_COLUMNS + (VIEW_COLUMNS if rebuild else []))
+    ``rebuild``: the cache stores no pixels; the views are rebuilt from that source shard.
+    ``expect``: the part's manifest record; its bytes are checked (size, sha256) before parsing."""
+    where = f"cache {uri or path}: shard {expect.shard}, part {expect.file}" if expect else f"cache part {path}"
+    columns = CACHE_COLUMNS + (VIEW_COLUMNS if rebuild else [])
+    try:
+        if expect is not None and (expect.xxh3_128 or expect.sha256):
+            data = read_part(fs, path, expect.bytes, where, xxh3_128=expect.xxh3_128, sha256=expect.sha256)
+            table = pq.read_table(pa.BufferReader(data), columns=columns)
+        else:
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f, columns=columns)
+    except (pa.ArrowInvalid, FileNotFoundError) as err:  # a part read without its record: name it and the fix
+        raise DamagedCacheError(f"{where}: unreadable ({str(err).splitlines()[0]}); {RERUN}") from None
     if view is not None:
         table = table.filter(pc.equal(table["view"], view))
     views = rebuilt_views(table.slice(start_row), rebuild, s3 or S3Options()) if rebuild else None

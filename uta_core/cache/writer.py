@@ -45,19 +45,22 @@ from uta_core.cache.format import (
     tokens_array,
 )
 from uta_core.cache.plan import CachePlan, CacheSpec, build_cache_teacher, plan_cache, prepare_output
+from uta_core.cache.sink import open_hashing_sink
 from uta_core.data.prefetch import pin
 from uta_core.data.samples import SampleStats, decoded_samples
 from uta_core.data.shards import InputConfig, InputShard
-from uta_core.data.storage import S3Options, filesystem_for, join, open_hashing_sink, write_bytes_atomic
+from uta_core.data.storage import S3Options, filesystem_for, join, write_bytes_atomic
 from uta_core.data.views import ViewConfig, sample_views, to_model_input
 from uta_core.device import require_cuda
+from uta_core.lease import Lease
 
 log = logging.getLogger("uta.cache")
 SHARD_COLUMN, TOTAL_COLUMN, SEQ_COLUMN, RAW_COLUMN = "_shard", "_shard_rows", "_seq", "_raw"  # never written
 # What a write task hands on to the driver: one row per part file, no pixels, no tokens.
 PART_SCHEMA = pa.schema([
     pa.field("shard", pa.string()), pa.field("file", pa.string()), pa.field("rows", pa.int64()),
-    pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("total", pa.int64()),
+    pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("xxh3_128", pa.string()),
+    pa.field("total", pa.int64()),
     pa.field("seq_ranges", pa.string()),  # JSON [[first, end), ...] of the shard rows in the part
 ])
 
@@ -243,7 +246,8 @@ class PartWriter:
                 writer.write_table(rows, row_group_size=per_group)
             sink.close()
             out.append({"shard": name, "file": file, "rows": part.num_rows, "bytes": sink.bytes,
-                        "sha256": sink.sha256, "total": int(pc.max(part.column(TOTAL_COLUMN)).as_py()),
+                        "sha256": sink.sha256, "xxh3_128": sink.xxh3_128,
+                        "total": int(pc.max(part.column(TOTAL_COLUMN)).as_py()),
                         "seq_ranges": json.dumps(seq_ranges(np.unique(seq)))})
         return pa.Table.from_pylist(out, schema=PART_SCHEMA)
 
@@ -270,6 +274,11 @@ def write_in_process(cfg: CacheSpec, images_per_block: int = 64) -> CacheResult:
     """A whole cache written by this module's pieces, serially in this process (no Ray): views ->
     teacher tokens -> part files -> commits, as the caching job's Ray Data pipeline runs them.
     For small caches, tests and benchmarks; the job (``pipelines/cache_teacher.py``) scales."""
+    with Lease(cfg.output.path, cfg.s3, "output.path").held():
+        return _write_in_process(cfg, images_per_block)
+
+
+def _write_in_process(cfg: CacheSpec, images_per_block: int) -> CacheResult:
     plan = plan_cache(cfg)
     prepare_output(plan)
     codec = cache_codec(plan, lambda *args: fit_cache_basis(*args, device="cpu"))

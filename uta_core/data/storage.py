@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import re
 import uuid
@@ -352,47 +351,3 @@ def delete_files(fs: pafs.FileSystem, paths: list[str], s3: S3Options) -> None:
                                                              "Quiet": True})
     except Exception as err:  # botocore raises several unrelated types
         raise translate_error(err, S3_SCHEME + paths[0], s3) from None
-
-
-class HashingSink:
-    """A write-only file object that forwards to ``stream`` and keeps sha256 + byte count.
-
-    Lets ``pyarrow.parquet.ParquetWriter`` write straight to S3 or disk while the checksum
-    is computed on the fly (no second read of a multi-GB object).
-    """
-
-    def __init__(self, stream) -> None:
-        self._stream = stream
-        self._sha = hashlib.sha256()
-        self.bytes = 0
-        self.closed = False
-
-    def write(self, data) -> int:
-        view = memoryview(data)
-        self._sha.update(view)
-        self._stream.write(view)
-        self.bytes += view.nbytes
-        return view.nbytes
-
-    def tell(self) -> int:
-        return self.bytes
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if not self.closed:
-            self._stream.close()
-            self.closed = True
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
-
-
-def open_hashing_sink(fs: pafs.FileSystem, path: str) -> HashingSink:
-    make_parent(fs, path)
-    return HashingSink(fs.open_output_stream(path, compression=None))

@@ -69,13 +69,21 @@ def write_open_clip(folder: str | Path, clip: nn.Module, arch: str, pretrained: 
 
     ``clip`` is the open_clip model whose text tower goes in (a teacher's ``model``, or stage 2's
     CLIP with its tuned text tower); ``arch`` names its open_clip config (``teacher.arch``)."""
-    folder = Path(folder)
-    meta = json.loads((folder / "uta_student.json").read_text())
     text = {k: v for k, v in clip.state_dict().items() if not k.startswith("visual.")}
     model_cfg = {k: v for k, v in teacher_model_config(arch).items() if k != "vision_cfg"}
+    return write_open_clip_files(folder, text, model_cfg, {"text_tower": arch, "text_pretrained": pretrained})
+
+
+def write_open_clip_files(folder: str | Path, text: dict[str, torch.Tensor], model_cfg: dict[str, Any],
+                          provenance: dict[str, Any]) -> Path:
+    """The open_clip files of the student export in ``folder`` with the text tower ``text`` (an open_clip
+    CLIP's non-visual weights, ``logit_scale`` included) of config ``model_cfg`` (no ``vision_cfg``)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "uta_student.json").read_text())
     if meta["out_dim"] != model_cfg["embed_dim"]:
-        raise ValueError(f"the student embeds into {meta['out_dim']} dims but {arch} into {model_cfg['embed_dim']}")
-    model_cfg["vision_cfg"] = _vision_cfg(folder, meta["student"]["img_size"])
+        raise ValueError(f"the student embeds into {meta['out_dim']} dims but its text tower "
+                         f"({provenance.get('text_tower')}) into {model_cfg['embed_dim']}")
+    model_cfg = {**model_cfg, "vision_cfg": _vision_cfg(folder, meta["student"]["img_size"])}
     weights = {f"visual.trunk.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
     weights |= {f"visual.head.proj.{k}": v for k, v in load_file(folder / "head.safetensors").items()}
     weights |= {k: v.detach().float().cpu().contiguous() for k, v in text.items()}
@@ -85,7 +93,7 @@ def write_open_clip(folder: str | Path, clip: nn.Module, arch: str, pretrained: 
         "model_cfg": model_cfg,
         "preprocess_cfg": {"size": [size, size], "mode": "RGB", "mean": meta["mean"], "std": meta["std"],
                            "interpolation": "bicubic", "resize_mode": "shortest"},
-        "uta": {"text_tower": arch, "text_pretrained": pretrained},
+        "uta": provenance,
     }
     (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2))
     return folder

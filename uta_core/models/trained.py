@@ -75,7 +75,8 @@ def load_trained_student(uri: str, s3: S3Options) -> Loaded:
 
 
 def _official_student_file(uri: str, data: bytes) -> Loaded:
-    """A released UTA checkpoint: its image tower + head as the student."""
+    """A released UTA checkpoint: its image tower + head as the student; its own text tower (``text_state``)
+    and ``logit_scale`` ride along in the info."""
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: not a readable weights file
@@ -83,4 +84,5 @@ def _official_student_file(uri: str, data: bytes) -> Loaded:
     if not isinstance(state, dict) or not is_official_state(state):
         raise ValueError(f"model={uri} is a torch file without visual.* keys: not a released UTA checkpoint")
     ckpt = load_official_student(state)  # OfficialCheckpointError is a ValueError naming the key
-    return ckpt.student, ckpt.mean, ckpt.std, {"step": None, "official": True}
+    return ckpt.student, ckpt.mean, ckpt.std, {"step": None, "official": True, "text_state": ckpt.text_state,
+                                               "logit_scale": ckpt.logit_scale}

@@ -19,6 +19,7 @@ import torch
 from uta_core.cache.codecs import TokenCodec
 from uta_core.cache.format import Manifest, load_codec, open_cache
 from uta_core.cache.reader import CachePart, CacheRows, ViewSource
+from uta_core.cache.verify import check_part_sizes
 from uta_core.data.epochs import Sources
 from uta_core.data.storage import S3Options, filesystem_for, join
 from uta_core.data.views import to_model_input
@@ -71,14 +72,17 @@ class CachedTargets(SetUpNothing):
 
     def plan(self) -> TargetPlan:
         """The cache's part files and row counts from its manifest."""
-        m, root = self.manifest, filesystem_for(self.uri, self.s3)[1]
+        fs, root = filesystem_for(self.uri, self.s3)
+        m = self.manifest
+        check_part_sizes(fs, root, self.uri, m.shards, self.s3)  # one listing, before any worker starts
         rows = [n if self.cache_views == "all" else n // self.stored_views for _, n in m.files()]
         parts = []
         for name in sorted(m.shards):
             rebuild = None
             if m.settings.pixel_format == "none":  # no pixels: each view is rebuilt from its input shard
                 rebuild = ViewSource.of(m.shards[name].input_shard, m.settings.source_columns, m.settings.views["size"])
-            parts += [CachePart(path=join(root, p.file), rebuild=rebuild) for p in m.shards[name].parts]
+            parts += [CachePart(path=join(root, p.file), rebuild=rebuild, shard=name, file=p.file, bytes=p.bytes,
+                                sha256=p.sha256, xxh3_128=p.xxh3_128) for p in m.shards[name].parts]
         sources = Sources(items=parts, rows=rows, counted_from="the cache manifest")
         return TargetPlan(sources=sources, teacher=dict(m.settings.teacher))
 

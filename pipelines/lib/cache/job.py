@@ -37,8 +37,10 @@ from uta_core import tracking
 from uta_core.cache.codecs import TokenCodec
 from uta_core.cache.commit import CacheResult, ShardCommitter, summary
 from uta_core.cache.plan import CachePlan, plan_cache, prepare_output
+from uta_core.cache.verify import mismatched_parts
 from uta_core.cache.writer import PartWriter, TokenEncoder, ViewTask, cache_codec, fit_cache_basis, shard_view_tables
 from uta_core.data.shards import InputShard
+from uta_core.lease import Lease
 
 log = logging.getLogger("uta.cache")
 
@@ -214,7 +216,21 @@ def check_destinations(cfg: CacheConfig) -> None:
 def run(cfg: CacheConfig) -> dict:
     """Plan and run the caching job; returns its report (``print_report``)."""
     check_destinations(cfg)
-    return execute(plan_cache(cfg))
+    with Lease(cfg.output.path, cfg.s3, "output.path").held():  # one job at a time writes a cache
+        started = init_ray(cfg.ray.address, cfg.ray.num_cpus) if cfg.output.verify else False  # verify's tasks
+        try:
+            return execute(plan_cache(cfg, verify_with=verify_on_ray))
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def verify_on_ray(uri: str, parts: list[tuple[str, str]], s3) -> list[str]:
+    """``output.verify``: the committed parts' sha256, 8 parts a Ray task (the bytes never reach the driver)."""
+    task = ray.remote(num_cpus=1)(mismatched_parts)
+    chunks = [parts[i:i + 8] for i in range(0, len(parts), 8)]
+    log.info("%s: verifying the sha256 of %d committed part(s) (output.verify)", uri, len(parts))
+    return [path for bad in ray.get([task.remote(uri, chunk, s3) for chunk in chunks]) for path in bad]
 
 
 def print_report(report: dict) -> None:

@@ -14,7 +14,7 @@ from pipelines.lib.contrastive.config import ContrastiveJobConfig
 from pipelines.lib.contrastive.task import ContrastiveTask
 from pipelines.lib.ray_setup import init_ray
 from pipelines.lib.train.plan import RunPlan, make_plan
-from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, resolve_paths, run_uri
+from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, local_resources, resolve_paths, run_uri
 from uta_core.data.captions import CaptionRows
 from uta_core.data.epochs import Sources, producer_counts, spread
 from uta_core.data.shards import discover
@@ -93,7 +93,7 @@ def run(cfg: ContrastiveJobConfig, in_process: bool = False) -> dict:
     job, plan = plan_contrastive(cfg)
     if in_process:
         return _summary(fit_in_process(job, plan), cfg)
-    started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster))
+    started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster), local_resources(cfg.cluster, None))
     try:
         report = fit(job, plan)
     finally:

@@ -2,7 +2,8 @@
 
 The student comes from an export, a checkpoint or a run folder (local or ``s3://``), or a released
 UTA checkpoint file (``uta_core.models.trained.load_trained_student``); the text tower from the
-teacher the run recorded, or the one given. The folder is a timm ``local-dir:`` model and an
+teacher the run recorded, or the one given, or (a released UTA checkpoint) its own ``text.*``
+(``uta_core.models.official_text``). The folder is a timm ``local-dir:`` model and an
 open_clip ``local-dir:`` CLIP (``uta_core.models.open_clip_export``). Given a local export as
 ``model`` and no ``output``, the export's open_clip config is pointed at where the folder now is
 (after a copy or a download).
@@ -19,7 +20,8 @@ from uta_core import tracking
 from uta_core.data.storage import S3Options, is_s3
 from uta_core.models.export import UTA_CONFIG, export_student
 from uta_core.models.mlflow_model import log_student_model
-from uta_core.models.open_clip_export import link_open_clip, write_open_clip
+from uta_core.models.official_text import official_text_config, official_text_weights
+from uta_core.models.open_clip_export import link_open_clip, write_open_clip, write_open_clip_files
 from uta_core.models.teacher import TeacherConfig, build_teacher
 from uta_core.models.trained import load_trained_student
 from uta_core.tracking import TrackingConfig
@@ -60,17 +62,24 @@ def run(cfg: ExportConfig) -> dict:
     check_tracking(cfg.tracking)
     student, mean, std, info = load_trained_student(cfg.model, cfg.s3)
     recorded = info.get("teacher") or {}
+    own_text = info.get("text_state") if cfg.teacher is None else None  # a released model's own text tower
     teacher_cfg = cfg.teacher or (TeacherConfig(arch=recorded["arch"], pretrained=recorded.get("pretrained"))
                                   if recorded.get("arch") else None)
-    if teacher_cfg is None:
+    if teacher_cfg is None and not own_text:
         raise ValueError(f"model={cfg.model} records no teacher: give teacher.arch (+ teacher.pretrained), "
                          "the CLIP whose text tower goes with the student")
-    teacher = build_teacher(teacher_cfg, random_seed=cfg.teacher_random_seed, s3=cfg.s3)
     export_student(student, out, mean=mean, std=std,
                    extra={"source": cfg.model, "step": info.get("step"), "teacher": recorded or None})
-    write_open_clip(out, teacher.model, teacher.arch, teacher.pretrained)
+    if own_text:
+        write_open_clip_files(out, official_text_weights(own_text, info.get("logit_scale")),
+                              official_text_config(own_text), {"text_tower": f"{cfg.model} (its own text.*)"})
+        text_tower = "the checkpoint's own"
+    else:
+        teacher = build_teacher(teacher_cfg, random_seed=cfg.teacher_random_seed, s3=cfg.s3)
+        write_open_clip(out, teacher.model, teacher.arch, teacher.pretrained)
+        text_tower = teacher_cfg.arch
     result = {"output": str(out), "timm": f"local-dir:{out.resolve()}", "open_clip": f"local-dir:{out.resolve()}",
-              "teacher": teacher_cfg.arch}
+              "teacher": text_tower}
     if cfg.tracking.enabled:
         with tracking.start_run(cfg.tracking, "uta-export", run_name=cfg.tracking.run_name or out.name,
                                 tags={"job": "export"}, source="pipelines/export.py") as mlrun:

@@ -87,7 +87,7 @@ def run(cfg: PretrainConfig, in_process: bool = False) -> dict:
         return fit_in_process(*plan_pretrain(cfg))
     source = target_source(cfg)  # refuses misfits before Ray starts
     pool = cfg.stream.pool if source.teacher_apart else None
-    started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster, pool), local_resources(pool))
+    started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster, pool), local_resources(cfg.cluster, pool))
     try:
         return fit(*plan_pretrain(cfg, in_process=False, source=source))
     finally:

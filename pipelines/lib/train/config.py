@@ -46,6 +46,9 @@ class ClusterConfig:
     data_cpus: float = 2.0
     read_tasks: int = 2  # sources each worker reads ahead at once (one Ray task each)
     read_cpus: float = 1.0  # CPUs of each read task
+    # Custom resources per worker, e.g. {trainer: 1} offered only by the trainers' node group, so that
+    # the workers never take the GPUs of another group (the streamed teacher's, cluster/README.md).
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -72,8 +75,13 @@ class TrainConfig:
     grad_checkpointing: bool = False
     prefetch: int = 2  # micro-batches prepared ahead on a thread (tensors, pinned memory, masks); 0: none
     compile: bool = False  # torch.compile the model's forward (static shapes: K is fixed); the first steps compile
+    # Steps with a NaN/inf loss or gradient norm the run may skip (no update) before it stops; 0: stop at the
+    # first log step that sees one. > 0 reads the gradient norm on the host every step (a sync).
+    skip_nonfinite_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"skip_nonfinite_steps={self.skip_nonfinite_steps} must be >= 0")
         if self.prefetch < 0:
             raise ValueError(f"prefetch={self.prefetch} must be >= 0 (0: prepare each micro-batch when it is used)")
         if self.micro_batch < 1:
@@ -114,11 +122,14 @@ class TrainConfig:
 class PoolConfig:
     """Where and how wide a job's stage actors run (``stage_pool.py``; the streamed teacher's pool)."""
 
-    actors: int = 1  # actors for the whole run (each builds the stage once)
+    actors: int = 1  # actors the run starts with (each builds the stage once); it waits for these
+    max_actors: int | None = None  # grow to this many as nodes with the resources join (None: = actors)
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # 1 on a GPU node group: each actor its own GPU
     resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {teacher: 1}
-    blocks_in_flight: int = 4  # per rank: blocks sent to the pool and not yet trained on
+    blocks_in_flight: int = 4  # per rank: blocks sent to the pool and not yet trained on, at most
+    buffer_s: float | None = None  # per rank: seconds of training the blocks in flight may hold (None: no
+    # bound but blocks_in_flight); the object store holds at most ranks x buffer_s seconds of tokens
     start_timeout_s: float = 600.0  # then: the actors' resources never appeared; fail with the fix
 
     def __post_init__(self) -> None:
@@ -126,6 +137,14 @@ class PoolConfig:
             raise ValueError(f"actors={self.actors} and blocks_in_flight={self.blocks_in_flight} must be >= 1")
         if not self.cpus_per_actor > 0 or self.gpus_per_actor < 0:
             raise ValueError(f"cpus_per_actor={self.cpus_per_actor} must be positive, gpus_per_actor >= 0")
+        if self.max_actors is not None and self.max_actors < self.actors:
+            raise ValueError(f"max_actors={self.max_actors} must be >= actors={self.actors} (or null: no growth)")
+        if self.buffer_s is not None and not self.buffer_s > 0:
+            raise ValueError(f"buffer_s={self.buffer_s} must be positive (or null: blocks_in_flight alone)")
+
+    @property
+    def most_actors(self) -> int:
+        return self.max_actors if self.max_actors is not None else self.actors
 
     @property
     def device(self) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,7 @@ from uta_core.data.prefetch import prefetched
 from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
 from uta_core.data.stream import EpochStream
 from uta_core.distributed import is_distributed, mean_over_ranks
+from uta_core.errors import NonFiniteLoss
 from uta_core.optim import build_optimizer, build_scheduler, compiled, lr_at, train_step
 
 log = logging.getLogger("uta.train")
@@ -53,6 +55,10 @@ def train_worker(job: TrainJob, plan: RunPlan, runtime: Runtime, fault: Fault | 
     loop.pos.mlflow_run_id = loop.outputs.run_id
     try:
         loop.train()
+    except NonFiniteLoss as err:  # every rank at the same step (the loss is all-reduced): end, do not retry
+        log.error("rank %d: %s", runtime.rank, err)
+        loop.outputs.close(failed=True)
+        return {"stopped": str(err), "mlflow_run_id": loop.outputs.run_id} if runtime.rank == 0 else None
     except BaseException:
         loop.outputs.close(failed=True)
         raise
@@ -95,6 +101,7 @@ class TrainLoop:
         self._cursor: Cursor | None = None
         self._ids_from, self._seen_ids = 0, []
         self._next_epoch: Iterator[tuple[dict, Cursor]] | None = None  # its reads already under way
+        self._skipped = 0  # steps skipped for a non-finite loss (train.skip_nonfinite_steps)
 
     def start_reading(self) -> None:
         """Send off the reads of the epoch the run continues with."""
@@ -190,10 +197,21 @@ class TrainLoop:
 
     def _step(self, group: list[dict[str, Any]]) -> None:
         losses = (lambda b=b: self.task.loss(self.forward, b) for b in group)
+        if self.fault is not None and self.fault.poisons(self.pos.step + 1, self.pos.resumed):
+            losses = (lambda b=b: self.task.loss(self.forward, b) * float("nan") for b in group)
+        skips = self.cfg.train.skip_nonfinite_steps
         out = train_step(self.forward, self.optimizer, self.scheduler, losses, len(group),
-                         grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type)
-        self._last = {**out, **self.task.after_step()}  # device tensors: read only when logging
-        self._window.append(out["loss"].float())
+                         grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type,
+                         skip_nonfinite=skips > 0)
+        if "skipped" in out:
+            self._skipped += 1
+            log.warning("rank %d: step %d: a non-finite loss or gradient norm, the update skipped (%d of "
+                        "train.skip_nonfinite_steps=%d)", self.rank, self.pos.step + 1, self._skipped, skips)
+            if self._skipped > skips:
+                raise NonFiniteLoss(self._nonfinite_message(self.pos.step + 1, "the loss or gradient norm"))
+        else:
+            self._last = {**out, **self.task.after_step()}  # device tensors: read only when logging
+            self._window.append(out["loss"].float())
         self.pos.step += 1
         self.pos.micro_in_epoch += len(group)
         self.runtime.progress.step(self.pos.step)
@@ -269,12 +287,27 @@ class TrainLoop:
         if self.task.tokens_per_image is not None:
             metrics["tokens_per_s"] = images * self.task.tokens_per_image / seconds
         metrics.update({k: float(v) for k, v in self._last.items() if k != "loss"})
-        metrics.update({k: v / steps for k, v in self.runtime.read_metrics().items()})  # per step, e.g. stage waits
+        for name in ("loss", "grad_norm"):  # before anything is saved: no checkpoint or export of NaNs
+            if name in metrics and not math.isfinite(metrics[name]):
+                raise NonFiniteLoss(self._nonfinite_message(self.pos.step, f"{name} {metrics[name]}"))
+        if self._skipped:
+            metrics["skipped_steps"] = float(self._skipped)
+        metrics.update(self.runtime.read_metrics(steps, seconds))  # e.g. the wait on the stage per step
         metrics.update(step=self.pos.step, epoch=self.pos.epoch,
                        lr=lr_at(self.pos.step - 1, base_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                 warmup_steps=plan.warmup_steps, total_steps=plan.total_steps))
         self._window, self._window_start = [], time.perf_counter()
         return metrics
+
+    def _nonfinite_message(self, step: int, what: str) -> str:
+        saved = stored_checkpoint_steps(self.plan.run_uri, self.cfg.s3) if self.rank == 0 else []
+        first = step - len(self._window) + 1 if self._window else step
+        since = f"steps {first}-{step}" if first < step else f"step {step}"
+        return (f"{what} is not finite in {since} of run {self.cfg.run.name}: the run stops and saves nothing "
+                f"of it (last checkpoint: {f'step {saved[0]}' if saved else 'none'}). Likely causes: a learning "
+                f"rate too high (optim.lr={self.cfg.optim.lr:g}; a longer optim warm-up helps), "
+                f"train.precision={self.cfg.train.precision} overflowing, or damaged inputs; rerun to resume with "
+                "a fix, or allow skipping a few such steps with train.skip_nonfinite_steps=N")
 
     def _progress(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:

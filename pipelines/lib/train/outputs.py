@@ -8,6 +8,7 @@ continues the same MLflow run.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from uta_core.models.mlflow_model import log_student_model
 from uta_core.models.open_clip_export import link_open_clip
 
 EXPORT_DIR = "export"
+MLFLOW_RUN_FILE = "mlflow_run.json"  # the run folder's MLflow run: {run_id, tracking_uri}
 
 
 class RunOutputs:
@@ -55,6 +57,9 @@ class RunOutputs:
             mlflow.log_dict(to_dict(self.cfg), "config.yaml")
             self.task.on_run_start(mlflow.log_artifact)
         self.run_id = self._run.info.run_id
+        fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)  # so that the driver can end it if we die
+        record = {"run_id": self.run_id, "tracking_uri": mlflow.get_tracking_uri()}
+        write_bytes_atomic(fs, join(root, MLFLOW_RUN_FILE), json.dumps(record).encode())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.active and self._run is not None:

@@ -31,7 +31,7 @@ from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.loop import train_worker
 from pipelines.lib.train.plan import RunPlan
 from pipelines.lib.train.spec import TrainJob
-from pipelines.lib.train.stage_pool import StagePool
+from pipelines.lib.train.stage_pool import PoolMeter, PoolWatch, StagePool
 from uta_core.checkpoint import checkpoint_dir_name, load_state, save_state
 from uta_core.data.stream import ReadTask, SourceReader
 from uta_core.device import require_cuda
@@ -61,14 +61,20 @@ class RayRuntime:
         torch.set_num_threads(max(1, int(cluster.cpus_per_worker)))
         self.tasks_ahead, self.read_cpus = cluster.read_tasks, cluster.read_cpus
         self.progress = WorkerProgress(progress, active=self.rank == 0)
-        self.pool, self.pool_waits = pool, []
+        self.pool, self.meter = pool, PoolMeter()
+        self.watch = PoolWatch(pool) if pool is not None else None
 
-    def read_metrics(self) -> dict[str, float]:
-        """Since the last call: seconds this rank waited on the stage pool (the trainer's wait on its teacher)."""
-        if self.pool is None:
+    def read_metrics(self, steps: int, window_s: float) -> dict[str, float]:
+        """Over the last ``steps`` steps (``window_s`` seconds): per step, the seconds this rank waited on the
+        stage pool (the trainer's wait on its teacher); the blocks it found ready; on rank 0 the pool's
+        views/s, actors, busy fraction and the actors the trainers' pace asks for (``PoolWatch``)."""
+        if self.watch is None:
             return {}
-        waits, self.pool_waits[:] = sum(self.pool_waits), []
-        return {"stage_wait_s": waits}
+        taken = self.meter.read()
+        metrics = self.watch.read(taken, window_s, self.world) if self.rank == 0 else \
+            {"stage_wait_s": taken.wait_s}
+        metrics["stage_wait_s"] /= max(1, steps)
+        return metrics
 
     def prepare_model(self, module: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(module)
@@ -77,7 +83,7 @@ class RayRuntime:
         refs = block_refs(reader, tasks, tasks_ahead=self.tasks_ahead, num_cpus=self.read_cpus)
         if self.pool is None:
             return (ray.get(ref) for ref in refs)
-        return self.pool.through(refs, self.rank, self.pool_waits)
+        return self.pool.through(refs, self.rank, self.meter)
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         """``ray.train.report`` on every rank (a barrier); rank 0 alone attaches the checkpoint."""

@@ -46,8 +46,9 @@ class Runtime(Protocol):
     def read(self, reader: SourceReader, tasks: list[ReadTask]) -> Iterator[dict]:
         """The blocks of ``tasks`` (this rank's sources), in order, through the job's stage if it has one."""
 
-    def read_metrics(self) -> dict[str, float]:
-        """Since the last call: what reading cost the trainer (``stage_wait_s``: seconds waited on the stage)."""
+    def read_metrics(self, steps: int, window_s: float) -> dict[str, float]:
+        """Over the last ``steps`` steps (``window_s`` seconds): what reading cost the trainer, per step
+        (``stage_wait_s``: seconds waited on the stage), and what the stage's pool reports."""
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         """Every rank at the same steps: metrics, and rank 0's checkpoint state (None on other ranks and
@@ -97,11 +98,11 @@ class LocalRuntime:
             self._stage_s += time.perf_counter() - start
             yield {**block, **out}
 
-    def read_metrics(self) -> dict[str, float]:
+    def read_metrics(self, steps: int, window_s: float) -> dict[str, float]:
         if self.stage is None:
             return {}
         spent, self._stage_s = self._stage_s, 0.0
-        return {"stage_wait_s": spent}
+        return {"stage_wait_s": spent / max(1, steps)}
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         if state is not None:

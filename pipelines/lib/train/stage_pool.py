@@ -15,15 +15,24 @@ order of its blocks, which is what exact resume needs.
 - Faults: an actor that dies is restarted by Ray (``max_restarts=-1``), and the blocks it held are
   sent again (``max_task_retries=-1``). A block's columns depend on the block only, so a block
   encoded twice gives the same bytes: no row is lost or trained twice.
-- Backpressure: a rank has at most ``blocks_in_flight`` blocks between its reads and its steps;
+- Growth: the driver starts ``max_actors`` actors and waits for ``actors`` of them; the others wait
+  for nodes with their resources (a pending actor is the autoscaler's demand) and ranks take each
+  one on as it starts.
+- Backpressure: a rank has at most ``blocks_in_flight`` blocks between its reads and its steps, and
+  with ``buffer_s`` at most as many as ``buffer_s`` seconds of its training take (its pace, measured);
   a slow trainer stops taking blocks, its read tasks stop at their own bound, and the pool idles.
-  The object store holds at most ranks x (``blocks_in_flight`` + the read tasks' bound) blocks.
+  The object store holds at most ranks x (blocks in flight + the read tasks' bound) blocks.
+- Watching: every rank counts its waits and the blocks it found ready (``PoolMeter``); rank 0 adds
+  the pool's views/s and busy time at its log steps (``PoolWatch``, without waiting on the actors)
+  and says once how many actors would keep the trainers fed.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +40,7 @@ from typing import Any
 
 import ray
 
+from pipelines.lib.progress import CONSOLE
 from pipelines.lib.train.config import PoolConfig
 from pipelines.lib.train.spec import BlockWork, Stage
 
@@ -65,38 +75,147 @@ class StageActor:
 
 
 @dataclass
+class PoolMeter:
+    """What a rank's trainer saw of the pool since the last ``read``: seconds it waited for a block,
+    blocks and rows it took, and how many blocks were ready ahead of it when it took one."""
+
+    wait_s: float = 0.0
+    blocks: int = 0
+    rows: int = 0
+    ready_ahead: int = 0
+
+    def read(self) -> "PoolMeter":
+        out = dataclasses.replace(self)
+        self.wait_s, self.blocks, self.rows, self.ready_ahead = 0.0, 0, 0, 0
+        return out
+
+
+class _Pace:
+    """Seconds between a rank's takes (a moving average): turns ``buffer_s`` into blocks in flight."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.seconds: float | None = None
+
+    def took(self) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            gap = now - self.last
+            self.seconds = gap if self.seconds is None else 0.8 * self.seconds + 0.2 * gap
+        self.last = now
+
+
+@dataclass
 class StagePool:
-    """The run's actors (picklable: handles travel to every training worker)."""
+    """The run's actors (picklable: handles travel to every training worker). ``actors`` holds every
+    actor started, also those still waiting for a node; ``started`` their ``ready`` results, so that a
+    rank sends blocks only to actors that run, and takes on new ones as nodes join."""
 
     actors: list[Any]
+    started: list[Any]
     blocks_in_flight: int
+    buffer_s: float | None = None
 
-    def through(self, block_refs: Iterator[Any], rank: int, waits: list[float] | None = None) -> Iterator[dict]:
-        """Each block of ``block_refs`` (in order) with the stage's columns added; ``waits`` collects the
-        seconds this rank waited for a stage result (the trainer's wait on the pool)."""
+    def running(self) -> list[Any]:
+        if not self.started:
+            return list(self.actors)
+        done, _ = ray.wait(self.started, num_returns=len(self.started), timeout=0)
+        return [a for a, ref in zip(self.actors, self.started) if ref in set(done)] or [self.actors[0]]
+
+    def through(self, block_refs: Iterator[Any], rank: int, meter: PoolMeter | None = None) -> Iterator[dict]:
+        """Each block of ``block_refs`` (in order) with the stage's columns added. At most
+        ``blocks_in_flight`` blocks are out at once, fewer when ``buffer_s`` seconds of this rank's
+        training hold fewer; ``meter`` counts what the trainer waited and found ready."""
+        meter = meter if meter is not None else PoolMeter()
         window: collections.deque = collections.deque()
+        pace, running = _Pace(), self.running()
         try:
             for i, ref in enumerate(block_refs):
-                actor = self.actors[(rank + i) % len(self.actors)]
+                if i % 16 == 15 and len(running) < len(self.actors):
+                    running = self.running()  # nodes joined: more actors
+                actor = running[(rank + i) % len(running)]
                 window.append((ref, actor.apply.remote(ref)))
-                if len(window) >= self.blocks_in_flight:
-                    yield _joined(*window.popleft(), waits)
+                while len(window) >= self._limit(pace):
+                    yield _take(window, meter, pace)
             while window:
-                yield _joined(*window.popleft(), waits)
+                yield _take(window, meter, pace)
         finally:
             for _, out in window:
                 ray.cancel(out)
 
-    def stats(self) -> list[dict[str, float]]:
-        return ray.get([a.stats.remote() for a in self.actors])
+    def _limit(self, pace: _Pace) -> int:
+        if self.buffer_s is None or pace.seconds is None:
+            return self.blocks_in_flight
+        return max(1, min(self.blocks_in_flight, math.ceil(self.buffer_s / max(pace.seconds, 1e-6))))
+
+    def stats(self) -> list[ray.ObjectRef]:
+        return [a.stats.remote() for a in self.running()]
 
 
-def _joined(block_ref, out_ref, waits: list[float] | None) -> dict:
+def _take(window: collections.deque, meter: PoolMeter, pace: _Pace) -> dict:
+    outs = [out for _, out in window]
+    meter.ready_ahead += len(ray.wait(outs, num_returns=len(outs), timeout=0)[0])
+    block_ref, out_ref = window.popleft()
     start = time.perf_counter()
     out = ray.get(out_ref)
-    if waits is not None:
-        waits.append(time.perf_counter() - start)
-    return {**ray.get(block_ref), **out}
+    meter.wait_s += time.perf_counter() - start
+    block = ray.get(block_ref)
+    meter.blocks += 1
+    meter.rows += len(next(iter(block.values()))) if block else 0
+    pace.took()
+    return {**block, **out}
+
+
+class PoolWatch:
+    """Rank 0's view of the whole pool at its log steps, without waiting on the actors: the stats
+    asked for at one log step are read at the next (the first rates come at the second log step).
+    Gives the pool's views/s, its actors, how busy they were, and (with the trainers' own pace) how
+    many actors would keep the trainers fed."""
+
+    def __init__(self, pool: StagePool) -> None:
+        self.pool = pool
+        self.asked: tuple[float, list[ray.ObjectRef]] | None = None
+        self.last = (time.perf_counter(), 0.0, 0.0)  # (time, rows, busy seconds) summed over actors: the start
+        self.advised = False
+
+    def read(self, taken: PoolMeter, window_s: float, world: int) -> dict[str, float]:
+        metrics = {"stage_wait_s": taken.wait_s, "teacher_ready_blocks": taken.ready_ahead / max(1, taken.blocks)}
+        if self.asked is not None and len(ray.wait(self.asked[1], num_returns=len(self.asked[1]), timeout=0)[0]) \
+                == len(self.asked[1]):
+            at, stats = self.asked[0], ray.get(self.asked[1])
+            now = (at, sum(s["rows"] for s in stats), sum(s["busy_s"] for s in stats))
+            if now[0] > self.last[0]:
+                metrics.update(_pool_rates(self.last, now, len(stats), taken, window_s, world))
+                self._advise(metrics)
+            self.last, self.asked = now, None
+        if self.asked is None:
+            self.asked = (time.perf_counter(), self.pool.stats())
+        return metrics
+
+    def _advise(self, m: dict[str, float]) -> None:
+        if self.advised or "teacher_needed_actors" not in m:
+            return
+        self.advised = True
+        log.info("teacher pool: %d actor(s) give %.1f views/s (%.1f each, %.0f%% busy); the trainers would take "
+                 "%.1f views/s and waited %.0f%% of their time: %d actor(s) keep them fed (stream.pool.actors / "
+                 "max_actors; cluster/README.md, \"Sizing the teacher pool\")", m["teacher_actors"],
+                 m["teacher_views_per_s"], m["teacher_views_per_s_per_actor"], 100 * m["teacher_busy"],
+                 m["trainer_views_per_s"], 100 * m["trainer_wait_frac"], m["teacher_needed_actors"], extra=CONSOLE)
+
+
+def _pool_rates(last: tuple[float, float, float], now: tuple[float, float, float], actors: int,
+                taken: PoolMeter, window_s: float, world: int) -> dict[str, float]:
+    seconds, rows, busy = now[0] - last[0], now[1] - last[1], now[2] - last[2]
+    out = {"teacher_actors": float(actors), "teacher_views_per_s": rows / seconds,
+           "teacher_busy": min(1.0, busy / (seconds * actors))}
+    if busy > 0 and rows > 0 and window_s > 0 and taken.rows:
+        per_actor = rows / busy
+        working = max(window_s - taken.wait_s, 1e-6)  # the trainers' pace had they never waited
+        demand = taken.rows / working * world
+        out.update(teacher_views_per_s_per_actor=per_actor, trainer_views_per_s=demand,
+                   trainer_wait_frac=min(1.0, taken.wait_s / window_s),
+                   teacher_needed_actors=float(math.ceil(demand / per_actor)))
+    return out
 
 
 def _options(cfg: PoolConfig) -> dict[str, Any]:
@@ -107,25 +226,30 @@ def _options(cfg: PoolConfig) -> dict[str, Any]:
 
 def _not_started(what: str, cfg: PoolConfig, missing: int) -> RuntimeError:
     return RuntimeError(
-        f"{what}: {missing} of {cfg.actors} actor(s) did not start within {cfg.start_timeout_s:g} s; each asks "
-        f"for {cfg.wants()} and no node offered it. Add nodes that do (a node group with these resources; on "
+        f"{what}: {missing} of the first {cfg.actors} actor(s) did not start within {cfg.start_timeout_s:g} s; "
+        f"each asks for {cfg.wants()} and no node offered it. Add nodes that do (a node group with these resources; on "
         "one machine: ray start --resources='{\"NAME\": N}'), or lower the pool's size or resources")
 
 
 def start_pool(stage: Stage) -> StagePool:
-    """Start the stage's actors and wait until each has built its work; a pool whose resources never
-    appear fails after ``start_timeout_s`` with what it waited for and how to provide it."""
+    """Start the stage's actors and wait until ``actors`` of them have built their work; the rest (up to
+    ``max_actors``) start as nodes with their resources join (a pending actor is the autoscaler's
+    demand for such a node). A pool whose first actors never start fails after ``start_timeout_s``
+    with what it waited for and how to provide it."""
     cfg = stage.pool
     actor = StageActor.options(**_options(cfg), max_restarts=-1, max_task_retries=-1)
-    actors = [actor.remote(stage.work) for _ in range(cfg.actors)]
-    ready = [a.ready.remote() for a in actors]
-    done, pending = ray.wait(ready, num_returns=len(ready), timeout=cfg.start_timeout_s)
-    if pending:
-        stop_pool(StagePool(actors, cfg.blocks_in_flight))
-        raise _not_started(stage.name, cfg, len(pending))
+    actors = [actor.remote(stage.work) for _ in range(cfg.most_actors)]
+    started = [a.ready.remote() for a in actors]
+    pool = StagePool(actors, started, cfg.blocks_in_flight, cfg.buffer_s)
+    done, _ = ray.wait(started, num_returns=cfg.actors, timeout=cfg.start_timeout_s)
+    if len(done) < cfg.actors:
+        stop_pool(pool)
+        raise _not_started(stage.name, cfg, cfg.actors - len(done))
     nodes = ray.get(done)
-    log.info("%s: %d actor(s) ready on %d node(s), each %s", stage.name, len(actors), len(set(nodes)), cfg.wants())
-    return StagePool(actors, cfg.blocks_in_flight)
+    more = f"; {cfg.most_actors - len(done)} more start as nodes join" if len(done) < cfg.most_actors else ""
+    log.info("%s: %d actor(s) ready on %d node(s), each %s%s", stage.name, len(done), len(set(nodes)), cfg.wants(),
+             more)
+    return pool
 
 
 def stop_pool(pool: StagePool) -> None:

@@ -8,13 +8,17 @@ same ``run.storage_path`` resumes from the newest checkpoint, exactly where each
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import ray
 import ray.train
 import yaml
@@ -26,7 +30,7 @@ from pipelines.lib.ray_setup import cluster_resources
 from pipelines.lib.train.config import ClusterConfig, PoolConfig
 from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.loop import train_worker
-from pipelines.lib.train.outputs import EXPORT_DIR
+from pipelines.lib.train.outputs import EXPORT_DIR, MLFLOW_RUN_FILE
 from pipelines.lib.train.plan import RunPlan
 from pipelines.lib.train.ray_runtime import loop_config, train_loop_per_worker
 from pipelines.lib.train.runtime import LocalRuntime
@@ -35,7 +39,9 @@ from pipelines.lib.train.stage_pool import StagePool, start_pool, stop_pool
 from uta_core import tracking
 from uta_core.checkpoint import checkpoint_dir_name, stored_checkpoint_steps
 from uta_core.config import to_dict
-from uta_core.data.storage import S3_SCHEME, filesystem_for, is_s3, join, s3_filesystem, write_bytes_atomic
+from uta_core.data.storage import S3_SCHEME, filesystem_for, is_s3, join, read_bytes, s3_filesystem, write_bytes_atomic
+from uta_core.errors import NonFiniteLoss
+from uta_core.lease import Lease
 
 log = logging.getLogger("uta.train")
 
@@ -63,9 +69,12 @@ def local_num_cpus(cluster: ClusterConfig, pool: PoolConfig | None = None) -> in
     return math.ceil(cluster.num_workers * cluster.cpus_per_worker + cluster.data_cpus + stage)
 
 
-def local_resources(pool: PoolConfig | None) -> dict[str, float] | None:
-    """The custom resources a new local Ray offers so that a stage pool that names some can start."""
-    return {k: v * pool.actors for k, v in pool.resources.items()} or None if pool is not None else None
+def local_resources(cluster: ClusterConfig, pool: PoolConfig | None) -> dict[str, float] | None:
+    """The custom resources a new local Ray offers so that the workers and a stage pool that name some can
+    start (the pool's first ``actors``)."""
+    wanted = collections.Counter({k: v * cluster.num_workers for k, v in cluster.worker_resources.items()})
+    wanted.update({k: v * pool.actors for k, v in pool.resources.items()} if pool is not None else {})
+    return dict(wanted) or None
 
 
 def save_resolved_config(job: TrainJob, plan: RunPlan) -> None:
@@ -87,7 +96,7 @@ def build_trainer(job: TrainJob, plan: RunPlan, callbacks: list | None = None,
     ``progress`` names the driver's progress board (``pipelines/lib/progress.py``); ``pool``: the
     actors of the job's stage, which every worker sends its blocks through."""
     cfg, cl = job.cfg, job.cfg.cluster
-    resources = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if cl.use_gpu else {})}
+    resources = {"CPU": cl.cpus_per_worker, **({"GPU": 1} if cl.use_gpu else {}), **cl.worker_resources}
     storage_path, storage_fs = cfg.run.storage_path, None
     if is_s3(storage_path):
         storage_path, storage_fs = storage_path[len(S3_SCHEME):], s3_filesystem(cfg.s3)
@@ -109,6 +118,66 @@ def build_trainer(job: TrainJob, plan: RunPlan, callbacks: list | None = None,
 def fit(job: TrainJob, plan: RunPlan, callbacks: list | None = None) -> dict:
     """On a connected Ray: save the resolved config, train, return the run's report (rank 0's history).
     A run of its own draws a progress bar; a sweep's trial (``callbacks``) reports to Tune instead."""
+    with Lease(plan.run_uri, job.cfg.s3, "run").held(), mlflow_run_ends(plan.run_uri, job.cfg.s3):
+        return _fit(job, plan, callbacks)  # one job at a time writes a run folder
+
+
+@contextlib.contextmanager
+def mlflow_run_ends(run_uri: str, s3):
+    """Every MLflow run of the run folder ends FINISHED, FAILED or KILLED: one a previous attempt left
+    RUNNING (its process killed) ends KILLED now (a resume reopens it), and this attempt's ends FAILED
+    if training fails on a worker that could not end it (KILLED on Ctrl-C)."""
+    _end_if_running(run_uri, s3, "KILLED")
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end_if_running(run_uri, s3, "KILLED")
+        raise
+    except BaseException:
+        _end_if_running(run_uri, s3, "FAILED")
+        raise
+
+
+def _end_if_running(run_uri: str, s3, status: str) -> None:
+    fs, root = filesystem_for(run_uri, s3)
+    data = read_bytes(fs, join(root, MLFLOW_RUN_FILE))
+    if not data:
+        return
+    try:
+        record = json.loads(data)
+        client = mlflow.MlflowClient(record["tracking_uri"])
+        if client.get_run(record["run_id"]).info.status == "RUNNING":
+            client.set_terminated(record["run_id"], status)
+            log.info("%s: MLflow run %s ended %s", run_uri, record["run_id"], status)
+    except Exception as err:  # the tracking server is away: the run stays as it is
+        log.warning("%s: could not end its MLflow run (%s)", run_uri, err)
+
+
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
+
+
+def set_aside_damaged_snapshot(run_uri: str, s3) -> None:
+    """Ray Train cannot start a run whose checkpoint snapshot is empty or torn (a full disk while it
+    wrote it): move it aside, so Ray Train starts afresh and the loop resumes from the newest complete
+    checkpoint on storage (``loop._restore``)."""
+    fs, root = filesystem_for(run_uri, s3)
+    path = join(root, RAY_SNAPSHOT)
+    data = read_bytes(fs, path)
+    if data is None:
+        return
+    try:
+        json.loads(data)
+        return
+    except ValueError:
+        pass
+    aside = f"{path}.damaged-{int(time.time())}"
+    fs.move(path, aside)
+    log.warning("%s: Ray Train's checkpoint snapshot was %s; moved it to %s, the run resumes from its newest "
+                "complete checkpoint", run_uri, "empty" if not data else "unreadable", aside)
+
+
+def _fit(job: TrainJob, plan: RunPlan, callbacks: list | None) -> dict:
+    set_aside_damaged_snapshot(plan.run_uri, job.cfg.s3)
     _announce(job, plan)
     cfg = job.cfg
     gpus = cluster_resources()[1]
@@ -125,12 +194,19 @@ def fit(job: TrainJob, plan: RunPlan, callbacks: list | None = None) -> dict:
         if pool is not None:
             log_pool_stats(stage, pool)
             stop_pool(pool)
-    return run_report(job, plan, result.return_value or {},
-                      result.checkpoint.path if result.checkpoint else None)
+    rank0 = stopped_or(result.return_value or {})
+    return run_report(job, plan, rank0, result.checkpoint.path if result.checkpoint else None)
+
+
+def stopped_or(rank0: dict) -> dict:
+    """Rank 0's result, or the error it stopped with (every rank stopped at the same step, e.g. a NaN loss)."""
+    if "stopped" in rank0:
+        raise NonFiniteLoss(rank0["stopped"])
+    return rank0
 
 
 def log_pool_stats(stage: Stage, pool: StagePool) -> None:
-    stats = pool.stats()
+    stats = ray.get(pool.stats())
     rows, busy = sum(s["rows"] for s in stats), sum(s["busy_s"] for s in stats)
     log.info("%s: %d actor(s) processed %d rows in %.0f actor-seconds (%.1f rows/s per actor)", stage.name,
              len(stats), rows, busy, rows / busy if busy else 0.0)
@@ -141,11 +217,17 @@ def fit_in_process(job: TrainJob, plan: RunPlan, fault: Fault | None = None) -> 
     cfg = job.cfg
     if cfg.cluster.num_workers != 1 or cfg.cluster.use_gpu:
         raise ValueError("a run in this process has one CPU worker: set cluster.num_workers=1, cluster.use_gpu=false")
+    with Lease(plan.run_uri, cfg.s3, "run").held(), mlflow_run_ends(plan.run_uri, cfg.s3):
+        return _fit_in_process(job, plan, fault)
+
+
+def _fit_in_process(job: TrainJob, plan: RunPlan, fault: Fault | None) -> dict:
+    cfg = job.cfg
     _announce(job, plan)
     stage = job.stage(in_process=True)
     runtime = LocalRuntime(plan.run_uri, cfg.s3, cfg.run.keep_checkpoints,
                            threads=max(1, int(cfg.cluster.cpus_per_worker)), stage=stage.work if stage else None)
-    rank0 = train_worker(job, plan, runtime, fault) or {}
+    rank0 = stopped_or(train_worker(job, plan, runtime, fault) or {})
     steps = stored_checkpoint_steps(plan.run_uri, cfg.s3)
     return run_report(job, plan, rank0, join(plan.run_uri, checkpoint_dir_name(steps[0])) if steps else None)
 
