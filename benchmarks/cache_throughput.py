@@ -96,7 +96,8 @@ def loader_rate(fs, root: str, manifest, codec) -> tuple[float, float, float]:
     threads = (pa.cpu_count(), torch.get_num_threads())
     pa.set_cpu_count(1)  # Arrow decompresses on a thread pool: one core, as the rate is per core
     torch.set_num_threads(1)
-    parts = [CachePart(path=join(root, p.file), shard=name, file=p.file, bytes=p.bytes, sha256=p.sha256)
+    parts = [CachePart(path=join(root, p.file), shard=name, file=p.file, bytes=p.bytes, sha256=p.sha256,
+                       xxh3_128=p.xxh3_128)
              for name in sorted(manifest.shards) for p in manifest.shards[name].parts]
     seconds = {True: 0.0, False: 0.0}
     restore_s, views = 0.0, 0

@@ -55,7 +55,7 @@ def read_part(fs: pafs.FileSystem, path: str, size: int | None, where: str, *, x
     error: ``cache <uri>: shard <name>, part <file>``."""
     try:
         with fs.open_input_file(path) as f:
-            data = f.read()
+            data = f.read_buffer()  # Arrow's buffer: hashed and parsed where it lies, no copy into Python
     except FileNotFoundError:
         raise DamagedCacheError(f"{where}: missing; {RERUN}") from None
     if size is not None and len(data) != size:
@@ -67,7 +67,7 @@ def read_part(fs: pafs.FileSystem, path: str, size: int | None, where: str, *, x
     if not ok:
         raise DamagedCacheError(f"{where}: its bytes differ from the {name} the manifest records (damaged in "
                                 f"storage or in a copy); {RERUN}")
-    return pa.py_buffer(data)
+    return data
 
 
 def mismatched_parts(uri: str, parts: list[tuple[str, str]], s3: S3Options | None = None) -> list[str]:
