@@ -20,7 +20,6 @@ import torch
 
 from uta_core.cache.format import (
     MANIFEST_NAME,
-    SHARDS_DIR,
     TMP_DIR,
     CacheSettings,
     Manifest,
@@ -29,7 +28,7 @@ from uta_core.cache.format import (
     save_manifest,
     settings_diff,
 )
-from uta_core.cache.verify import mismatched_parts
+from uta_core.cache.verify import mismatched_parts, part_sizes
 from uta_core.data.shards import InputConfig, InputSet, InputShard, discover, shard_names
 from uta_core.data.storage import (
     S3Options,
@@ -198,8 +197,7 @@ def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None, verify_with: Veri
     committed_sources = {name: rec.source for name, rec in manifest.shards.items()}
     names = shard_names([s.uri for s in inputs.shards], committed_sources)
     # One listing of the part files (metadata): what is there, and what no manifest record names.
-    sizes = {info.path: info.size for info in list_dir(fs, join(root, SHARDS_DIR), recursive=True, s3=cfg.s3)
-             if info.type == pafs.FileType.File}
+    sizes = part_sizes(fs, root, cfg.s3)
     pending, done, redo = {}, [], []
     for name, shard in zip(names, inputs.shards):
         rec = manifest.shards.get(name)

@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import xxhash
 
-from uta_core.data.storage import S3Options, join, list_dir
+from uta_core.cache.format import SHARDS_DIR
+from uta_core.data.storage import S3Options, filesystem_for, join, list_dir
 from uta_core.errors import RunCannotContinue
 
 RERUN = ("rerun the cache job on the same output.path (python pipelines/cache_teacher.py with the cache's config): "
@@ -35,10 +36,15 @@ def damaged(uri: str, shard: str, file: str, what: str) -> DamagedCacheError:
     return DamagedCacheError(f"cache {uri}: shard {shard}, part {file}: {what}; {RERUN}")
 
 
+def part_sizes(fs: pafs.FileSystem, root: str, s3: S3Options | None = None) -> dict[str, int]:
+    """Path -> size of every file under ``<root>/shards``: one listing, metadata only."""
+    return {info.path: info.size for info in list_dir(fs, join(root, SHARDS_DIR), recursive=True, s3=s3)
+            if info.type == pafs.FileType.File}
+
+
 def check_part_sizes(fs: pafs.FileSystem, root: str, uri: str, shards: dict, s3: S3Options | None = None) -> None:
     """Every part the manifest's ``shards`` list is in one listing of ``<root>/shards`` with its size."""
-    sizes = {info.path: info.size for info in list_dir(fs, join(root, "shards"), recursive=True, s3=s3)
-             if info.type == pafs.FileType.File}
+    sizes = part_sizes(fs, root, s3)
     for name in sorted(shards):
         for part in shards[name].parts:
             found = sizes.get(join(root, part.file))
@@ -73,8 +79,6 @@ def read_part(fs: pafs.FileSystem, path: str, size: int | None, where: str, *, x
 def mismatched_parts(uri: str, parts: list[tuple[str, str]], s3: S3Options | None = None) -> list[str]:
     """The paths among ``parts`` ((path, sha256) on ``uri``'s filesystem) whose bytes hash otherwise
     (or that cannot be read): the cache job's ``output.verify``, read in 8 MB pieces."""
-    from uta_core.data.storage import filesystem_for
-
     fs, _ = filesystem_for(uri, s3)
     bad = []
     for path, sha256 in parts:

@@ -119,8 +119,8 @@ class StagePool:
     def running(self) -> list[Any]:
         if not self.started:
             return list(self.actors)
-        done, _ = ray.wait(self.started, num_returns=len(self.started), timeout=0)
-        return [a for a, ref in zip(self.actors, self.started) if ref in set(done)] or [self.actors[0]]
+        done = set(ray.wait(self.started, num_returns=len(self.started), timeout=0)[0])
+        return [a for a, ref in zip(self.actors, self.started) if ref in done] or [self.actors[0]]
 
     def through(self, block_refs: Iterator[Any], rank: int, meter: PoolMeter | None = None) -> Iterator[dict]:
         """Each block of ``block_refs`` (in order) with the stage's columns added. At most
