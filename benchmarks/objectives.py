@@ -1,6 +1,6 @@
 """The paper's Tab. 6 in miniature: UTA vs FD vs MIM vs UTA+MIM on the demo's digits.
 
-    ./uta bench objectives                      # the demo's fast teacher, 300 student steps each
+    ./uta bench objectives                      # the demo's teacher, 300 student steps each
     ./uta bench objectives --steps 100 --out outputs/bench_objectives
 
 One local Ray. The demo's stages build the teacher (a small CLIP trained on the digits'
@@ -45,12 +45,12 @@ PAPER = {"uta": "75.0", "fd": "74.7", "mim": "-", "uta_mim": "70.7"}  # Tab. 6, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", default="outputs/bench_objectives")
-    parser.add_argument("--steps", type=int, default=None, help="student steps (default: the fast demo's)")
+    parser.add_argument("--steps", type=int, default=None, help="student steps (default: the demo's)")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES)
     args = parser.parse_args(argv)
 
     overrides = [f"out={args.out}"] + ([f"student.train.max_steps={args.steps}"] if args.steps else [])
-    cfg = load_demo_config(DEFAULT_CONFIG, True, overrides)
+    cfg = load_demo_config(DEFAULT_CONFIG, overrides)
     out = Path(cfg.out).resolve()
     paths = Paths(work=out / "runs" / time.strftime("%Y%m%d-%H%M%S"), tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     started = init_ray(None, cfg.ray_cpus)

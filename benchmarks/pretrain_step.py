@@ -3,7 +3,7 @@
     ./uta bench pretrain_step                       # the demo's two training stages, 60 steps each
     ./uta bench pretrain_step --steps 30 --jobs student
 
-Measured side by side in one run, with the demo's geometry (digits at 32 px; the student stage:
+Measured side by side in one run, with the demo's geometry (digits at 16 px; the student stage:
 a nano student from a teacher cache of 2 JPEG views per image, 128 images a step, mask 0.5; the
 teacher stage: a 4-layer width-128 CLIP, 128 images a step), random-init weights:
 
@@ -19,6 +19,7 @@ teacher stage: a 4-layer width-128 CLIP, 128 images a step), random-init weights
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -38,6 +39,8 @@ from pipelines.lib.cache.config import CacheConfig  # noqa: E402
 from pipelines.lib.contrastive.config import DEFAULT_CONFIG as CLIP_DEFAULTS  # noqa: E402
 from pipelines.lib.contrastive.config import ContrastiveJobConfig  # noqa: E402
 from pipelines.lib.contrastive.job import plan_contrastive  # noqa: E402
+from pipelines.lib.demo.config import DEFAULT_CONFIG as DEMO_CONFIG  # noqa: E402
+from pipelines.lib.demo.config import load_demo_config  # noqa: E402
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig  # noqa: E402
 from pipelines.lib.pretrain.job import plan_pretrain  # noqa: E402
 from pipelines.lib.ray_setup import start_local_ray  # noqa: E402
@@ -52,17 +55,21 @@ from uta_core.data.epochs import Cursor  # noqa: E402
 from uta_core.models.clip import ClipModelConfig, build_clip, save_clip  # noqa: E402
 from uta_core.optim import train_step  # noqa: E402
 
+DEMO_SIZE = load_demo_config(DEMO_CONFIG, []).digits.size  # configs/demo.yaml: 16 px
+
 
 # --------------------------------------------------------------------- the demo's two stages
-def workspace(root: Path) -> dict[str, str]:
+def workspace(root: Path, size: int = DEMO_SIZE) -> dict[str, str]:
     """Digits, a random-init teacher of the demo teacher's geometry in files, its 2-view JPEG cache."""
-    write_digits_splits(root / "digits", size=32)
-    arch, weights = save_clip(build_clip(ClipModelConfig()), ClipModelConfig(), root / "teacher")
+    write_digits_splits(root / "digits", size=size)
+    clip = ClipModelConfig()
+    clip = dataclasses.replace(clip, name=f"{clip.name}-{size}px", vision={**clip.vision, "image_size": size})
+    arch, weights = save_clip(build_clip(clip), clip, root / "teacher")
     write_in_process(load_config(CacheConfig, None, [
         f"input.paths={root / 'digits' / 'train'}", f"output.path={root / 'cache'}", f"teacher.arch={arch}",
-        f"teacher.pretrained={weights}", "teacher.precision=fp32", "views.size=32", "num_views=2",
+        f"teacher.pretrained={weights}", "teacher.precision=fp32", f"views.size={size}", "num_views=2",
         "views.scale=[0.85, 1.0]", "views.hflip=false", "tracking.enabled=false"]))
-    return {"root": str(root), "arch": str(arch), "weights": str(weights)}
+    return {"root": str(root), "arch": str(arch), "weights": str(weights), "size": str(size)}
 
 
 def job_and_plan(name: str, ws: dict[str, str], steps: int, threads: int):
@@ -72,11 +79,12 @@ def job_and_plan(name: str, ws: dict[str, str], steps: int, threads: int):
     if name == "student":
         cfg = load_config(PretrainConfig, DEFAULT_CONFIG, common + [
             "data.teacher_mode=cache", f"data.cache={ws['root']}/cache", "data.shuffle_buffer=2048",
-            "student.variant=nano", "student.img_size=32", "student.patch_size=4", "student.out_dim=128",
+            "student.variant=nano", f"student.img_size={ws['size']}", "student.patch_size=4", "student.out_dim=128",
             "mask.strategy=random", "mask.mask_ratio=0.5", "train.micro_batch=128", "train.precision=fp32"])
         return plan_pretrain(resolve_paths(cfg))
     cfg = load_config(ContrastiveJobConfig, CLIP_DEFAULTS, common + [
-        f"data.input.paths={ws['root']}/digits/train", "train.micro_batch=128"])
+        f"data.input.paths={ws['root']}/digits/train", "train.micro_batch=128", f"data.views.size={ws['size']}",
+        f"model.clip.vision.image_size={ws['size']}"])
     return plan_contrastive(resolve_paths(cfg))
 
 

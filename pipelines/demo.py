@@ -1,7 +1,6 @@
 """The end-to-end demo: a student that classifies zero-shot without ever seeing a caption.
 
     ./uta demo                        # the README's main command (python pipelines/demo.py)
-    ./uta demo --fast                 # the CI budget (configs/demo_fast.yaml on top)
     ./uta demo student.train.max_steps=800 out=outputs/demo2
 
 On real images (scikit-learn's digits, shipped with the package), in one local Ray:
@@ -45,7 +44,6 @@ from pipelines.lib.contrastive import job as contrastive_job
 from pipelines.lib.contrastive.config import ContrastiveJobConfig
 from pipelines.lib.demo.config import (
     DEFAULT_CONFIG,
-    FAST_CONFIG,
     DemoConfig,
     Paths,
     load_demo_config,
@@ -81,7 +79,8 @@ def _tracking(cfg: DemoConfig, paths: Paths, run_name: str) -> dict[str, Any]:
 def teacher_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> ContrastiveJobConfig:
     wiring = {
         "cluster": {"num_workers": 1, "cpus_per_worker": worker_cpus},
-        "data": {"input": {"paths": [str(paths.digits / "train")]}},
+        "data": {"input": {"paths": [str(paths.digits / "train")]}, "views": {"size": cfg.digits.size}},
+        "model": {"clip": {"vision": {"image_size": cfg.digits.size}}},
         "eval": {"input": {"paths": [str(paths.digits / "heldout")]},
                  "classnames": list(CLASS_NAMES), "templates": list(TEMPLATES)},
         "run": {"name": "demo-teacher", "storage_path": str(paths.work)},
@@ -288,7 +287,6 @@ def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, wei
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
-    parser.add_argument("--fast", action="store_true", help=f"the CI budget: {FAST_CONFIG.name} on top")
     parser.add_argument("overrides", nargs="*",
                         help="dotted key=value overrides, e.g. student.train.max_steps=800 out=outputs/demo2")
     return parser.parse_intermixed_args(argv)
@@ -298,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        cfg = load_demo_config(args.config, args.fast, list(args.overrides))
+        cfg = load_demo_config(args.config, list(args.overrides))
         run(cfg)
     except ValueError as err:  # a config or wiring mistake, before anything ran
         return user_error(err)

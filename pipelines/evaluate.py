@@ -1,7 +1,7 @@
 """Zero-shot evaluation of a trained student, and the classifier file training uses.
 
     python pipelines/evaluate.py build-classifier teacher.arch=ViT-B-16 \\
-        teacher.pretrained=laion2b_s34b_b88k prompts=imagenet output=outputs/imagenet_classifier.pt
+        teacher.pretrained=laion2b_s34b_b88k classes=imagenet output=outputs/imagenet_classifier.pt
     python pipelines/evaluate.py zeroshot model=runs/uta-local/export \\
         input.paths='data/val/*.tar' classifier_path=outputs/imagenet_classifier.pt
     python pipelines/evaluate.py zeroshot model=runs/uta-local/export teacher.arch=ViT-B-16 \\
@@ -13,7 +13,7 @@ folder (its ``export/``), or a released UTA checkpoint file (``UTA-B/16``, ``L/1
 ``g/14-336`` from github jihaonew/UTA: its image tower and head); local or ``s3://``. The
 classifier is the teacher's text tower
 applied once to class names x templates (``build-classifier``), so a cache-mode run never
-builds a teacher; ``zeroshot`` can also build it on the fly from ``teacher`` + prompts.
+builds a teacher; ``zeroshot`` can also build it on the fly from ``teacher`` + ``classes``.
 ``retrieval_input`` (captioned shards) adds image->text and text->image recall@1/5/10; its
 caption embeddings come from the classifier file when ``build-classifier`` was given the same
 ``retrieval_input``, else from the teacher. Results are printed as JSON and logged to MLflow

@@ -68,29 +68,14 @@ def write_clip_benchmark_dataset(root: Path, pixels_MHW3, labels_M, classnames, 
     return root
 
 
-# clip_benchmark 1.6.2 (the newest release) computes top-k accuracy with ``float()`` of a
-# one-element 1-d array, which numpy >= 2.4 refuses (TypeError). Its CLI runs here unchanged
-# but for that one function, replaced by the same sum written with ``.item()``.
-_CLIP_BENCHMARK_CLI = """
-import sys
-import clip_benchmark.metrics.zeroshot_classification as zc
-def accuracy(output, target, topk=(1,)):
-    pred = output.topk(max(topk), 1, True, True)[1].t()
-    correct = pred.eq(target.view(1, -1).expand_as(pred))
-    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
-zc.accuracy = accuracy
-from clip_benchmark.cli import main
-sys.argv[0] = "clip_benchmark"
-sys.exit(main())
-"""
-
-
 def run_clip_benchmark(model_dir: Path, dataset_root: Path, output: Path) -> dict:
-    """``clip_benchmark eval`` (its CLI, in its own process) on a local-dir open_clip model."""
+    """``clip_benchmark eval`` (its CLI, in its own process, as ``pipelines/benchmark.py`` runs it) on a
+    local-dir open_clip model."""
     import subprocess
-    import sys
 
-    cmd = [sys.executable, "-c", _CLIP_BENCHMARK_CLI, "eval", "--model", f"local-dir:{model_dir}",
+    from pipelines.lib.benchmark.clip_benchmark import command
+
+    cmd = [*command(None), "eval", "--model", f"local-dir:{model_dir}",
            "--pretrained", "none", "--dataset", "wds/uta", "--dataset_root", str(dataset_root),
            "--task", "zeroshot_classification", "--no_amp", "--num_workers", "0", "--batch_size", "64",
            "--output", str(output), "--quiet"]

@@ -5,14 +5,18 @@ The references are the third-party packages themselves: open_clip builds the CLI
 folder, clip_benchmark's own CLI runs it, timm's ``create_model`` reads the export.
 """
 
+import csv
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
 import timm
 import torch
-from helpers import run_clip_benchmark, write_clip_benchmark_dataset, write_model_config
+from helpers import write_clip_benchmark_dataset, write_model_config
 from safetensors.torch import load_file
 
 from pipelines import export as export_cli
@@ -28,6 +32,7 @@ from uta_core.models.student import StudentConfig, UTAStudent
 from uta_core.models.teacher import TeacherConfig, build_teacher
 
 ARCH_NAME = "uta-test-clip-tooling"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +69,48 @@ def test_open_clip_loads_the_student_image_tower_and_the_teachers_text_tower(cli
     assert tuple(normalize.mean) == pytest.approx(teacher.mean) and tuple(normalize.std) == pytest.approx(teacher.std)
 
 
-def test_clip_benchmark_cli_gives_our_zero_shot_accuracy(clip_dir, student, teacher, digits_webdataset, tmp_path):
+def test_the_benchmark_table_is_clip_benchmarks_cli_and_gives_our_accuracy_and_recall(
+        clip_dir, student, teacher, digits_webdataset, tmp_path):
+    """``pipelines/benchmark.py`` (as users run it) over a labelled and a captioned clip_benchmark
+    ``wds/`` dataset: its table's top-1/top-5 and recall@1/5/10 are ours on the same images."""
+    from clip_benchmark.webdataset_builder import PIL_to_bytes, convert_retrieval_dataset
+    from PIL import Image
+
     pixels, labels = load_eval_set(InputConfig(paths=[str(digits_webdataset.root)]), S3Options(), 32, 1000)
-    root = write_clip_benchmark_dataset(tmp_path / "wds", pixels, labels, CLASS_NAMES, TEMPLATES)
-    metrics = run_clip_benchmark(clip_dir, root, tmp_path / "result.json")
+    write_clip_benchmark_dataset(tmp_path / "wds" / "digits", pixels, labels, CLASS_NAMES, TEMPLATES)
+    cap_pixels, captions = load_caption_set(InputConfig(paths=[str(digits_webdataset.root)]), S3Options(), 32, 1000)
+    captions = [f"{c} number {i}" for i, c in enumerate(captions)]  # distinct: the usual retrieval benchmark
+    pairs = [(Image.fromarray(p.numpy()), [c]) for p, c in zip(cap_pixels, captions)]
+    convert_retrieval_dataset(pairs, "test", str(tmp_path / "wds" / "digit_captions"),
+                              transform=PIL_to_bytes("png"), verbose=False)
+    (tmp_path / "wds" / "digit_captions" / "dataset_type.txt").write_text("retrieval\n")
+    out, db = tmp_path / "bench", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "benchmark.py"), f"model={clip_dir}",
+                           "datasets=[wds/digits,wds/digit_captions]", f"dataset_root={tmp_path / 'wds'}/{{dataset}}",
+                           f"output={out}", "num_workers=0", "amp=false", f"tracking.tracking_uri={db}"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["dataset"]: r for r in csv.DictReader((out / "table.csv").open())}
+    assert [(r["dataset"], r["task"]) for r in rows.values()] == [
+        ("wds/digits", "zeroshot_classification"), ("wds/digit_captions", "zeroshot_retrieval")]
     weights_DC = teacher_classifier(teacher, CLASS_NAMES, TEMPLATES)["weights"]
     ours = zeroshot_accuracy(student, pixels, labels, weights_DC, teacher.mean, teacher.std)
-    assert metrics["acc1"] == pytest.approx(ours["zeroshot_top1"], abs=1e-6)
-    assert metrics["acc5"] == pytest.approx(ours["zeroshot_top5"], abs=1e-6)
+    assert float(rows["wds/digits"]["acc1"]) == pytest.approx(ours["zeroshot_top1"], abs=1e-6)
+    assert float(rows["wds/digits"]["acc5"]) == pytest.approx(ours["zeroshot_top5"], abs=1e-6)
+    recall = retrieval_metrics(student, cap_pixels, captions, caption_bank(teacher.encode_text, captions),
+                               teacher.mean, teacher.std)
+    for k in (1, 5, 10):  # clip_benchmark: image retrieval = text -> image, text retrieval = image -> text
+        assert float(rows["wds/digit_captions"][f"image_retrieval_recall@{k}"]) == pytest.approx(
+            recall[f"retrieval_t2i_r{k}"], abs=1e-6)
+        assert float(rows["wds/digit_captions"][f"text_retrieval_recall@{k}"]) == pytest.approx(
+            recall[f"retrieval_i2t_r{k}"], abs=1e-6)
+    assert "| wds/digits | zeroshot_classification |" in (out / "table.md").read_text()
+    client = mlflow.tracking.MlflowClient(db)
+    run = client.get_run(json.loads(proc.stdout)["mlflow_run_id"])
+    assert run.data.metrics["wds/digits/acc1"] == pytest.approx(ours["zeroshot_top1"], abs=1e-6)
+    assert run.data.metrics["wds/digit_captions/image_retrieval_recall_at1"] == pytest.approx(
+        recall["retrieval_t2i_r1"], abs=1e-6)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"table.csv", "table.md", "digits.json"}
 
 
 def test_plain_timm_gets_the_trunk_the_clip_embedding_and_a_new_classifier(clip_dir, student):

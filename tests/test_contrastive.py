@@ -224,8 +224,9 @@ def digits_splits(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scratch_run(ray_local, digits_splits, tmp_path_factory):
-    """A tiny CLIP trained from scratch through pipelines/contrastive.py (learnable temperature)."""
+def scratch_run(digits_splits, tmp_path_factory):
+    """A tiny CLIP trained from scratch through pipelines/contrastive.py (learnable temperature), in this
+    process: the job runs through Ray Train in the demo (tests/test_demo.py)."""
     from pipelines.lib.contrastive import job as contrastive
     from pipelines.lib.contrastive.config import DEFAULT_CONFIG, ContrastiveJobConfig
     from uta_core.config import load_config
@@ -235,10 +236,9 @@ def scratch_run(ray_local, digits_splits, tmp_path_factory):
         "train.max_steps=40", "train.warmup_steps=10", "optim.lr=1e-3", "run.log_every=10",
     ]
     cfg = load_config(ContrastiveJobConfig, DEFAULT_CONFIG, overrides)
-    return cfg, contrastive.run(cfg), tmp
+    return cfg, contrastive.run(cfg, in_process=True), tmp
 
 
-@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_pipeline_loss_decreases_and_the_model_loads_as_a_teacher(scratch_run):
     cfg, report, _ = scratch_run
@@ -253,7 +253,6 @@ def test_pipeline_loss_decreases_and_the_model_loads_as_a_teacher(scratch_run):
     assert 0.0 <= report["zeroshot_top1"] <= 1.0
 
 
-@pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_stage2_from_a_uta_export_on_s3_keeps_the_temperature_at_001(scratch_run, digits_splits, s3_server,
                                                                      s3_client, s3_bucket):
@@ -276,7 +275,7 @@ def test_stage2_from_a_uta_export_on_s3_keeps_the_temperature_at_001(scratch_run
         "train.max_steps=6", "train.warmup_steps=1", "optim.lr=1e-3", "run.log_every=2",
     ]
     cfg = load_config(ContrastiveJobConfig, DEFAULT_CONFIG, overrides)
-    out = contrastive.run(cfg, in_process=True)  # (the Ray path: the scratch run above)
+    out = contrastive.run(cfg, in_process=True)
     assert [h["temperature"] for h in out["history"]] == [pytest.approx(0.01, rel=1e-6)] * 3
     state = torch.load(f"{out['checkpoint']}/state.pt", weights_only=False)
     assert torch.equal(state["model"]["logit_scale"], torch.tensor(math.log(100.0)))  # exactly: never updated

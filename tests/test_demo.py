@@ -1,10 +1,10 @@
-"""The README's main command at the CI budget (``--fast``): the paper's claim in miniature.
+"""The README's main command, as users run it: the paper's claim in miniature.
 
-The demo runs as users run it, in its own process with its own local Ray (a session Ray
-with fewer CPUs would starve its Ray Data reads). Thresholds, with the margins measured
-on a 2-core CPU at this budget (see the README):
+The demo runs in its own process with its own local Ray (a session Ray with fewer CPUs would
+starve its Ray Data reads). The test asserts the claim the demo prints (configs/demo.yaml
+``expect``), with the figures measured on a 2-core CPU (see the README):
 - teacher >= 50% zero-shot top-1 (chance 10%);
-- UTA student >= STUDENT_FRACTION of the teacher;
+- UTA student >= 95% of the teacher;
 - untrained control <= 25%.
 """
 
@@ -17,18 +17,18 @@ import pytest
 from helpers import run_clip_benchmark, write_clip_benchmark_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-TEACHER_MIN = 0.50  # measured 0.866 (teacher 90 steps)
-STUDENT_FRACTION = 0.80  # measured 0.942 (student 81.6% after 250 steps; i2t R@1 81.1% vs 88.3%)
-CONTROL_MAX = 0.25  # measured 0.117
+TEACHER_MIN = 0.50  # measured 0.981
+STUDENT_FRACTION = 0.95  # the demo's claim (expect.min_ratio); measured 0.991 (student 97.2%)
+CONTROL_MAX = 0.25  # measured 0.148
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(1500)
-def test_fast_demo_student_matches_teacher_without_captions(tmp_path):
+@pytest.mark.timeout(900)
+def test_demo_student_matches_teacher_without_captions(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "pipelines" / "demo.py"), "--fast", f"out={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=1450,
+        [sys.executable, str(REPO / "pipelines" / "demo.py"), f"out={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=850,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     (results_path,) = tmp_path.glob("runs/*/results.json")
@@ -37,6 +37,7 @@ def test_fast_demo_student_matches_teacher_without_captions(tmp_path):
     assert top1["teacher"] >= TEACHER_MIN, top1
     assert top1["student"] >= STUDENT_FRACTION * top1["teacher"], top1
     assert top1["control"] <= CONTROL_MAX, top1
+    assert "claim (student >= 95% of teacher, control <= 25%): holds" in proc.stdout
     assert results["heldout_images"] == 359
     # what the demo promises to leave behind
     work = results_path.parent

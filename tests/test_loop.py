@@ -107,6 +107,24 @@ def test_rerunning_a_finished_run_trains_nothing_and_evaluates_once(ws):
     assert state(ws, "finished", 2)["scheduler"]["last_epoch"] == 2
 
 
+def test_a_run_starts_from_a_trained_student_and_refuses_another_architecture(ws, straight):
+    """``init_from=<another run's export>``: at a learning rate too small to move it, the new run ends
+    at the weights it started from; a start of another architecture is refused before any step,
+    naming the settings that would make it fit."""
+    from uta_core.models.trained import load_export
+
+    export = ws.root / "runs" / "straight" / "export"
+    train(config(ws, "from-straight", "cache", f"init_from={export}", "train.max_steps=1", "optim.lr=1e-12",
+                 "optim.min_lr=0", "optim.weight_decay=0"))
+    start, _ = load_export(export)
+    ended, _ = load_export(ws.root / "runs" / "from-straight" / "export")
+    for name, value in start.state_dict().items():
+        if name != "mask_token":  # not part of an export: MIM's only
+            torch.testing.assert_close(ended.state_dict()[name], value, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="set student.variant='nano'"):
+        plan_pretrain(resolve_paths(config(ws, "other", "cache", f"init_from={export}", "student.variant=micro")))
+
+
 # --------------------------------------------------------------------- two ranks (gloo)
 def test_two_ranks_stopped_and_resumed_each_train_their_own_uninterrupted_rows(ws, tmp_path):
     """Rank 0 is SIGKILLed after step 3 (checkpoint at 2); the rerun resumes both ranks at their own

@@ -181,6 +181,12 @@ def test_evaluate_loads_a_released_checkpoint_file(uta_b, tmp_path):
     with torch.no_grad():
         assert _rel(student(x)[:, 0], uta_b(x)) < 1e-4
     assert info["official"] and mean[0] == pytest.approx(0.48145466)
+    # pre-training may start from it (init_from): checked from its shapes before any worker starts
+    from uta_core.models.trained import check_start
+
+    check_start(str(path), student.cfg, S3Options())
+    with pytest.raises(ValueError, match="set student.variant='base' student.img_size=224"):
+        check_start(str(path), StudentConfig(variant="tiny", img_size=32, patch_size=16, out_dim=1024), S3Options())
     (tmp_path / "junk.pt").write_bytes(b"not torch")
     with pytest.raises(ValueError, match="not a torch weights file"):
         load_trained_student(str(tmp_path / "junk.pt"), S3Options())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,15 @@ def log_json(data: Mapping[str, Any], artifact_file: str) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_dict(dict(data), artifact_file)
+
+
+def log_artifacts(paths: Sequence[str | Path]) -> None:
+    """Log local files as artefacts at the run's root."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        for path in paths:
+            mlflow.log_artifact(str(path))
 
 
 def log_table(table: Mapping[str, list], artifact_file: str) -> None:

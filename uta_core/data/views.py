@@ -121,11 +121,14 @@ def render_view(img: Image.Image, params: ViewParams, size: int) -> np.ndarray:
 
 
 def center_view(img: Image.Image, size: int) -> np.ndarray:
-    """Evaluation view: resize the short side to ``size`` and centre-crop -> uint8 (H, W, 3)."""
-    w, h = img.size
-    s = min(w, h)
-    params = ViewParams(top=(h - s) // 2, left=(w - s) // 2, height=s, width=s, flip=False)
-    return render_view(img, params, size)
+    """Evaluation view: resize the short side to ``size`` (bicubic), then centre-crop ``size`` x ``size``
+    -> uint8 (H, W, 3). It is torchvision's ``Resize(size, BICUBIC)`` + ``CenterCrop(size)``, the eval
+    transform of CLIP, open_clip and the official UTA zero-shot script (tests/test_official_text.py)."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    view = TF.center_crop(TF.resize(img, size, InterpolationMode.BICUBIC), size)
+    return np.asarray(view, dtype=np.uint8)
 
 
 def sample_views(

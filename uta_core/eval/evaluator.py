@@ -47,7 +47,7 @@ def prompts(
         # The built-in templates are callables; record them as strings for the file.
         return list(prompt_set.classnames), [t("{}") for t in prompt_set.templates]
     if not classnames or not templates:
-        raise ValueError("set eval.prompts (e.g. imagenet) or both eval.classnames and eval.templates")
+        raise ValueError("set classes (e.g. imagenet) or both eval.classnames and eval.templates")
     return list(classnames), list(templates)
 
 
@@ -127,6 +127,11 @@ def zeroshot_accuracy(
     """Top-1 / top-5 zero-shot accuracy of a student, a teacher or a CLIP image tower:
     ``{"zeroshot_top1": ..., "zeroshot_top5": ...}``."""
     emb_MD = image_embeddings(encode_image, pixels_MHW3, mean, std, batch_size=batch_size, device=device)
+    return zeroshot_of_embeddings(emb_MD, labels_M, weights_DC)
+
+
+def zeroshot_of_embeddings(emb_MD: torch.Tensor, labels_M: torch.Tensor, weights_DC: torch.Tensor) -> dict[str, float]:
+    """Top-1 / top-5 of image embeddings against a classifier (D, C)."""
     if weights_DC.shape[0] != emb_MD.shape[1]:
         raise ValueError(
             f"the classifier has dim {weights_DC.shape[0]} but the model embeds into {emb_MD.shape[1]} dims: "
@@ -146,14 +151,15 @@ def caption_bank(encode_text: Callable[[list[str]], torch.Tensor], captions: Seq
     return {"texts": texts, "embeddings": F.normalize(encode_text(texts).float(), dim=-1).cpu()}
 
 
-def eval_caption_bank(classifier: dict[str, Any], teacher: Teacher | None, captions: Sequence[str]) -> dict[str, Any]:
-    """The eval captions' text embeddings: the classifier file's (``captions``), else the teacher's."""
+def eval_caption_bank(classifier: dict[str, Any], encode_text: Callable[[list[str]], torch.Tensor] | None,
+                      captions: Sequence[str]) -> dict[str, Any]:
+    """The eval captions' text embeddings: the classifier file's (``captions``), else ``encode_text``'s."""
     if "captions" in classifier:
         return classifier["captions"]
-    if teacher is None:
-        raise ValueError("retrieval without a teacher needs caption embeddings in the classifier file: build it "
+    if encode_text is None:
+        raise ValueError("retrieval without a text tower needs caption embeddings in the classifier file: build it "
                          "with `evaluate.py build-classifier ... retrieval_input.paths=<the same shards>`")
-    return caption_bank(teacher.encode_text, captions)
+    return caption_bank(encode_text, captions)
 
 
 def retrieval_metrics(
@@ -168,6 +174,12 @@ def retrieval_metrics(
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Image->text and text->image recall@1/5/10: ``{"retrieval_i2t_r1": ..., "retrieval_t2i_r10": ...}``."""
+    emb_MD = image_embeddings(encode_image, pixels_MHW3, mean, std, batch_size=batch_size, device=device)
+    return retrieval_of_embeddings(emb_MD, captions, bank)
+
+
+def retrieval_of_embeddings(emb_MD: torch.Tensor, captions: Sequence[str], bank: dict[str, Any]) -> dict[str, float]:
+    """Recall@1/5/10 both ways of image embeddings and their captions against a caption bank."""
     texts, positives_MU = caption_positives(captions)
     index = {t: u for u, t in enumerate(bank["texts"])}
     missing = [t for t in texts if t not in index]
@@ -177,7 +189,6 @@ def retrieval_metrics(
             "file with retrieval_input=<the same captioned shards>"
         )
     text_UD = bank["embeddings"][[index[t] for t in texts]]
-    emb_MD = image_embeddings(encode_image, pixels_MHW3, mean, std, batch_size=batch_size, device=device)
     recall = recall_at_k(emb_MD, text_UD, positives_MU, RECALL_KS)
     out = {}
     for k in RECALL_KS:

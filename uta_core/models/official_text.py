@@ -18,6 +18,7 @@ official 1024 / 16), which ``heads`` assumes unless told otherwise.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,3 +59,42 @@ def build_official_text(text_state: dict[str, torch.Tensor], heads: int | None =
     tower = _build_text_tower(cfg["embed_dim"], CLIPTextCfg(**cfg["text_cfg"]))
     tower.load_state_dict(official_text_weights(text_state, None), strict=True)
     return tower.eval()
+
+
+def official_text_encoder(text_state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                          heads: int | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """texts -> the tower's embeddings (T, D), tokenised as the official script does."""
+    tower = build_official_text(text_state, heads).to(device)
+    tokenize = official_tokenizer(text_state)
+
+    @torch.no_grad()
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        return tower(tokenize(texts).to(device))
+
+    return encode_text
+
+
+def official_text_clip(text_state: dict[str, torch.Tensor], logit_scale: torch.Tensor | None = None,
+                       heads: int | None = None) -> torch.nn.Module:
+    """An open_clip ``CLIP`` holding the checkpoint's text tower and ``logit_scale``, for UTA's stage 2
+    (``uta_core.models.stage2`` replaces its image tower, a 1-layer placeholder, with the student)."""
+    from open_clip.model import CLIP
+
+    cfg = official_text_config(text_state, heads)
+    placeholder = {"image_size": 32, "patch_size": 32, "width": 64, "layers": 1, "head_width": 64}
+    model = CLIP(cfg["embed_dim"], vision_cfg=placeholder, text_cfg=cfg["text_cfg"])
+    missing, unexpected = model.load_state_dict(official_text_weights(text_state, logit_scale), strict=False)
+    unset = [k for k in missing if not k.startswith("visual.") and not (k == "logit_scale" and logit_scale is None)]
+    if unexpected or unset:
+        raise ValueError(f"the checkpoint's text.* does not fill open_clip's text tower: unexpected {unexpected[:3]}, "
+                         f"unset {unset[:3]}")
+    return model
+
+
+def official_tokenizer(text_state: dict[str, torch.Tensor]) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's ``tokenize`` at the tower's context length (what the official script uses)."""
+    import functools
+
+    from open_clip.tokenizer import tokenize
+
+    return functools.partial(tokenize, context_length=int(text_state["positional_embedding"].shape[0]))

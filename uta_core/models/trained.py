@@ -86,3 +86,45 @@ def _official_student_file(uri: str, data: bytes) -> Loaded:
     ckpt = load_official_student(state)  # OfficialCheckpointError is a ValueError naming the key
     return ckpt.student, ckpt.mean, ckpt.std, {"step": None, "official": True, "text_state": ckpt.text_state,
                                                "logit_scale": ckpt.logit_scale}
+
+
+# --------------------------------------------------------------------- starting a run from a student
+ARCHITECTURE = ("variant", "img_size", "patch_size", "out_dim", "rope_ref_grid", "overrides")
+
+
+def architecture_differences(given: StudentConfig, start: StudentConfig) -> list[str]:
+    """``student.<key>=<start's value>`` for every architecture setting where ``given`` differs."""
+    return [f"student.{k}={getattr(start, k)!r}" for k in ARCHITECTURE if getattr(given, k) != getattr(start, k)]
+
+
+def _refuse_other_architecture(uri: str, given: StudentConfig, start: StudentConfig) -> None:
+    wrong = architecture_differences(given, start)
+    if wrong:
+        raise ValueError(f"init_from={uri} is another architecture than student.*: set {' '.join(wrong)}")
+
+
+def check_start(uri: str, given: StudentConfig, s3: S3Options) -> None:
+    """Before any worker starts, from metadata only: an export's ``uta_student.json`` or a local released
+    file's weight shapes (memory-mapped, not read). Other forms are checked where they are loaded."""
+    fs, root = filesystem_for(uri, s3)
+    info = fs.get_file_info(root)
+    if info.is_file and "://" not in uri:
+        from uta_core.models.official import official_student_config
+
+        state = torch.load(uri, map_location="cpu", mmap=True, weights_only=True)
+        visual = {k.removeprefix("visual."): v for k, v in state.get("state_dict", state).items()
+                  if isinstance(k, str) and k.startswith("visual.")}
+        if visual:
+            _refuse_other_architecture(uri, given, official_student_config(visual))
+        return
+    meta = read_bytes(fs, join(root, UTA_CONFIG)) if not info.is_file else None
+    if meta is not None:
+        _refuse_other_architecture(uri, given, from_dict(StudentConfig, json.loads(meta)["student"]))
+
+
+def start_weights(uri: str, given: StudentConfig, s3: S3Options) -> dict[str, torch.Tensor]:
+    """The weights a run starts from: any trained student (``load_trained_student``) of ``given``'s
+    architecture; the [MASK] token only where it has one."""
+    student, _, _, _ = load_trained_student(uri, s3)
+    _refuse_other_architecture(uri, given, student.cfg)
+    return student.state_dict()

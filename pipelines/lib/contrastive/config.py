@@ -22,12 +22,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "contrastive_
 class ContrastiveModelConfig:
     init: Literal["scratch", "uta_student"] = "scratch"  # scratch: a new small CLIP; uta_student: stage 2
     clip: ClipModelConfig = field(default_factory=ClipModelConfig)
-    student: str | None = None  # uta_student: the export folder pipelines/pretrain.py wrote
-    teacher: TeacherConfig | None = None  # uta_student: the teacher whose text tower is fine-tuned
+    # uta_student: the export folder pipelines/pretrain.py wrote, or a released UTA checkpoint file
+    student: str | None = None
+    # uta_student: the teacher whose text tower is fine-tuned; null with a released checkpoint: its own
+    teacher: TeacherConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.init == "uta_student" and (not self.student or self.teacher is None):
-            raise ValueError("init=uta_student needs model.student (a UTA export folder) and model.teacher")
+        if self.init == "uta_student" and not self.student:
+            raise ValueError("init=uta_student needs model.student (a UTA export folder or a released UTA "
+                             "checkpoint file) and, for an export, model.teacher")
         if self.init == "scratch" and (self.student or self.teacher is not None):
             raise ValueError("init=scratch trains model.clip from scratch: unset model.student and model.teacher")
 

@@ -20,6 +20,7 @@ from uta_core.data.epochs import Sources, producer_counts, spread
 from uta_core.data.shards import discover
 from uta_core.data.storage import filesystem_for, join, read_bytes
 from uta_core.models.export import UTA_CONFIG
+from uta_core.models.official import official_student_config
 
 REPORT_KEYS = ("step", "loss", "temperature", "lr", "images_per_s", "zeroshot_top1", "zeroshot_top5")
 
@@ -66,18 +67,37 @@ def caption_sources(cfg: ContrastiveJobConfig) -> Sources:
 
 
 def precheck_stage2(cfg: ContrastiveJobConfig) -> None:
-    """Refuse a student export whose input size differs from the views, before any worker starts."""
+    """Refuse a student whose input size differs from the views, before any worker starts: an export's
+    size is in its metadata; a released checkpoint file's in its position table (read memory-mapped)."""
     if cfg.model.init != "uta_student":
         return
     fs, root = filesystem_for(cfg.model.student, cfg.s3)  # a local folder or s3://
-    meta = read_bytes(fs, join(root, UTA_CONFIG))
-    if meta is None:
-        raise ValueError(f"model.student={cfg.model.student} is not a student export ({UTA_CONFIG} is missing); "
-                         "pass the export/ folder of a pipelines/pretrain.py run")
-    img_size = json.loads(meta)["student"]["img_size"]
-    if img_size != cfg.data.views.size:
+    if fs.get_file_info(root).is_file:
+        img_size = released_image_size(cfg.model.student)
+    else:
+        meta = read_bytes(fs, join(root, UTA_CONFIG))
+        if meta is None:
+            raise ValueError(f"model.student={cfg.model.student} is not a student export ({UTA_CONFIG} is missing) nor "
+                             "a released UTA checkpoint file; pass the export/ folder of a pipelines/pretrain.py run")
+        if cfg.model.teacher is None:
+            raise ValueError(f"model.student={cfg.model.student} is a student export: set model.teacher, the CLIP "
+                             "it was pre-trained against (its text tower is fine-tuned)")
+        img_size = json.loads(meta)["student"]["img_size"]
+    if img_size is not None and img_size != cfg.data.views.size:
         raise ValueError(f"data.views.size={cfg.data.views.size} but the student takes {img_size} px images; "
                          f"set data.views.size={img_size}")
+
+
+def released_image_size(uri: str) -> int | None:
+    """A local released checkpoint's image size (patch x grid side), without reading its weights; None on S3
+    (the workers check it as they load it)."""
+    if "://" in uri:
+        return None
+    state = torch.load(uri, map_location="cpu", mmap=True, weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    config = official_student_config({k.removeprefix("visual."): v for k, v in state.items()
+                                      if isinstance(k, str) and k.startswith("visual.")})
+    return config.img_size
 
 
 def plan_contrastive(cfg: ContrastiveJobConfig) -> tuple[ContrastiveJob, RunPlan]:

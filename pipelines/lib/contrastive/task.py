@@ -2,9 +2,10 @@
 
 ``model.init=scratch`` trains a small open_clip CLIP (the demo's teacher), exported as
 ``<name>.json`` + ``<name>.pt`` for ``Teacher.from_open_clip``; ``model.init=uta_student`` is
-UTA's stage 2: the student export + the teacher's text tower, exported as a student export
-+ ``text.pt``. Each step draws fresh seeded crops per (seed, rank, step); with several
-workers the features are all-gathered (with gradients), so the loss sees the global batch.
+UTA's stage 2: the student export + the teacher's text tower (or a released UTA checkpoint with
+its own text tower), exported as a student export + ``text.pt``, which is an open_clip CLIP too.
+Each step draws fresh seeded crops per (seed, rank, step); with several workers the features
+are all-gathered (with gradients), so the loss sees the global batch.
 
 Shape legend: B batch, U distinct captions in it, D joint embed dim, L context length.
 """
@@ -36,7 +37,8 @@ from uta_core.models.clip import (
     tokenizer_for,
 )
 from uta_core.models.export import export_student
-from uta_core.models.open_clip_export import write_open_clip
+from uta_core.models.official_text import official_text_clip, official_text_config, official_tokenizer
+from uta_core.models.open_clip_export import write_open_clip, write_open_clip_files
 from uta_core.models.stage2 import build_stage2_model
 from uta_core.models.teacher import Teacher, build_teacher
 from uta_core.models.trained import load_trained_student
@@ -50,17 +52,25 @@ def build_model(cfg: ContrastiveJobConfig):
         model = build_clip(cfg.model.clip, seed=cfg.run.seed)
         set_temperature(model, cfg.loss.temperature, learnable=cfg.loss.learnable_temperature)
         return model.train(), tokenizer_for(cfg.model.clip), *mean_std(model)
-    teacher: Teacher = build_teacher(cfg.model.teacher, random_seed=None, s3=cfg.s3)
-    student, mean, std, _ = load_trained_student(cfg.model.student, cfg.s3)  # local or s3://, onto the CPU
+    student, mean, std, info = load_trained_student(cfg.model.student, cfg.s3)  # local or s3://, onto the CPU
     student.train()
-    if tuple(mean) != teacher.mean or tuple(std) != teacher.std:
-        raise ValueError(
-            f"the student export {cfg.model.student} was trained with mean/std {list(mean)}/{list(std)} "
-            f"but model.teacher normalises with {teacher.mean}/{teacher.std}: use the student's teacher"
-        )
-    model = build_stage2_model(student, teacher.model, temperature=cfg.loss.temperature,
+    if cfg.model.teacher is None:  # a released UTA checkpoint: its own text tower
+        if not info.get("text_state"):
+            raise ValueError(f"model.student={cfg.model.student} brings no text tower: set model.teacher (the "
+                             "CLIP whose text tower is fine-tuned), or pass a released UTA checkpoint file")
+        clip = official_text_clip(info["text_state"], info.get("logit_scale"))
+        tokenizer = official_tokenizer(info["text_state"])
+    else:
+        teacher: Teacher = build_teacher(cfg.model.teacher, random_seed=None, s3=cfg.s3)
+        if tuple(mean) != teacher.mean or tuple(std) != teacher.std:
+            raise ValueError(
+                f"the student export {cfg.model.student} was trained with mean/std {list(mean)}/{list(std)} "
+                f"but model.teacher normalises with {teacher.mean}/{teacher.std}: use the student's teacher"
+            )
+        clip, tokenizer = teacher.model, teacher.tokenizer
+    model = build_stage2_model(student, clip, temperature=cfg.loss.temperature,
                                learnable_temperature=cfg.loss.learnable_temperature)
-    return model, teacher.tokenizer, teacher.mean, teacher.std
+    return model, tokenizer, tuple(mean), tuple(std)
 
 
 class ContrastiveTask:
@@ -122,7 +132,11 @@ class ContrastiveTask:
         text = {k: v.detach().cpu() for k, v in self.model.state_dict().items() if not k.startswith("visual.")}
         torch.save(text, folder / "text.pt")
         teacher = self.cfg.model.teacher
-        write_open_clip(folder, self.model, teacher.arch, teacher.pretrained)
+        if teacher is None:  # the released checkpoint's own text tower, tuned
+            write_open_clip_files(folder, text, official_text_config(text),
+                                  {"text_tower": f"{self.cfg.model.student} (its own text.*, fine-tuned)"})
+        else:
+            write_open_clip(folder, self.model, teacher.arch, teacher.pretrained)
 
     def meta(self) -> dict[str, Any]:
         return {"mean": list(self.mean), "std": list(self.std)}

@@ -11,7 +11,6 @@ from uta_core.config import apply_overrides, from_dict, read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 DEFAULT_CONFIG = CONFIGS / "demo.yaml"
-FAST_CONFIG = CONFIGS / "demo_fast.yaml"
 STAGE_DEFAULTS = {
     "teacher": CONFIGS / "contrastive_digits_teacher.yaml",
     "cache": CONFIGS / "cache_teacher_local.yaml",
@@ -58,11 +57,8 @@ class DemoConfig:
             raise ValueError(f"ray_cpus={self.ray_cpus} must be >= 2: a training worker and a read task")
 
 
-def load_demo_config(path: Path, fast: bool, overrides: list[str]) -> DemoConfig:
-    data = read_yaml(path)
-    if fast:
-        data = deep_merge(data, read_yaml(FAST_CONFIG))
-    return from_dict(DemoConfig, apply_overrides(data, overrides))
+def load_demo_config(path: Path, overrides: list[str]) -> DemoConfig:
+    return from_dict(DemoConfig, apply_overrides(read_yaml(path), overrides))
 
 
 def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:

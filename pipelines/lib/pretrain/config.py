@@ -78,7 +78,7 @@ class EvalConfig:
     retrieval_input: InputConfig | None = None  # captioned shards: image <-> text recall@1/5/10; None = off
     every: int = 0  # optimiser steps between evaluations; 0 = at the end only
     classifier_path: str | None = None  # torch file {classnames, templates, weights (D, C)}
-    prompts: str | None = None  # a built-in prompt set ("imagenet"), else classnames + templates
+    classes: str | None = None  # a built-in set of class names + templates ("imagenet"), else classnames + templates
     classnames: list[str] | None = None
     templates: list[str] | None = None
     max_images: int = 1000
@@ -89,10 +89,10 @@ class EvalConfig:
             raise ValueError(f"every={self.every} must be >= 0 (0 evaluates at the end only)")
         if self.max_images < 1 or self.batch_size < 1:
             raise ValueError("max_images and batch_size must be >= 1")
-        if self.prompts is not None and (self.classnames or self.templates):
-            raise ValueError("set either prompts (a built-in set) or classnames + templates, not both")
+        if self.classes is not None and (self.classnames or self.templates):
+            raise ValueError("set either classes (a built-in set) or classnames + templates, not both")
         if (self.classnames is None) != (self.templates is None):
-            raise ValueError("classnames and templates go together: set both, or use prompts")
+            raise ValueError("classnames and templates go together: set both, or use classes")
 
     @property
     def enabled(self) -> bool:
@@ -105,6 +105,9 @@ class PretrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     data: DataConfig
     student: StudentConfig = field(default_factory=StudentConfig)
+    # A trained student to start from: an export, a checkpoint, a run folder or a released UTA checkpoint
+    # file (local or s3://) of student.*'s architecture. A resumed run continues from its own checkpoint.
+    init_from: str | None = None
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(precision="bf16"))
     teacher_random_seed: int | None = None  # int: allow a random-init teacher on purpose (tests, timing)
     stream: StreamConfig = field(default_factory=StreamConfig)  # teacher_mode=stream only
@@ -121,5 +124,5 @@ class PretrainConfig:
             raise ValueError("optim.layer_decay must be null in pre-training (EVA-02/UTA use none); "
                              "it is a fine-tuning setting of pipelines/contrastive.py")
         ev = self.eval
-        if ev.input is not None and ev.classifier_path is None and ev.prompts is None and ev.classnames is None:
-            raise ValueError("eval needs eval.classifier_path, eval.prompts or eval.classnames + eval.templates")
+        if ev.input is not None and ev.classifier_path is None and ev.classes is None and ev.classnames is None:
+            raise ValueError("eval needs eval.classifier_path, eval.classes or eval.classnames + eval.templates")

@@ -19,6 +19,7 @@ from pipelines.lib.train.spec import Stage
 from pipelines.lib.train.stage_pool import call_on_pool_resources
 from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, local_resources, resolve_paths, run_uri
 from uta_core.data.stream import SourceReader
+from uta_core.models.trained import check_start
 from uta_core.targets.source import TargetSource
 
 REPORT_KEYS = ("step", "epoch", "loss", "lr", "images_per_s", "tokens_per_s", "zeroshot_top1", "zeroshot_top5")
@@ -59,6 +60,8 @@ def plan_pretrain(cfg: PretrainConfig, in_process: bool = True,
     """The run's job and plan: the teacher source's checks (``source``: already made and checked by
     ``target_source``), its sources and their counts (metadata), then the source's start (the
     streamed teacher's setup: in this process, or on a Ray task with a pool actor's resources)."""
+    if cfg.init_from:
+        check_start(cfg.init_from, cfg.student, cfg.s3)
     source = source or target_source(cfg)
     targets = source.plan()
     plan = make_plan(cfg.train, cfg.cluster, targets.sources, cfg.run.seed, cfg.data.shuffle_files, run_uri(cfg))

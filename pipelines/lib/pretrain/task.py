@@ -33,6 +33,7 @@ from uta_core.eval.evaluator import (
 from uta_core.models.export import export_student
 from uta_core.models.open_clip_export import write_open_clip
 from uta_core.models.student import UTAStudent
+from uta_core.models.trained import start_weights
 from uta_core.objectives.alignment import StudentForward, draw_keep, prepare_student, step_loss
 from uta_core.objectives.mask_maps import masking_probability, plot_masking_maps
 from uta_core.objectives.masking import MaskGenerator
@@ -49,6 +50,8 @@ class AlignmentTask:
                  rank: int) -> None:
         self.cfg, self.provenance, self.device, self.rank = cfg, teacher, device, rank
         self.student = self.model = UTAStudent(cfg.student)
+        if cfg.init_from:  # a resumed run's checkpoint, loaded after this, wins
+            self.student.load_state_dict(start_weights(cfg.init_from, cfg.student, cfg.s3))
         prepare_student(self.student, cfg.objective)
         self.targets = source.open(cfg.student, device)
         self.forward: nn.Module = StudentForward(self.student, cfg.objective)
@@ -102,11 +105,11 @@ class AlignmentTask:
             if "weights" in classifier:
                 classifier_DC = classifier["weights"]
             else:  # the run's teacher (the job refuses a source without one and no file)
-                names, templates = prompts(ev.prompts, ev.classnames, ev.templates)
+                names, templates = prompts(ev.classes, ev.classnames, ev.templates)
                 classifier_DC = teacher_classifier(teacher, names, templates)["weights"]
         if ev.retrieval_input is not None:
             cap_pixels, captions = load_caption_set(ev.retrieval_input, self.cfg.s3, size, ev.max_images)
-            retrieval = (cap_pixels, captions, eval_caption_bank(classifier, teacher, captions))
+            retrieval = (cap_pixels, captions, eval_caption_bank(classifier, teacher and teacher.encode_text, captions))
         return pixels, labels, classifier_DC, retrieval
 
     def export(self, folder: Path, step: int) -> None:
