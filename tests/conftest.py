@@ -148,8 +148,8 @@ def pretrain_ws(tmp_path_factory):
 
 
 # Tests whose jobs start a Ray of their own (in their own processes) run first, before the
-# session's local Ray (``ray_local``) exists: beside it they ran slower on 2 cores (the fast demo:
-# 252 s alone, 308 s after four test files that start it, 333-367 s in the whole suite).
+# session's local Ray (``ray_local``) exists: beside it they ran slower on 2 cores (the demo at
+# 32 px: 252 s alone, 308 s after four test files that start it, 333-367 s in the whole suite).
 OWN_RAY_FIRST = ("test_demo.py", "test_cluster_configs.py", "test_reliability.py", "test_gpu_sizing.py")
 
 
