@@ -145,6 +145,14 @@ def load_official_student(state: dict[str, Any]) -> OfficialCheckpoint:
     return OfficialCheckpoint(student=student.eval(), text_state=text, logit_scale=state.get("logit_scale"))
 
 
+def official_config_of_file(path: str) -> StudentConfig | None:
+    """The student config of a local released checkpoint file, read from its weight shapes without
+    reading its weights (memory-mapped); None for a file without ``visual.*`` keys."""
+    state = _unwrap(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if isinstance(k, str) and k.startswith("visual.")}
+    return official_student_config(visual) if visual else None
+
+
 def is_official_state(state: dict[str, Any]) -> bool:
     """Whether a loaded torch file looks like an official UTA checkpoint (a CLIP with visual.* keys)."""
     return any(isinstance(k, str) and k.startswith("visual.") for k in _unwrap(state))

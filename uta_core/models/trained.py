@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from uta_core.config import from_dict
 from uta_core.data.storage import S3Options, filesystem_for, join, list_dir, read_bytes
 from uta_core.models.export import HEAD_WEIGHTS, TIMM_WEIGHTS, UTA_CONFIG
-from uta_core.models.official import is_official_state, load_official_student
+from uta_core.models.official import is_official_state, load_official_student, official_config_of_file
 from uta_core.models.student import StudentConfig, UTAStudent
 
 STATE_FILE = "state.pt"  # a training checkpoint's one file (uta_core.checkpoint)
@@ -109,13 +109,9 @@ def check_start(uri: str, given: StudentConfig, s3: S3Options) -> None:
     fs, root = filesystem_for(uri, s3)
     info = fs.get_file_info(root)
     if info.is_file and "://" not in uri:
-        from uta_core.models.official import official_student_config
-
-        state = torch.load(uri, map_location="cpu", mmap=True, weights_only=True)
-        visual = {k.removeprefix("visual."): v for k, v in state.get("state_dict", state).items()
-                  if isinstance(k, str) and k.startswith("visual.")}
-        if visual:
-            _refuse_other_architecture(uri, given, official_student_config(visual))
+        start = official_config_of_file(uri)
+        if start is not None:
+            _refuse_other_architecture(uri, given, start)
         return
     meta = read_bytes(fs, join(root, UTA_CONFIG)) if not info.is_file else None
     if meta is not None:

@@ -20,7 +20,7 @@ from uta_core.data.epochs import Sources, producer_counts, spread
 from uta_core.data.shards import discover
 from uta_core.data.storage import filesystem_for, join, read_bytes
 from uta_core.models.export import UTA_CONFIG
-from uta_core.models.official import official_student_config
+from uta_core.models.official import official_config_of_file
 
 REPORT_KEYS = ("step", "loss", "temperature", "lr", "images_per_s", "zeroshot_top1", "zeroshot_top5")
 
@@ -93,10 +93,9 @@ def released_image_size(uri: str) -> int | None:
     (the workers check it as they load it)."""
     if "://" in uri:
         return None
-    state = torch.load(uri, map_location="cpu", mmap=True, weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    config = official_student_config({k.removeprefix("visual."): v for k, v in state.items()
-                                      if isinstance(k, str) and k.startswith("visual.")})
+    config = official_config_of_file(uri)
+    if config is None:
+        raise ValueError(f"model.student={uri} is a torch file without visual.* keys: not a released UTA checkpoint")
     return config.img_size
 
 
