@@ -4,26 +4,32 @@ Static checks (seconds): YAML parses, RayJob entrypoints name real scripts and c
 the one project image everywhere, GPUs only on workers, IAM roles instead of keys, spot
 GPU workers, autoscaling bounds, the launcher config passes Ray's own validation, the
 shell scripts parse, the README names every file. One `ray`-marked test starts the local
-cluster with cluster/local/start.sh and submits jobs to it with and without the token.
+cluster with cluster/local/start.sh and submits jobs to it with and without the token; the
+pre-training job it runs is also the SIGKILLed-driver fault trial.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import io
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from pipelines.lib.ray_setup import free_port
+from pipelines.lib.smoke import pretrain_overrides
 from uta_core.models.trained import load_export
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -571,12 +577,31 @@ def uploaded_mib(submit_output: str) -> float:
     return int(match.group(1)) / 1024
 
 
+def sigkill_driver(script: str, marker: str) -> list[int]:
+    """SIGKILL the driver of a submitted job (the processes running ``script`` whose arguments hold
+    ``marker``, not the ``ray job submit`` client), as an OOM kill would; the cluster stays."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if script in args and marker in args and "job submit" not in args:
+            os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
-    """Also, from a checkout holding outputs and data: the upload leaves them behind; a relative
-    output path is refused (it would land in the upload, which Ray deletes); with absolute
-    paths the smoke pre-training runs to the end, its outputs outside the upload."""
+def test_local_cluster_needs_the_token_and_a_sigkilled_driver_resumes_on_resubmit(tmp_path):
+    """The README's way to run a job: cluster/local/start.sh, then ``ray job submit``. A job
+    without the token is refused. From a checkout holding outputs and data the upload leaves them
+    behind, and a relative output path is refused (it would land in the upload, which Ray
+    deletes). With absolute paths the pre-training runs; its driver is SIGKILLed after the
+    checkpoint of step 2 (the cluster lives on), and the resubmitted job resumes from the newest
+    checkpoint in the same MLflow run, to the end. (A SIGKILLed worker: tests/test_pretrain.py, on
+    S3; a killed caching job: tests/test_reliability.py.)"""
     if shutil.which("ray") is None:
         pytest.skip("the ray CLI is not on PATH")
     token = tmp_path / "token"
@@ -589,23 +614,24 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
         "UTA_RAY_PORT": str(free_port()),
         "UTA_RAY_DASHBOARD_PORT": str(dash),
         "UTA_RAY_CLIENT_PORT": str(free_port()),
-        "UTA_RAY_NUM_CPUS": "4",  # the smoke job: 2 workers x 0.5 CPU + room for Ray Data on 2 cores
+        "UTA_RAY_NUM_CPUS": "4",  # the job: a worker at 0.5 CPU + room for Ray Data on 2 cores
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    work = tmp_path / "job"
-    work.mkdir()
-    (work / "job.py").write_text(
-        "import ray\nray.init()\nprint('answer', ray.get(ray.remote(lambda: 6 * 7).remote()))\n"
-    )
+    used = checkout_with_outputs(tmp_path / "checkout")  # 48 MiB of outputs and data
 
     def run(*cmd: str, **extra: str) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, timeout=540)
 
-    def submit(*entrypoint: str, working_dir: Path = work, **extra: str) -> subprocess.CompletedProcess:
-        address = f"http://127.0.0.1:{dash}"
-        return run("ray", "job", "submit", "--address", address, "--working-dir", str(working_dir), "--",
-                   *(entrypoint or ("python", "job.py")), **extra)  # fmt: skip
+    def submit_cmd(*entrypoint: str) -> list[str]:
+        return ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(used), "--",
+                *entrypoint]
 
+    def submit(*entrypoint: str, **extra: str) -> subprocess.CompletedProcess:
+        return run(*submit_cmd(*entrypoint), **extra)
+
+    inputs = tmp_path / "inputs"  # absolute paths: outputs outside the upload
+    args = [*pretrain_overrides(inputs), "run.name=faults", "train.max_steps=8", "run.checkpoint_every=2",
+            "run.log_every=1", "cluster.num_workers=1"]  # one worker: the trial is about the driver
     started = run("bash", str(CLUSTER / "local" / "start.sh"))
     try:
         assert started.returncode == 0, started.stdout + started.stderr
@@ -613,41 +639,63 @@ def test_local_cluster_needs_the_token_and_runs_a_job(tmp_path):
         if shutil.which("ss"):
             listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
             assert f"127.0.0.1:{dash} " in listening and f"0.0.0.0:{dash} " not in listening
-        bare = submit()
+        bare = submit("python", "-c", "print(42)")
         assert bare.returncode != 0 and "Unauthorized" in bare.stdout + bare.stderr
-        with_token = submit(RAY_AUTH_MODE="token")
-        assert with_token.returncode == 0 and "answer 42" in with_token.stdout, with_token.stdout + with_token.stderr
-        used = checkout_with_outputs(tmp_path / "checkout")  # 48 MiB of outputs and data
         entrypoint = ("echo uploaded-kib $(du -sk . | cut -f1); "
                       "exec python pipelines/pretrain.py 'data.input.paths=/nonexistent/*.tar'")
-        job = submit("bash", "-c", entrypoint, working_dir=used, RAY_AUTH_MODE="token")  # Ray quotes each word
+        job = submit("bash", "-c", entrypoint, RAY_AUTH_MODE="token")  # Ray quotes each word
         text = job.stdout + job.stderr
         assert uploaded_mib(text) < 2.0  # the code only
         assert job.returncode != 0 and "error: run.storage_path='runs' is inside this job's uploaded working" in text
         assert "Traceback" not in text
-        out = tmp_path / "shared"  # absolute paths: the smoke pre-training runs to the end from the upload
-        smoke = submit("python", "pipelines/pretrain.py", "--smoke-test", f"run.storage_path={out / 'runs'}",
-                       f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}", working_dir=used, RAY_AUTH_MODE="token")
-        logs = smoke.stdout + smoke.stderr
-        assert smoke.returncode == 0 and "succeeded" in logs, logs[-4000:]
+        log = tmp_path / "killed.log"
+        with log.open("wb") as out:
+            client = subprocess.Popen(submit_cmd("python", "pipelines/pretrain.py", *args),
+                                      env={**env, "RAY_AUTH_MODE": "token"}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            checkpoint = inputs / "runs" / "faults" / "checkpoint_0000002" / "state.pt"
+            deadline = time.monotonic() + 300
+            while not checkpoint.is_file():
+                assert client.poll() is None, f"the job ended before step 2's checkpoint:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no checkpoint of step 2 in 300 s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.1)
+            assert sigkill_driver("pipelines/pretrain.py", "run.name=faults"), "no driver process found"
+            assert client.wait(timeout=120) != 0
+        finally:
+            if client.poll() is None:
+                client.kill()
+        killed_status = the_run(inputs, "faults")[1].info.status
+        resubmitted = submit("python", "pipelines/pretrain.py", *args, RAY_AUTH_MODE="token")
+        logs = resubmitted.stdout + resubmitted.stderr
+        assert resubmitted.returncode == 0 and "succeeded" in logs, logs[-4000:]
         # The job's console, as `ray job submit` shows it: our progress line and where the runs are;
         # Ray's internals stay in the cluster's log files.
-        assert re.search(r"pretrain smoke: 100%\|[^\n]*\| 6/6 \[[0-9:]+<00:00, [^\]]+\] loss -?[0-9.]+", logs), logs
+        assert re.search(r"pretrain faults: 100%\|[^\n]*\| 8/8 \[[0-9:]+<00:00, [^\]]+\] loss -?[0-9.]+", logs), logs
         assert "?workflowType=machine_learning" in logs and "Ray worker logs: " in logs
         for noise in ("TrainingReport(", "Execution plan", "Checkpoint successfully created", "Parsing model"):
             assert noise not in logs, noise
-        for workdir in re.findall(r"smoke test in (/\S+uta-pretrain-smoke-\w+)", logs):
-            shutil.rmtree(workdir, ignore_errors=True)  # the job's generated digits + teacher config
     finally:
         stopped = run("bash", str(CLUSTER / "local" / "stop.sh"))
     assert stopped.returncode == 0, stopped.stderr
     assert not (tmp_path / "state" / "ray-head.pid").exists()
-    assert (out / "runs" / "smoke" / "checkpoint_0000006" / "state.pt").is_file()
-    student, meta = load_export(out / "runs" / "smoke" / "export")
-    assert meta["step"] == 6 and student.grid == (8, 8)
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id])
-    assert run.info.status == "FINISHED" and "zeroshot_top1" in run.data.metrics
+    assert killed_status in ("RUNNING", "FAILED")  # killed: left running, or ended by its dying worker
+    client, mlrun = the_run(inputs, "faults")  # the resumed job continued the same MLflow run
+    assert mlrun.info.status == "FINISHED" and 2 <= int(mlrun.data.tags["uta.resumed_from_step"]) < 8
+    assert {m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")} == set(range(1, 9))
+    assert "zeroshot_top1" in mlrun.data.metrics
+    final = torch.load(io.BytesIO((inputs / "runs" / "faults" / "checkpoint_0000008" / "state.pt").read_bytes()),
+                       weights_only=False)
+    assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {8}  # AdamW never restarted
+    student, meta = load_export(inputs / "runs" / "faults" / "export")
+    assert meta["step"] == 8 and student.grid == (8, 8)
+
+
+def the_run(workdir: Path, run_name: str):
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("uta-pretrain")
+    runs = client.search_runs([exp.experiment_id], f"tags.`uta.run_name` = '{run_name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
 
 
 @pytest.mark.parametrize("key", ["RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])

@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent('''
 
     gpus = float(sys.argv[1])
     setup_logging()  # the jobs' console: our stages at INFO
+    print(f"RAY-WITH-GPUS {gpus}", file=sys.stderr, flush=True)
     start_local_ray(num_cpus=8, num_gpus=gpus)
 
     def cache(**ray_cfg):
@@ -56,21 +57,30 @@ SCRIPT = textwrap.dedent('''
     out["trials_cli"] = trials(cli=2, use_gpu=True, num_workers=2)
     out["trials_cpu"] = trials(use_gpu=False, num_workers=1, cpus_per_worker=1, data_cpus=1)
     ray.shutdown()
-    print("RESULT " + json.dumps(out))
+    print(f"RESULT {gpus} " + json.dumps(out), flush=True)
 ''')
+GPU_COUNTS = (4, 0)
 
 
-def _run(gpus: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(gpus)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
+@pytest.fixture(scope="module")
+def sized() -> dict[int, dict]:
+    """Both Rays in one process, one after the other (the imports once): GPU count -> results and log."""
+    loop = "import sys\nfor sys.argv[1:] in " + repr([[str(g)] for g in GPU_COUNTS]) + ":\n" + \
+        textwrap.indent(SCRIPT, "    ")
+    proc = subprocess.run([sys.executable, "-c", loop], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return {"log": proc.stderr, **json.loads(line[len("RESULT "):])}
+    logs = dict(zip(GPU_COUNTS, proc.stderr.split("RAY-WITH-GPUS ")[1:]))
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            gpus, data = line[len("RESULT "):].split(" ", 1)
+            results[int(float(gpus))] = {"log": logs[int(float(gpus))], **json.loads(data)}
+    return results
 
 
 @pytest.mark.timeout(300)
-def test_a_cluster_with_gpus_sizes_pools_from_the_config_and_its_gpus():
-    out = _run(gpus=4)
+def test_a_cluster_with_gpus_sizes_pools_from_the_config_and_its_gpus(sized):
+    out = sized[4]
     assert out["auto"] == out["auto_joined"] == "cuda"
     assert out["pool_default"] == [4, 1.0, 1]  # one actor per GPU present, 1 CPU, 1 thread
     assert out["pool_config"] == [8, 2.0, 2]  # the config's 8 actors although 4 GPUs are there now
@@ -80,8 +90,8 @@ def test_a_cluster_with_gpus_sizes_pools_from_the_config_and_its_gpus():
 
 
 @pytest.mark.timeout(300)
-def test_a_cluster_scaling_gpus_from_zero_waits_for_them_and_runs_every_trial():
-    out = _run(gpus=0)
+def test_a_cluster_scaling_gpus_from_zero_waits_for_them_and_runs_every_trial(sized):
+    out = sized[0]
     assert out["auto"] == "cpu"  # a local Ray without GPUs: the CPU, as before
     assert out["auto_joined"] == "cpu" and "set ray.device=cuda: the job then asks the autoscaler" in out["log"]
     message, waited = out["wait"]

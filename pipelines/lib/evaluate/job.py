@@ -9,7 +9,6 @@ so a cache-mode run never builds a teacher.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -21,7 +20,7 @@ import ray
 import torch
 
 from pipelines.lib.destinations import check_output, check_tracking
-from pipelines.lib.evaluate.stream import embed
+from pipelines.lib.evaluate.stream import EvalSet, embed
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from uta_core import tracking
 from uta_core.data.shards import InputConfig
@@ -129,20 +128,22 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         classifier = load_classifier(cfg.classifier_path, cfg.s3) if cfg.classifier_path else {}
         needs_text = "weights" not in classifier or (cfg.retrieval_input is not None and "captions" not in classifier)
         encode_text, text_source = text_encoder(cfg, info, "cpu") if needs_text else (None, "the classifier file")
-        embed_set = functools.partial(embed, cfg.model, s3=cfg.s3, size=size, batch_size=cfg.batch_size,
-                                      device=device, actors=cfg.actors or _actors(device),
-                                      threads=cfg.threads or os.cpu_count() or 1, max_images=cfg.max_images)
+        sets = [EvalSet(cfg.input, "label")] if cfg.input is not None else []
+        sets += [EvalSet(cfg.retrieval_input, "caption")] if cfg.retrieval_input is not None else []
+        embedded = embed(cfg.model, sets, s3=cfg.s3, size=size, batch_size=cfg.batch_size, device=device,
+                         actors=cfg.actors or _actors(device), threads=cfg.threads or os.cpu_count() or 1,
+                         max_images=cfg.max_images, label="evaluate")
         metrics: dict[str, float] = {}
         if cfg.input is not None:
             weights_DC = classifier.get("weights")
             if weights_DC is None:
                 names, templates = prompts(cfg.classes, cfg.classnames, cfg.templates)
                 weights_DC = build_classifier(encode_text, names, templates)
-            emb_MD, labels = embed_set(cfg.input, need="label", label="zero-shot")
+            emb_MD, labels = embedded.pop(0)
             metrics |= zeroshot_of_embeddings(emb_MD, torch.tensor(labels), weights_DC)
             metrics["images"] = len(labels)
         if cfg.retrieval_input is not None:
-            emb_MD, captions = embed_set(cfg.retrieval_input, need="caption", label="retrieval")
+            emb_MD, captions = embedded.pop(0)
             metrics |= retrieval_of_embeddings(emb_MD, captions, eval_caption_bank(classifier, encode_text, captions))
             metrics["retrieval_images"], metrics["retrieval_texts"] = len(captions), len(set(captions))
     finally:
