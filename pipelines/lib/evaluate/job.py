@@ -20,7 +20,7 @@ import ray
 import torch
 
 from pipelines.lib.destinations import check_output, check_tracking
-from pipelines.lib.evaluate.stream import EvalSet, embed
+from pipelines.lib.evaluate.stream import Encoder, EvalSet, embed
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from uta_core import tracking
 from uta_core.data.shards import InputConfig
@@ -130,9 +130,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         encode_text, text_source = text_encoder(cfg, info, "cpu") if needs_text else (None, "the classifier file")
         sets = [EvalSet(cfg.input, "label")] if cfg.input is not None else []
         sets += [EvalSet(cfg.retrieval_input, "caption")] if cfg.retrieval_input is not None else []
-        embedded = embed(cfg.model, sets, s3=cfg.s3, size=size, batch_size=cfg.batch_size, device=device,
-                         actors=cfg.actors or _actors(device), threads=cfg.threads or os.cpu_count() or 1,
-                         max_images=cfg.max_images, label="evaluate")
+        enc = Encoder(cfg.model, device, cfg.actors or _actors(device), cfg.threads or os.cpu_count() or 1,
+                      cfg.batch_size)
+        embedded = embed(sets, enc, s3=cfg.s3, size=size, max_images=cfg.max_images, label="evaluate")
         metrics: dict[str, float] = {}
         if cfg.input is not None:
             weights_DC = classifier.get("weights")

@@ -97,16 +97,25 @@ def decode_memory(task: EvalViews) -> int:
     return DECODE_BASE_BYTES + 2 * task.rows * task.size * task.size * 3
 
 
-def embed(model: str, sets: list[EvalSet], *, s3: S3Options, size: int, batch_size: int, device: str,
-          actors: int, threads: int, max_images: int | None, label: str) -> list[tuple[torch.Tensor, list]]:
-    """Every usable image of each set (up to ``max_images`` a set, the first decoded) -> (embeddings
-    (M, D) float32, labels or captions) per set, in no particular order. Decoding on Ray tasks (one
-    per shard), encoding on ``actors`` actors that serve every set (one start for all); a progress bar
-    with the rate."""
-    found = [discover(s.input, s3) for s in sets]
-    task = EvalViews(tuple(sets), s3, size, batch_size)
+@dataclass(frozen=True)
+class Encoder:
+    """Where and how the actor pool encodes."""
+
+    model: str
+    device: str
+    actors: int
+    threads: int
+    batch_size: int
+
+
+def eval_dataset(sets: list[EvalSet], enc: Encoder, *, s3: S3Options, size: int,
+                 max_images: int | None) -> tuple[ray.data.Dataset, int | None]:
+    """Decode tasks (one per shard of every set; ``max_images`` a set) -> one encoder actor pool, and
+    the number of images to expect when every shard's producer stats say it (else None)."""
+    task = EvalViews(tuple(sets), s3, size, enc.batch_size)
     streams, totals = [], []
-    for index, inputs in enumerate(found):
+    for index, wanted in enumerate(sets):
+        inputs = discover(wanted.input, s3)
         items = [{"shard": json.dumps(dataclasses.asdict(shard)), "set": index} for shard in inputs.shards]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _views_of_shards, fn_kwargs={"task": task}, batch_size=1, batch_format="pyarrow", num_cpus=1,
@@ -115,12 +124,21 @@ def embed(model: str, sets: list[EvalSet], *, s3: S3Options, size: int, batch_si
         counts = producer_counts(inputs.fs, inputs.shards)
         totals.append(min(sum(counts), max_images or sys.maxsize) if counts is not None else max_images)
     ds = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
-    ds = ds.map_batches(StudentEncoder, fn_constructor_args=(model, s3, device, threads), batch_size=batch_size,
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                        num_cpus=1 if device == "cpu" else 0.5, num_gpus=1 if device == "cuda" else None)
+    ds = ds.map_batches(StudentEncoder, fn_constructor_args=(enc.model, s3, enc.device, enc.threads),
+                        batch_size=enc.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=enc.actors),
+                        num_cpus=1 if enc.device == "cpu" else 0.5, num_gpus=1 if enc.device == "cuda" else None)
+    return ds, (sum(totals) if None not in totals else None)
+
+
+def embed(sets: list[EvalSet], enc: Encoder, *, s3: S3Options, size: int, max_images: int | None,
+          label: str) -> list[tuple[torch.Tensor, list]]:
+    """Every usable image of each set (up to ``max_images`` a set, the first decoded) -> (embeddings
+    (M, D) float32, labels or captions) per set, in no particular order. Decoding on Ray tasks (one
+    per shard), encoding on ``enc.actors`` actors that serve every set (one start for all); a progress
+    bar with the rate."""
+    ds, total = eval_dataset(sets, enc, s3=s3, size=size, max_images=max_images)
     chunks: list[list[torch.Tensor]] = [[] for _ in sets]
     values: list[list[str]] = [[] for _ in sets]
-    total = sum(totals) if None not in totals else None
     done, start = 0, time.perf_counter()
     with DriverProgress(label, total, unit="img", remote=False) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
