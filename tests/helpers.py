@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -69,18 +70,26 @@ def write_clip_benchmark_dataset(root: Path, pixels_MHW3, labels_M, classnames, 
 
 
 def run_clip_benchmark(model_dir: Path, dataset_root: Path, output: Path) -> dict:
-    """``clip_benchmark eval`` (its CLI, in its own process, as ``pipelines/benchmark.py`` runs it) on a
-    local-dir open_clip model."""
-    import subprocess
+    """``clip_benchmark eval`` on a local-dir open_clip model: its CLI's own ``main`` with these arguments,
+    in this process (a process of its own spends ~8 s importing torch and open_clip; its CLI as a
+    process of its own, as ``pipelines/benchmark.py`` runs it: tests/test_clip_tooling.py)."""
+    import clip_benchmark.cli
+    import clip_benchmark.metrics.zeroshot_classification as zc
 
-    from pipelines.lib.benchmark.clip_benchmark import command
+    from pipelines.lib.benchmark.clip_benchmark import ACCURACY_SHIM, needs_shim
 
-    cmd = [*command(None), "eval", "--model", f"local-dir:{model_dir}",
-           "--pretrained", "none", "--dataset", "wds/uta", "--dataset_root", str(dataset_root),
-           "--task", "zeroshot_classification", "--no_amp", "--num_workers", "0", "--batch_size", "64",
-           "--output", str(output), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    args = ["eval", "--model", f"local-dir:{model_dir}", "--pretrained", "none", "--dataset", "wds/uta",
+            "--dataset_root", str(dataset_root), "--task", "zeroshot_classification", "--no_amp",
+            "--num_workers", "0", "--batch_size", "64", "--output", str(output), "--quiet"]
+    argv, accuracy = sys.argv, zc.accuracy
+    try:
+        if needs_shim():
+            exec(ACCURACY_SHIM, {})  # replaces zc.accuracy, as the CLI's process does
+        sys.argv = ["clip_benchmark", *args]
+        with torch.random.fork_rng():  # it seeds the global generator
+            clip_benchmark.cli.main()
+    finally:
+        sys.argv, zc.accuracy = argv, accuracy
     return json.loads(output.read_text())["metrics"]
 
 

@@ -678,6 +678,7 @@ def test_local_cluster_needs_the_token_and_a_sigkilled_driver_resumes_on_resubmi
         stopped = run("bash", str(CLUSTER / "local" / "stop.sh"))
     assert stopped.returncode == 0, stopped.stderr
     assert not (tmp_path / "state" / "ray-head.pid").exists()
+    assert "Draining" not in (tmp_path / "state" / "ray-head.log").read_text()  # no 30 s drain on one machine
     assert killed_status in ("RUNNING", "FAILED")  # killed: left running, or ended by its dying worker
     client, mlrun = the_run(inputs, "faults")  # the resumed job continued the same MLflow run
     assert mlrun.info.status == "FINISHED" and 2 <= int(mlrun.data.tags["uta.resumed_from_step"]) < 8

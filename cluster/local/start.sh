@@ -59,6 +59,9 @@ ray get-auth-token --generate >/dev/null 2>&1 || die "could not create a Ray aut
 # in pipelines/lib/ray_setup.py); every Ray process inherits these.
 export RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S="${RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S:-30}"
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}"
+# One machine has no other node to drain onto: on stop.sh's SIGTERM the node shuts down at once
+# instead of waiting up to 30 s (Ray's default) for worker leases that ended jobs never return.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
 
 gpu_args=()
 [ -n "${UTA_RAY_NUM_GPUS:-}" ] && gpu_args=(--num-gpus "$UTA_RAY_NUM_GPUS")

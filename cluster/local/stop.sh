@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop the one-machine cluster that cluster/local/start.sh started, and only that one.
-# SIGTERM makes `ray start --block` drain and shut down every process of its node.
+# SIGTERM makes `ray start --block` shut down every process of its node (with no drain wait: start.sh).
 set -euo pipefail
 
 die() { echo "stop.sh: $*" >&2; exit 1; }

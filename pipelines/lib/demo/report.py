@@ -88,5 +88,5 @@ def print_table(results: dict, times: dict[str, float], paths: Paths, cfg: DemoC
     print(f"Outputs: {paths.work}")
     for name, value in files.items():
         print(f"  {name:<16} {value}")
-    print(f"MLflow experiment '{cfg.experiment}' (runs: demo, demo-teacher, demo-cache, demo-student, demo-eval-*):")
+    print(f"MLflow experiment '{cfg.experiment}' (runs: demo, demo-teacher, demo-cache, demo-student):")
     print(tracking.where_runs_are(paths.tracking_uri, experiment=cfg.experiment))
