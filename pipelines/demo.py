@@ -149,10 +149,10 @@ def evaluate_all(cfg: DemoConfig, paths: Paths, arch: str, weights: str, scfg: P
     classifier = load_classifier(str(paths.classifier))
     pixels, labels = load_eval_set(heldout, S3Options(), teacher.image_size, 100_000)
     cap_pixels, captions = load_caption_set(heldout, S3Options(), teacher.image_size, 100_000)
-    student, mean, std, _ = load_trained_student(str(paths.student_export), S3Options())
+    student, student_mean, student_std, _ = load_trained_student(str(paths.student_export), S3Options())
     torch.manual_seed(cfg.control_seed)
     encoders = {"teacher": (teacher.encode_image, teacher.mean, teacher.std),
-                "student": (student.eval(), mean, std),
+                "student": (student.eval(), student_mean, student_std),
                 "control": (UTAStudent(scfg.student).eval(), teacher.mean, teacher.std)}
     results: dict[str, Any] = {"images": int(labels.numel()), "classes": len(CLASS_NAMES), "retrieval": {},
                                "caption_texts": len(set(captions))}

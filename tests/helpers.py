@@ -76,11 +76,10 @@ def run_clip_benchmark(model_dir: Path, dataset_root: Path, output: Path) -> dic
     import clip_benchmark.cli
     import clip_benchmark.metrics.zeroshot_classification as zc
 
-    from pipelines.lib.benchmark.clip_benchmark import ACCURACY_SHIM, needs_shim
+    from pipelines.lib.benchmark.clip_benchmark import ACCURACY_SHIM, eval_args, needs_shim
 
-    args = ["eval", "--model", f"local-dir:{model_dir}", "--pretrained", "none", "--dataset", "wds/uta",
-            "--dataset_root", str(dataset_root), "--task", "zeroshot_classification", "--no_amp",
-            "--num_workers", "0", "--batch_size", "64", "--output", str(output), "--quiet"]
+    args = eval_args(Path(model_dir), "wds/uta", str(dataset_root), "zeroshot_classification", output,
+                     ["--no_amp", "--num_workers", "0", "--batch_size", "64", "--quiet"])
     argv, accuracy = sys.argv, zc.accuracy
     try:
         if needs_shim():
@@ -91,6 +90,17 @@ def run_clip_benchmark(model_dir: Path, dataset_root: Path, output: Path) -> dic
     finally:
         sys.argv, zc.accuracy = argv, accuracy
     return json.loads(output.read_text())["metrics"]
+
+
+def pretrain_run(tracking_uri: str, run_name: str):
+    """(client, run): the one MLflow run of the pre-training run ``run_name`` (a resumed run continues it)."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id],
+                              f"tags.`uta.run_name` = '{run_name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
 
 
 def write_cache_in_process(cfg) -> None:

@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-import mlflow
 import pytest
 import torch
 import yaml
+from helpers import pretrain_run
 
 from pipelines.lib.ray_setup import free_port
 from pipelines.lib.smoke import pretrain_overrides
@@ -664,7 +664,7 @@ def test_local_cluster_needs_the_token_and_a_sigkilled_driver_resumes_on_resubmi
         finally:
             if client.poll() is None:
                 client.kill()
-        killed_status = the_run(inputs, "faults")[1].info.status
+        killed_status = pretrain_run(f"sqlite:///{inputs / 'mlflow.db'}", "faults")[1].info.status
         resubmitted = submit("python", "pipelines/pretrain.py", *args, RAY_AUTH_MODE="token")
         logs = resubmitted.stdout + resubmitted.stderr
         assert resubmitted.returncode == 0 and "succeeded" in logs, logs[-4000:]
@@ -680,7 +680,7 @@ def test_local_cluster_needs_the_token_and_a_sigkilled_driver_resumes_on_resubmi
     assert not (tmp_path / "state" / "ray-head.pid").exists()
     assert "Draining" not in (tmp_path / "state" / "ray-head.log").read_text()  # no 30 s drain on one machine
     assert killed_status in ("RUNNING", "FAILED")  # killed: left running, or ended by its dying worker
-    client, mlrun = the_run(inputs, "faults")  # the resumed job continued the same MLflow run
+    client, mlrun = pretrain_run(f"sqlite:///{inputs / 'mlflow.db'}", "faults")  # the resumed job's: the same run
     assert mlrun.info.status == "FINISHED" and 2 <= int(mlrun.data.tags["uta.resumed_from_step"]) < 8
     assert {m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")} == set(range(1, 9))
     assert "zeroshot_top1" in mlrun.data.metrics
@@ -689,14 +689,6 @@ def test_local_cluster_needs_the_token_and_a_sigkilled_driver_resumes_on_resubmi
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {8}  # AdamW never restarted
     student, meta = load_export(inputs / "runs" / "faults" / "export")
     assert meta["step"] == 8 and student.grid == (8, 8)
-
-
-def the_run(workdir: Path, run_name: str):
-    client = mlflow.tracking.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("uta-pretrain")
-    runs = client.search_runs([exp.experiment_id], f"tags.`uta.run_name` = '{run_name}'")
-    assert len(runs) == 1, [r.info.run_id for r in runs]
-    return client, runs[0]
 
 
 @pytest.mark.parametrize("key", ["RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"])

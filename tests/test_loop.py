@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import checkpoint_state, pretrain_config, samples_seen, train_ranks
+from helpers import checkpoint_state, pretrain_config, pretrain_run, samples_seen, train_ranks
 
 from pipelines.lib.contrastive import job as contrastive
 from pipelines.lib.contrastive.config import DEFAULT_CONFIG as CONTRASTIVE_CONFIG
@@ -50,13 +50,6 @@ def rows_seen(ws, name: str, rank: int = 0, epoch: int = 0) -> list[int]:
     return samples_seen(str(ws.root / "runs"), name, rank, epoch)
 
 
-def the_run(ws, name: str):
-    client = mlflow.tracking.MlflowClient(ws.mlflow)
-    (run,) = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id],
-                                f"tags.`uta.run_name` = '{name}'")
-    return client, run
-
-
 # --------------------------------------------------------------------- one rank
 @pytest.fixture(scope="module")
 def straight(ws):
@@ -80,7 +73,7 @@ def test_a_stopped_and_resumed_run_trains_the_uninterrupted_runs_rows_to_the_sam
     for key, value in straight["model"].items():
         torch.testing.assert_close(final["model"][key], value, rtol=0, atol=0, msg=key)
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {10}  # AdamW never restarted
-    client, run = the_run(ws, name)  # one MLflow run, continued
+    client, run = pretrain_run(ws.mlflow, name)  # one MLflow run, continued
     assert run.info.status == "FINISHED" and run.data.tags["uta.resumed_from_step"] == str(fail_at - 1)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
     assert steps == sorted([*range(1, 11), fail_at])  # the failed step, logged by both attempts
@@ -95,7 +88,7 @@ def test_a_resume_takes_the_newest_checkpoint_it_can_read_whole(ws):
     newest = ws.root / "runs" / "truncated" / checkpoint_dir_name(4) / "state.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # an upload killed half-way
     train(cfg)
-    _, run = the_run(ws, "truncated")
+    _, run = pretrain_run(ws.mlflow, "truncated")
     assert run.data.tags["uta.resumed_from_step"] == "2" and state(ws, "truncated", 6)["position"]["step"] == 6
 
 

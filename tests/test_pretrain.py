@@ -22,6 +22,7 @@ from helpers import (
     checkpoint_state,
     mask_gen,
     pretrain_config,
+    pretrain_run,
     samples_seen,
     train_ranks,
     upload_tree,
@@ -55,19 +56,12 @@ def train_keys(ws) -> list[str]:
     return [s.key for shard in inputs.shards for s in iter_samples(inputs.fs, shard, cfg)]
 
 
-def the_run(ws, name: str):
-    client = mlflow.tracking.MlflowClient(ws.mlflow)
-    (run_,) = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id],
-                                 f"tags.`uta.run_name` = '{name}'")
-    return client, run_
-
-
 # --------------------------------------------------------------------- what a run leaves
 def test_a_run_tracks_everything_and_its_export_loads_in_timm_open_clip_and_mlflow(pretrain_ws):
     ws = pretrain_ws
     cfg = pretrain_config(ws, "tracked", "online", "train.max_steps=8", "tracking.register_as=uta-test-online")
     run(cfg, in_process=True)
-    client, mlrun = the_run(ws, "tracked")
+    client, mlrun = pretrain_run(ws.mlflow, "tracked")
     history = sorted(client.get_metric_history(mlrun.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(1, 9)) and mlrun.info.status == "FINISHED"
     assert history[-1].value < history[0].value - 0.05, [m.value for m in history]
@@ -271,7 +265,7 @@ def test_two_ray_workers_on_s3_survive_a_sigkilled_worker_and_train_the_rows_of_
                           f"s3.endpoint_url={s3_server}", storage=storage)
     run(cfg)  # on the session's local Ray
     monkeypatch.delenv("UTA_FAULT_AT_STEP")
-    client, mlrun = the_run(ws, "ray")
+    client, mlrun = pretrain_run(ws.mlflow, "ray")
     history = sorted(client.get_metric_history(mlrun.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in history] == [1, 2, 3, 3, 4, 5, 6]  # step 3 again after the restart
     assert mlrun.data.tags["uta.resumed_from_step"] == "2" and mlrun.info.status == "FINISHED"

@@ -11,12 +11,11 @@ import os
 import signal
 import time
 
-import mlflow
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import checkpoint_state, pretrain_config, samples_seen, train_ranks, upload_tree
+from helpers import checkpoint_state, pretrain_config, pretrain_run, samples_seen, train_ranks, upload_tree
 
 from pipelines.lib.pretrain.job import plan_pretrain, run
 from pipelines.lib.train.config import PoolConfig
@@ -249,9 +248,7 @@ def test_two_ray_workers_and_a_teacher_pool_on_s3_survive_sigkills_and_train_the
     run(cfg)  # on the session's local Ray
     monkeypatch.delenv("UTA_FAULT_AT_STEP")
     assert killer.killed, "the teacher actor was never SIGKILLed"
-    client = mlflow.tracking.MlflowClient(ws.mlflow)
-    (mlrun,) = client.search_runs([client.get_experiment_by_name("uta-pretrain").experiment_id],
-                                  "tags.`uta.run_name` = 'ray'")
+    client, mlrun = pretrain_run(ws.mlflow, "ray")
     history = sorted(client.get_metric_history(mlrun.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in history] == [1, 2, 3, 3, 4, 5, 6]  # step 3 again after the restart
     assert mlrun.data.tags["uta.resumed_from_step"] == "2" and mlrun.info.status == "FINISHED"

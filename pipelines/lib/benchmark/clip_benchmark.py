@@ -60,12 +60,17 @@ def task_of(dataset: str, root: str) -> str:
     return "zeroshot_retrieval" if dataset in RETRIEVAL_DATASETS else "zeroshot_classification"
 
 
+def eval_args(model_dir: Path, dataset: str, root: str, task: str, output: Path, options: list[str]) -> list[str]:
+    """The arguments of one ``clip_benchmark eval`` of a local-dir open_clip model."""
+    return ["eval", "--model", f"local-dir:{model_dir.resolve()}", "--pretrained", "none", "--dataset", dataset,
+            "--dataset_root", root, "--task", task, "--recall_k", "1", "5", "10", "--output", str(output), *options]
+
+
 def run_one(cmd: list[str], model_dir: Path, dataset: str, root: str, task: str, output: Path,
             options: list[str]) -> dict:
     """One ``clip_benchmark eval``; its metrics. Its own output (progress bars) goes to stderr as it runs;
     stdout stays the job's JSON."""
-    args = ["eval", "--model", f"local-dir:{model_dir.resolve()}", "--pretrained", "none", "--dataset", dataset,
-            "--dataset_root", root, "--task", task, "--recall_k", "1", "5", "10", "--output", str(output), *options]
+    args = eval_args(model_dir, dataset, root, task, output, options)
     sys.stderr.flush()
     code = subprocess.run([*cmd, *args], stdout=sys.stderr, stderr=sys.stderr).returncode
     if code != 0 or not output.is_file():
