@@ -8,11 +8,15 @@
   ``s3_client`` a boto3 client for it; ``s3_bucket`` a fresh bucket per test.
 - ``digits_webdataset``: scikit-learn's digits (real, labelled images) written as
   img2dataset-style tars (``key.png``, ``key.cls``, ``key.txt`` captions).
+
+A test that starts Ray, in its process or in one it starts, is marked ``ray`` (or uses ``ray_local``):
+``./uta test`` runs those in one lane and the rest beside them at idle priority (``tests/run.py``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,19 +151,42 @@ def pretrain_ws(tmp_path_factory):
                            classifier=root / "classifier.pt", mlflow=f"sqlite:///{root / 'mlflow.db'}")
 
 
+LANES = ("ray", "cpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--lane", choices=LANES, help="run only the tests that start Ray (ray: marked `ray` or on "
+                     "the session's `ray_local`) or only the others (cpu); `./uta test` runs both side by side "
+                     "(tests/run.py)")
+
+
+def starts_ray(item) -> bool:
+    return item.get_closest_marker("ray") is not None or "ray_local" in item.fixturenames
+
+
 # Order: first the tests whose jobs start a Ray of their own (in their own processes), before the
 # session's local Ray (``ray_local``) exists: beside it they ran slower on 2 cores (the demo at 32 px:
 # 252 s alone, 308 s after four test files that start it, 333-367 s in the whole suite). Then the
 # files that need no Ray, then those that use the session's Ray: once started, an idle Ray takes
 # ~0.09 of a core (measured over 30 s), and a file stays in one piece (its module fixtures once).
-OWN_RAY_FIRST = ("test_demo.py", "test_cluster_configs.py", "test_gpu_sizing.py")
-
-
 def pytest_collection_modifyitems(config, items):
+    lane = config.getoption("lane")
+    if lane:
+        drop = [item for item in items if starts_ray(item) != (lane == "ray")]
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if starts_ray(item) == (lane == "ray")]
     on_session_ray = {item.path.name for item in items if "ray_local" in item.fixturenames}
 
     def group(item) -> int:
-        name = item.path.name
-        return 0 if name in OWN_RAY_FIRST else 2 if name in on_session_ray else 1
+        return 2 if item.path.name in on_session_ray else 0 if starts_ray(item) else 1
 
     items.sort(key=group)  # stable: file order otherwise kept
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The Ray-free lane runs beside the Ray lane on the same cores: a test there that starts Ray
+    is missing its ``ray`` mark, and this says which lane it belongs to."""
+    ray = sys.modules.get("ray")
+    if session.config.getoption("lane") == "cpu" and ray is not None and ray.is_initialized():
+        session.config.get_terminal_writer().line("a test of the cpu lane started Ray: mark it `ray`", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
