@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,8 @@ def main(args: list[str]) -> int:
     cache, start = Path(".pytest_cache"), time.monotonic()
     before = read_json(cache / LASTFAILED)
     with tempfile.TemporaryFile("w+") as cpu_out, tempfile.TemporaryDirectory() as cpu_cache:
+        if cache.is_dir():  # the cpu lane starts from the same record, in a copy of its own
+            shutil.copytree(cache, cpu_cache, dirs_exist_ok=True)
         lanes = {
             "ray": subprocess.Popen([*pytest, "--lane=ray", *args]),
             "cpu": subprocess.Popen([*pytest, "--lane=cpu", "-o", f"cache_dir={cpu_cache}", *args], stdout=cpu_out,
