@@ -172,9 +172,11 @@ def starts_ray(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     lane = config.getoption("lane")
     if lane:
-        drop = [item for item in items if starts_ray(item) != (lane == "ray")]
+        keep, drop = [], []
+        for item in items:
+            (keep if starts_ray(item) == (lane == "ray") else drop).append(item)
         config.hook.pytest_deselected(items=drop)
-        items[:] = [item for item in items if starts_ray(item) == (lane == "ray")]
+        items[:] = keep
     on_session_ray = {item.path.name for item in items if "ray_local" in item.fixturenames}
 
     def group(item) -> int:

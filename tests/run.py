@@ -10,6 +10,7 @@ Run one after the other, the Ray tests left 28% of two cores idle (starting proc
 Ray, on jobs and on faults) and the Ray-free ones 47% (one thread). Ray runs its workers at nice 15
 (``RAY_worker_niceness``), so the cpu lane at normal priority took their cores instead of their idle
 time: the demo ran 352 s instead of ~200 s beside it.
+
 Arguments pass to both lanes. A run that names test files or node ids, or asks for what one process
 must do (``--pdb``, ``--collect-only``, ``--lane``, ...), is one plain pytest process. The exit
 status is pytest's: 0 when both lanes pass, also beside a lane that selected nothing (5). pytest's
