@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from pretrain_step import DEMO_SIZE, job_and_plan, step_seconds, workspace  # noqa: E402
 
+from pipelines.lib.train.launch import run_folder  # noqa: E402
 from pipelines.lib.train.runtime import LocalRuntime  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def measure(size: int, folder: Path, steps: int, threads: int, top: int) -> list
     rows = []
     for name in ("teacher", "student"):
         job, plan = job_and_plan(name, ws, steps, threads)
-        runtime = LocalRuntime(plan.run_uri, job.cfg.s3, 1, threads=threads)
+        runtime = LocalRuntime(run_folder(job.cfg), 1, threads=threads)
         seconds = statistics.median(step_seconds(job, plan, runtime, steps))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             step_seconds(job, plan, runtime, 4)

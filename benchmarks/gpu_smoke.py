@@ -215,7 +215,7 @@ def checkpoint_check(args, device: torch.device, workdir: Path) -> None:
     images = torch.randn(2, 3, 32, 32, device=device)
     student(images).float().pow(2).mean().backward()
     opt.step()  # optimizer state (exp_avg ...) on the device too
-    save_state(training_state(student, opt, sched, Position(step=1), {}, {}, {}), workdir)
+    save_state(training_state(student, opt, sched, Position(step=1), {}, {}, {}), workdir, 1)
     code = ("import sys, torch; from uta_core.checkpoint import load_state; s = load_state(sys.argv[1]); "
             "t = [v for v in s['model'].values()] + [v for st in s['optimizer']['state'].values() for v in st.values() "
             "if torch.is_tensor(v)]; assert not torch.cuda.is_available(); "

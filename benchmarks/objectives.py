@@ -33,7 +33,6 @@ from pipelines.lib.demo.config import DEFAULT_CONFIG, Paths, load_demo_config  #
 from pipelines.lib.evaluate import job as evaluate_job  # noqa: E402
 from pipelines.lib.pretrain import job as pretrain_job  # noqa: E402
 from pipelines.lib.ray_setup import cluster_resources, init_ray  # noqa: E402
-from pipelines.lib.train.outputs import EXPORT_DIR  # noqa: E402
 from uta_core.data.digits import write_digits_splits  # noqa: E402
 from uta_core.data.shards import InputConfig  # noqa: E402
 from uta_core.models.flops import step_flops, student_shape  # noqa: E402
@@ -75,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                 scfg, run=dataclasses.replace(scfg.run, name=f"bench-{objective}"),
                 objective=dataclasses.replace(scfg.objective, name=objective))
             start = time.perf_counter()
-            pretrain_job.run(scfg)
+            report = pretrain_job.run(scfg)
             seconds[objective] = time.perf_counter() - start
-            ecfg = evaluate_job.EvaluateConfig(model=str(paths.work / scfg.run.name / EXPORT_DIR), input=heldout,
+            ecfg = evaluate_job.EvaluateConfig(model=report["export"], input=heldout,
                                                classifier_path=str(paths.classifier), device="cpu")
             top1 = evaluate_job.evaluate(dataclasses.replace(
                 ecfg, tracking=dataclasses.replace(ecfg.tracking, enabled=False)))["zeroshot_top1"]

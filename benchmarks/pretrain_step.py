@@ -44,10 +44,11 @@ from pipelines.lib.demo.config import load_demo_config  # noqa: E402
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig  # noqa: E402
 from pipelines.lib.pretrain.job import plan_pretrain  # noqa: E402
 from pipelines.lib.ray_setup import start_local_ray  # noqa: E402
+from pipelines.lib.train.backends import InProcess  # noqa: E402
+from pipelines.lib.train.launch import resolve_paths, run_folder  # noqa: E402
 from pipelines.lib.train.loop import TrainLoop, train_worker  # noqa: E402
 from pipelines.lib.train.ray_runtime import RayRuntime  # noqa: E402
 from pipelines.lib.train.runtime import LocalRuntime  # noqa: E402
-from pipelines.lib.train.trainer import resolve_paths  # noqa: E402
 from uta_core.cache.writer import write_in_process  # noqa: E402
 from uta_core.config import load_config  # noqa: E402
 from uta_core.data.digits import write_digits_splits  # noqa: E402
@@ -81,11 +82,13 @@ def job_and_plan(name: str, ws: dict[str, str], steps: int, threads: int):
             "data.teacher_mode=cache", f"data.cache={ws['root']}/cache", "data.shuffle_buffer=2048",
             "student.variant=nano", f"student.img_size={ws['size']}", "student.patch_size=4", "student.out_dim=128",
             "mask.strategy=random", "mask.mask_ratio=0.5", "train.micro_batch=128", "train.precision=fp32"])
-        return plan_pretrain(resolve_paths(cfg))
+        cfg = resolve_paths(cfg)
+        return plan_pretrain(cfg, run_folder(cfg), InProcess())
     cfg = load_config(ContrastiveJobConfig, CLIP_DEFAULTS, common + [
         f"data.input.paths={ws['root']}/digits/train", "train.micro_batch=128", f"data.views.size={ws['size']}",
         f"model.clip.vision.image_size={ws['size']}"])
-    return plan_contrastive(resolve_paths(cfg))
+    cfg = resolve_paths(cfg)
+    return plan_contrastive(cfg, run_folder(cfg))
 
 
 def median_step(history: list[dict]) -> float:
@@ -95,7 +98,7 @@ def median_step(history: list[dict]) -> float:
 # --------------------------------------------------------------------- 1. the step alone
 def step_seconds(job, plan, runtime, steps: int) -> list[float]:
     """``steps`` optimiser steps of the job's loop on one fixed, prepared micro-batch: no data path."""
-    loop = TrainLoop(job, plan, runtime)
+    loop = TrainLoop(job, plan, runtime, run_folder(job.cfg))
     batch, _ = next(loop.stream.batches(0, Cursor()))
     prepared = loop.task.prepare(batch, 0, 0)
     times = []
@@ -110,7 +113,7 @@ def step_seconds(job, plan, runtime, steps: int) -> list[float]:
 
 
 def bare_worker(config: dict) -> dict:
-    runtime = RayRuntime(config["job"], None)
+    runtime = RayRuntime(config["job"], run_folder(config["job"].cfg), None)
     return {"median": statistics.median(step_seconds(config["job"], config["plan"], runtime, config["steps"]))}
 
 
@@ -132,8 +135,9 @@ def _read_tasks(batch: dict, reader, tasks):
 
 
 def ray_worker(config: dict) -> dict:
-    runtime = (RayDataRuntime if config["reader"] == "ray data" else RayRuntime)(config["job"], None)
-    out = train_worker(config["job"], config["plan"], runtime)
+    run = run_folder(config["job"].cfg)
+    runtime = (RayDataRuntime if config["reader"] == "ray data" else RayRuntime)(config["job"], run, None)
+    out = train_worker(config["job"], config["plan"], runtime, run)
     return {"median": median_step(out["history"])}
 
 
@@ -149,12 +153,12 @@ def in_ray(fn, config: dict, threads: int, storage: str) -> dict:
 def measure(name: str, ws: dict, args) -> dict[str, float]:
     threads = args.threads
     job, plan = job_and_plan(name, ws, args.steps, threads)
-    local = LocalRuntime(plan.run_uri, job.cfg.s3, 1, threads=threads)
+    local = LocalRuntime(run_folder(job.cfg), 1, threads=threads)
     out = {"step, in this process": statistics.median(step_seconds(job, plan, local, args.step_repeats))}
     out["step, in a Ray Train worker"] = in_ray(bare_worker, {"job": job, "plan": plan, "steps": args.step_repeats},
                                                 threads, ws["root"])["median"]
     start = time.perf_counter()
-    history = train_worker(job, plan, local)["history"]
+    history = train_worker(job, plan, local, local.run)["history"]
     out["loop, in this process (no Ray)"] = median_step(history)
     seconds = {"loop, in this process (no Ray)": time.perf_counter() - start}
     for reader, label in (("tasks", "loop, Ray Train + Ray tasks (the jobs)"),

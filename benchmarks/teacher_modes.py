@@ -40,12 +40,13 @@ from pipelines.lib.cache.config import CacheConfig  # noqa: E402
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig  # noqa: E402
 from pipelines.lib.pretrain.job import plan_pretrain  # noqa: E402
 from pipelines.lib.ray_setup import start_local_ray  # noqa: E402
+from pipelines.lib.train.backends import InProcess  # noqa: E402
 from pipelines.lib.train.config import PoolConfig  # noqa: E402
+from pipelines.lib.train.launch import resolve_paths, run_folder  # noqa: E402
 from pipelines.lib.train.loop import train_worker  # noqa: E402
 from pipelines.lib.train.runtime import LocalRuntime  # noqa: E402
 from pipelines.lib.train.spec import Stage  # noqa: E402
 from pipelines.lib.train.stage_pool import PoolMeter, start_pool, stop_pool  # noqa: E402
-from pipelines.lib.train.trainer import resolve_paths  # noqa: E402
 from uta_core.cache.writer import write_in_process  # noqa: E402
 from uta_core.config import load_config  # noqa: E402
 from uta_core.data.digits import webdataset_bytes  # noqa: E402
@@ -112,14 +113,19 @@ def config(root: Path, mode: str, teacher: list[str], args) -> PretrainConfig:
         "stream.pool.cpus_per_actor=1", *teacher])
 
 
+def planned(cfg: PretrainConfig):
+    cfg = resolve_paths(cfg)
+    return plan_pretrain(cfg, run_folder(cfg), InProcess())
+
+
 def run_mode(root: Path, mode: str, teacher: list[str], args) -> dict[str, float]:
-    job, plan = plan_pretrain(resolve_paths(config(root, mode, teacher, args)))
-    pool = start_pool(job.stage(in_process=False)) if mode == "stream" else None
+    job, plan = planned(config(root, mode, teacher, args))
+    pool = start_pool(job.stage(on_pool=True)) if mode == "stream" else None
     make = (lambda *a, **k: PoolRuntime(pool, *a, **k)) if pool else LocalRuntime
-    runtime = make(plan.run_uri, job.cfg.s3, 1, threads=1, stage=None)
+    runtime = make(run_folder(job.cfg), 1, threads=1, stage=None)
     runtime.progress = clock = Clock()
     try:
-        history = train_worker(job, plan, runtime)["history"]
+        history = train_worker(job, plan, runtime, runtime.run)["history"]
     finally:
         if pool:
             stop_pool(pool)
@@ -132,8 +138,8 @@ def run_mode(root: Path, mode: str, teacher: list[str], args) -> dict[str, float
 
 
 def pool_rate(root: Path, teacher: list[str], args, actors: int) -> float:
-    job, plan = plan_pretrain(resolve_paths(config(root, "stream", teacher, args)))
-    stage = job.stage(in_process=False)
+    job, plan = planned(config(root, "stream", teacher, args))
+    stage = job.stage(on_pool=True)
     blocks = [ray.put(b) for item in plan.sources.items for b in job.reader(0)(item, 0, 0)]
     pool = start_pool(Stage(stage.work, PoolConfig(actors=actors, cpus_per_actor=1, blocks_in_flight=2 * actors),
                             "teacher pool"))

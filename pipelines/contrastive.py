@@ -30,7 +30,7 @@ from pipelines.lib.cli import job_main
 from pipelines.lib.contrastive.config import DEFAULT_CONFIG, ContrastiveJobConfig
 from pipelines.lib.contrastive.job import REPORT_KEYS, run
 from pipelines.lib.smoke import contrastive_overrides
-from pipelines.lib.train.trainer import print_report
+from pipelines.lib.train.launch import print_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ from pipelines.lib.evaluate import job as evaluate_job
 from pipelines.lib.pretrain import job as pretrain_job
 from pipelines.lib.pretrain.config import PretrainConfig
 from pipelines.lib.ray_setup import cluster_resources, init_ray
-from pipelines.lib.train.outputs import EXPORT_DIR
+from pipelines.lib.train.launch import run_folder
 from uta_core import tracking
 from uta_core.config import to_dict
 from uta_core.data.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
@@ -90,7 +90,7 @@ def teacher_config(cfg: DemoConfig, paths: Paths, worker_cpus: int) -> Contrasti
 
 
 def teacher_files(tcfg: ContrastiveJobConfig, paths: Paths) -> tuple[str, str]:
-    model_dir = paths.work / tcfg.run.name / EXPORT_DIR
+    model_dir = Path(run_folder(tcfg).export_uri)  # where the teacher's run exports it
     name = tcfg.model.clip.name
     return str(model_dir / f"{name}.json"), str(model_dir / f"{name}.pt")
 

@@ -28,7 +28,7 @@ from pipelines.lib.cli import job_main
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from pipelines.lib.pretrain.job import REPORT_KEYS, run
 from pipelines.lib.smoke import pretrain_overrides
-from pipelines.lib.train.trainer import print_report
+from pipelines.lib.train.launch import print_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,7 +138,7 @@ def train_ranks(cfg, world: int, workdir: Path, fault=None, timeout: float = 300
 
 
 RANK_MODULES = ["helpers", "pipelines.lib.pretrain.job", "pipelines.lib.train.loop", "pipelines.lib.train.runtime",
-                "pipelines.lib.train.trainer"]
+                "pipelines.lib.train.launch"]
 
 
 def _train_rank(cfg, rank: int, world: int, init: str, fault, env: dict[str, str]) -> None:
@@ -147,18 +147,50 @@ def _train_rank(cfg, rank: int, world: int, init: str, fault, env: dict[str, str
     os.environ.clear()
     os.environ.update(env)
     from pipelines.lib.pretrain.job import plan_pretrain
+    from pipelines.lib.train.backends import InProcess
+    from pipelines.lib.train.launch import resolve_paths, run_folder
     from pipelines.lib.train.loop import train_worker
     from pipelines.lib.train.runtime import LocalRuntime
-    from pipelines.lib.train.trainer import resolve_paths
 
-    job, plan = plan_pretrain(resolve_paths(cfg))
-    stage = job.stage(in_process=True)
-    runtime = LocalRuntime(plan.run_uri, cfg.s3, cfg.run.keep_checkpoints, rank=rank, world=world, init_method=init,
-                           threads=1, timeout_s=120, stage=stage.work if stage else None)
+    cfg = resolve_paths(cfg)
+    run = run_folder(cfg)  # no lease: the ranks of one run share the folder, as Ray Train's workers do
+    job, plan = plan_pretrain(cfg, run, InProcess())
+    if fault is not None:
+        from faults import FaultyJob
+
+        job = FaultyJob(job, fault)
+    stage = job.stage(on_pool=False)
+    runtime = LocalRuntime(run, cfg.run.keep_checkpoints, rank=rank, world=world, init_method=init, threads=1,
+                           timeout_s=120, stage=stage.work if stage else None)
     try:
-        train_worker(job, plan, runtime, fault)
+        train_worker(job, plan, runtime, run)
     finally:
         runtime.close()
+
+
+def planned(cfg):
+    """(job, plan) of a pre-training config as its run would make them (in this process, no lease)."""
+    from pipelines.lib.pretrain.job import plan_pretrain
+    from pipelines.lib.train.backends import InProcess
+    from pipelines.lib.train.launch import resolve_paths, run_folder
+
+    cfg = resolve_paths(cfg)
+    return plan_pretrain(cfg, run_folder(cfg), InProcess())
+
+
+def pretrain_in_process(cfg, fault=None) -> dict:
+    """A pre-training run in this process (``InProcess``), its job failing once as ``fault`` says
+    (``faults.Fault``)."""
+    import pytest
+    from faults import faulty_plans
+
+    from pipelines.lib.pretrain import job
+    from pipelines.lib.train.backends import InProcess
+
+    with pytest.MonkeyPatch.context() as patch:
+        if fault is not None:
+            patch.setattr(job, "plan_pretrain", faulty_plans(job.plan_pretrain, fault))
+        return job.run(cfg, InProcess())
 
 
 def pretrain_config(ws, name: str, mode: str, *extra: str, storage: str | None = None):
@@ -197,15 +229,11 @@ def samples_seen(storage: str, name: str, rank: int = 0, epoch: int = 0, s3=None
 
 
 def checkpoint_state(storage: str, name: str, step: int, s3=None) -> dict:
-    import io
+    """The verified state of a run's checkpoint (as a resume reads it)."""
+    from uta_core.data.storage import S3Options
+    from uta_core.run.folder import RunFolder
 
-    from uta_core.checkpoint import checkpoint_dir_name
-    from uta_core.data.storage import S3Options, filesystem_for, read_bytes
-
-    fs, path = filesystem_for(f"{storage}/{name}/{checkpoint_dir_name(step)}/state.pt", s3 or S3Options())
-    data = read_bytes(fs, path)
-    assert data is not None, f"{storage}/{name} has no checkpoint of step {step}"
-    return torch.load(io.BytesIO(data), weights_only=False)
+    return RunFolder(f"{storage}/{name}", s3 or S3Options()).load_checkpoint(step)
 
 
 def upload_tree(s3_client, bucket: str, prefix: str, folder: Path) -> None:

@@ -11,7 +11,6 @@ pre-training job it runs is also the SIGKILLed-driver fault trial.
 from __future__ import annotations
 
 import fnmatch
-import io
 import os
 import re
 import shlex
@@ -24,9 +23,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-import torch
 import yaml
-from helpers import pretrain_run
+from helpers import checkpoint_state, pretrain_run
 
 from pipelines.lib.ray_setup import free_port
 from pipelines.lib.smoke import pretrain_overrides
@@ -464,6 +462,34 @@ def test_mlflow_server_script_refuses_missing_or_wrong_settings(env, message):
     assert "pw@" not in proc.stderr + proc.stdout, "server.sh must never print the database password"
 
 
+@pytest.mark.parametrize("how", ["file", "env"])
+def test_mlflow_server_script_listens_on_loopback_and_keeps_the_password_off_the_command_line(tmp_path, how):
+    """A stand-in ``mlflow`` records its argv and the backend URL it reads from its environment."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mlflow").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$OUT/argv"\n'
+                                    'printf "%s" "$MLFLOW_BACKEND_STORE_URI" > "$OUT/backend"\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\n[ "$2" = "import psycopg2" ] && exit 0\nexec {sys.executable} "$@"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    secret = "p@ss word/1"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(tmp_path), MLFLOW_BACKEND_STORE_URI="postgresql://mlflow@db:5432/m",
+               MLFLOW_ARTIFACTS_DESTINATION="s3://b/p", MLFLOW_APP_NAME="basic-auth")
+    if how == "file":
+        (tmp_path / "pw").write_text(secret + "\n")
+        env["MLFLOW_DB_PASSWORD_FILE"] = str(tmp_path / "pw")
+    else:
+        env["MLFLOW_DB_PASSWORD"] = secret
+    proc = subprocess.run(["bash", str(CLUSTER / "mlflow" / "server.sh")], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv").read_text().split("\n")
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and "basic-auth" in argv
+    assert "p@ss" not in " ".join(argv) and "p@ss" not in proc.stdout + proc.stderr
+    assert (tmp_path / "backend").read_text() == "postgresql://mlflow:p%40ss%20word%2F1@db:5432/m"
+
+
 # ------------------------------------------------------------------------------- AWS
 def test_aws_config_passes_the_launchers_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -684,8 +710,7 @@ def test_local_cluster_needs_the_token_and_a_sigkilled_driver_resumes_on_resubmi
     assert mlrun.info.status == "FINISHED" and 2 <= int(mlrun.data.tags["uta.resumed_from_step"]) < 8
     assert {m.step for m in client.get_metric_history(mlrun.info.run_id, "loss")} == set(range(1, 9))
     assert "zeroshot_top1" in mlrun.data.metrics
-    final = torch.load(io.BytesIO((inputs / "runs" / "faults" / "checkpoint_0000008" / "state.pt").read_bytes()),
-                       weights_only=False)
+    final = checkpoint_state(str(inputs / "runs"), "faults", 8)
     assert {int(s["step"]) for s in final["optimizer"]["state"].values()} == {8}  # AdamW never restarted
     student, meta = load_export(inputs / "runs" / "faults" / "export")
     assert meta["step"] == 8 and student.grid == (8, 8)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import tiny_clip_model, tiny_clip_teacher
 
+from pipelines.lib.train.backends import InProcess
+from uta_core.checkpoint import load_state
 from uta_core.models.clip import (
     STAGE2_TEMPERATURE,
     ClipModelConfig,
@@ -236,7 +238,7 @@ def scratch_run(digits_splits, tmp_path_factory):
         "train.max_steps=40", "train.warmup_steps=10", "optim.lr=1e-3", "run.log_every=10",
     ]
     cfg = load_config(ContrastiveJobConfig, DEFAULT_CONFIG, overrides)
-    return cfg, contrastive.run(cfg, in_process=True), tmp
+    return cfg, contrastive.run(cfg, InProcess()), tmp
 
 
 @pytest.mark.timeout(600)
@@ -275,9 +277,9 @@ def test_stage2_from_a_uta_export_on_s3_keeps_the_temperature_at_001(scratch_run
         "train.max_steps=6", "train.warmup_steps=1", "optim.lr=1e-3", "run.log_every=2",
     ]
     cfg = load_config(ContrastiveJobConfig, DEFAULT_CONFIG, overrides)
-    out = contrastive.run(cfg, in_process=True)
+    out = contrastive.run(cfg, InProcess())
     assert [h["temperature"] for h in out["history"]] == [pytest.approx(0.01, rel=1e-6)] * 3
-    state = torch.load(f"{out['checkpoint']}/state.pt", weights_only=False)
+    state = load_state(out["checkpoint"])
     assert torch.equal(state["model"]["logit_scale"], torch.tensor(math.log(100.0)))  # exactly: never updated
     tuned, _ = load_export(out["model"])
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

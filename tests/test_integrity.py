@@ -10,22 +10,20 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import pretrain_config, samples_seen, write_cache_in_process
+from faults import Fault
+from helpers import pretrain_config, pretrain_in_process, samples_seen, write_cache_in_process
 
 from pipelines.lib.pretrain.job import plan_pretrain
-from pipelines.lib.train.faults import Fault
-from pipelines.lib.train.trainer import fit_in_process, resolve_paths
+from pipelines.lib.train.backends import InProcess
+from pipelines.lib.train.launch import resolve_paths, run_folder
 from uta_core.cache.format import load_manifest
 from uta_core.cache.verify import DamagedCacheError
 from uta_core.data.storage import filesystem_for
 from uta_core.errors import NonFiniteLoss
-from uta_core.lease import Lease, OutputInUse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +62,8 @@ def test_a_flipped_byte_stops_training_at_that_part_and_the_verified_rerun_redoe
     data[len(data) // 2] ^= 0xFF  # bit rot: the same size, other bytes
     path.write_bytes(bytes(data))
 
-    job, plan = plan_pretrain(cached_run(ws, cache, "flipped"))  # sizes match: training starts
-    with pytest.raises(DamagedCacheError) as err:
-        fit_in_process(job, plan)
+    with pytest.raises(DamagedCacheError) as err:  # sizes match: training starts
+        pretrain_in_process(cached_run(ws, cache, "flipped"))
     assert f"shard {shard}, part {part.file}: its bytes differ from the xxh3-128" in one_line(err.value)
     assert "rerun the cache job on the same output.path" in str(err.value)
 
@@ -83,7 +80,8 @@ def test_a_flipped_byte_stops_training_at_that_part_and_the_verified_rerun_redoe
     redone = load_manifest(fs, root)
     assert [p.sha256 for p in redone.shards[shard].parts] != [part.sha256]  # rewritten (new part names)
     assert redone.shards[shard].rows == 2 * redone.shards[shard].images  # every (key, view) of it, once
-    job, plan = plan_pretrain(cached_run(ws, cache, "flipped-rerun"))  # the whole cache checks out again
+    cfg = cached_run(ws, cache, "flipped-rerun")
+    job, plan = plan_pretrain(cfg, run_folder(cfg), InProcess())  # the whole cache checks out again
     assert plan.sources.total_rows == sum(r.rows for r in redone.shards.values())
 
 
@@ -118,17 +116,16 @@ def test_a_truncated_or_deleted_part_stops_the_run_before_any_worker_starts(ws, 
         path.unlink()
     cfg = cached_run(ws, cache, f"damaged-{damage}")
     with pytest.raises(DamagedCacheError, match=message.format(file=part.file)) as err:
-        plan_pretrain(cfg)
+        pretrain_in_process(cfg)
     assert f"shard {shard}" in one_line(err.value)
     assert not (Path(cfg.run.storage_path) / cfg.run.name).exists()  # nothing written
 
 
 # --------------------------------------------------------------------- a diverged run
-def test_a_nan_loss_stops_the_run_saves_nothing_of_it_and_the_rerun_resumes_from_the_last_checkpoint(ws):
+def test_a_nan_loss_stops_the_run_saves_nothing_of_it_and_the_rerun_resumes_from_the_last_checkpoint(ws, tmp_path):
     cfg = resolve_paths(pretrain_config(ws, "diverges", "cache", f"data.cache={ws.cache}", "train.max_steps=6"))
-    job, plan = plan_pretrain(cfg)
     with pytest.raises(NonFiniteLoss) as err:
-        fit_in_process(job, plan, Fault(step=3, kind="nan"))
+        pretrain_in_process(cfg, Fault(step=3, kind="nan", once=tmp_path / "struck"))
     text = one_line(err.value)
     assert "loss nan is not finite in step 3 of run diverges" in text and "last checkpoint: step 2" in text
     assert "optim.lr=" in text and "train.skip_nonfinite_steps" in text
@@ -140,16 +137,16 @@ def test_a_nan_loss_stops_the_run_saves_nothing_of_it_and_the_rerun_resumes_from
                               f"tags.mlflow.runName = '{cfg.run.name}'")
     assert [r.info.status for r in runs] == ["FAILED"]
 
-    resumed = fit_in_process(*plan_pretrain(cfg))  # the rerun resumes at step 2; the fault struck once
+    resumed = pretrain_in_process(cfg)  # the rerun resumes at step 2
     ids = samples_seen(str(ws.root / "runs"), "diverges")
     assert resumed["steps"] == 6 and len(ids) == len(set(ids)) == 6 * 8  # every row of the 6 steps, once
     assert all(v == v for h in resumed["history"] for v in h.values())
 
 
-def test_a_bounded_number_of_nonfinite_steps_may_be_skipped(ws):
+def test_a_bounded_number_of_nonfinite_steps_may_be_skipped(ws, tmp_path):
     cfg = resolve_paths(pretrain_config(ws, "skips", "cache", f"data.cache={ws.cache}", "train.max_steps=4",
                                         "train.skip_nonfinite_steps=1"))
-    report = fit_in_process(*plan_pretrain(cfg), Fault(step=2, kind="nan"))
+    report = pretrain_in_process(cfg, Fault(step=2, kind="nan", once=tmp_path / "struck"))
     assert report["steps"] == 4 and report["metrics"]["skipped_steps"] == 1
     assert all(v == v for h in report["history"] for v in h.values())  # no NaN logged
 
@@ -165,81 +162,6 @@ def test_relative_paths_resolve_against_the_directory_the_command_runs_from(tmp_
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "name: users-configs" in out.stdout
-
-
-# --------------------------------------------------------------------- owning an output
-HOLD = """
-import sys, time
-from uta_core.lease import Lease
-from uta_core.data.storage import S3Options
-lease = Lease(sys.argv[1], S3Options(endpoint_url=sys.argv[2] or None), "output.path")
-lease.acquire()
-print("held", flush=True)
-time.sleep(120)
-"""
-
-
-def holder(uri: str, endpoint: str = "") -> subprocess.Popen:
-    """Another job's process holding the lease on ``uri`` (its heartbeat alive)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, uri, endpoint], stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_a_second_job_on_a_leased_cache_or_run_refuses_with_one_line_naming_the_owner(ws, tmp_path):
-    out = tmp_path / "cache"
-    other = holder(str(out))
-    try:
-        job = subprocess.run(
-            [str(ROOT / "uta"), "python", "pipelines/cache_teacher.py", f"input.paths={ws.train}",
-             f"output.path={out}", f"teacher.arch={ws.arch}", f"teacher.pretrained={ws.weights}", "views.size=32",
-             "tracking.enabled=false"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert job.returncode == 1, job.stderr
-        (line,) = [x for x in job.stderr.splitlines() if x.startswith("error:")]
-        assert f"output.path {out} is in use by another job" in line and f"(pid {other.pid})" in line
-        assert list(out.iterdir()) == [out / "_lease.json"]  # nothing of the refused job
-
-        # A run folder: a second pre-training run of the same run.name and storage refuses too.
-        cfg = resolve_paths(pretrain_config(ws, "owned", "cache", f"data.cache={ws.cache}", "train.max_steps=2",
-                                            f"run.storage_path={tmp_path / 'runs'}"))
-        run_holder = holder(str(tmp_path / "runs" / "owned"))
-        try:
-            with pytest.raises(OutputInUse, match=r"run .*/owned is in use by another job"):
-                fit_in_process(*plan_pretrain(cfg))
-        finally:
-            run_holder.kill()
-            run_holder.wait()
-        # Its owner killed (no release): the lease of a dead process on this host is taken over at once.
-        assert fit_in_process(*plan_pretrain(cfg))["steps"] == 2
-        assert not (tmp_path / "runs" / "owned" / "_lease.json").exists()  # released at the end
-    finally:
-        other.kill()
-        other.wait()
-
-
-def test_a_stale_lease_is_taken_over_and_a_live_one_on_s3_refuses(tmp_path, s3_server, s3_bucket, caplog):
-    from uta_core.data.storage import S3Options
-
-    folder = tmp_path / "out"
-    folder.mkdir()
-    old = {"owner": "x", "host": "another-host", "pid": 1, "command": "cache_teacher.py", "started": 0.0,
-           "heartbeat": time.time() - 3600}
-    (folder / "_lease.json").write_text(json.dumps(old))
-    with Lease(str(folder), None, "output.path").held():  # an hour without a heartbeat: its owner is gone
-        assert json.loads((folder / "_lease.json").read_text())["pid"] == os.getpid()
-    assert "taking over the lease" in caplog.text and not (folder / "_lease.json").exists()
-
-    uri, s3 = f"s3://{s3_bucket}/cache", S3Options(endpoint_url=s3_server)
-    first = Lease(uri, s3, "output.path")
-    first.acquire()  # a conditional PUT (If-None-Match: *) on the S3 API
-    try:
-        with pytest.raises(OutputInUse, match=f"output.path {uri} is in use by another job"):
-            Lease(uri, s3, "output.path").acquire()
-    finally:
-        first.release()
-    with Lease(uri, s3, "output.path").held():
-        pass
 
 
 # --------------------------------------------------------------------- a full disk
@@ -283,7 +205,7 @@ def test_a_full_disk_is_one_line_keeps_the_committed_shards_and_the_rerun_comple
 
 # --------------------------------------------------------------------- what a dead attempt leaves
 def test_an_mlflow_run_left_running_ends_killed_and_a_torn_ray_snapshot_is_set_aside(ws, tmp_path, caplog):
-    from pipelines.lib.train.trainer import RAY_SNAPSHOT, set_aside_damaged_snapshot
+    from uta_core.run.folder import RAY_SNAPSHOT, RunFolder
 
     cfg = resolve_paths(pretrain_config(ws, "orphan", "cache", f"data.cache={ws.cache}", "train.max_steps=2",
                                         f"run.storage_path={tmp_path / 'runs'}"))
@@ -295,10 +217,10 @@ def test_an_mlflow_run_left_running_ends_killed_and_a_torn_ray_snapshot_is_set_a
     orphan = client.create_run(experiment.experiment_id).info.run_id  # a driver SIGKILLed mid-run left it RUNNING
     (folder / "mlflow_run.json").write_text(json.dumps({"run_id": orphan, "tracking_uri": ws.mlflow}))
     (folder / RAY_SNAPSHOT).write_bytes(b"")  # a full disk while Ray Train wrote it
-    set_aside_damaged_snapshot(str(folder), cfg.s3)
+    RunFolder(str(folder), cfg.s3).set_aside_damaged_ray_snapshot()
     assert not (folder / RAY_SNAPSHOT).exists() and list(folder.glob(f"{RAY_SNAPSHOT}.damaged-*"))
     assert "checkpoint snapshot was empty" in caplog.text
-    report = fit_in_process(*plan_pretrain(cfg))
+    report = pretrain_in_process(cfg)
     assert client.get_run(orphan).info.status == "KILLED"
     assert client.get_run(report["mlflow_run_id"]).info.status == "FINISHED"
 

@@ -14,18 +14,17 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from helpers import checkpoint_state, pretrain_config, pretrain_run, samples_seen, train_ranks
+from faults import Fault, faulty_plans
+from helpers import checkpoint_state, pretrain_config, pretrain_in_process, pretrain_run, samples_seen, train_ranks
 
 from pipelines.lib.contrastive import job as contrastive
 from pipelines.lib.contrastive.config import DEFAULT_CONFIG as CONTRASTIVE_CONFIG
 from pipelines.lib.contrastive.config import ContrastiveJobConfig
-from pipelines.lib.pretrain.job import plan_pretrain
-from pipelines.lib.train.faults import Fault
-from pipelines.lib.train.trainer import fit_in_process, resolve_paths
-from uta_core.checkpoint import checkpoint_dir_name
+from pipelines.lib.train.backends import InProcess
 from uta_core.config import load_config
 from uta_core.models.clip import tiny_clip_config
 from uta_core.optim import lr_at
+from uta_core.run.folder import checkpoint_dir_name
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,7 @@ def config(ws, name: str, mode: str, *extra: str):
 
 
 def train(cfg, fault: Fault | None = None) -> dict:
-    job, plan = plan_pretrain(resolve_paths(cfg))
-    return fit_in_process(job, plan, fault)
+    return pretrain_in_process(cfg, fault)
 
 
 def state(ws, name: str, step: int) -> dict:
@@ -59,11 +57,12 @@ def straight(ws):
 
 
 @pytest.mark.parametrize("fail_at", [3, 9])  # inside epoch 0, inside epoch 1
-def test_a_stopped_and_resumed_run_trains_the_uninterrupted_runs_rows_to_the_same_weights(ws, straight, fail_at):
+def test_a_stopped_and_resumed_run_trains_the_uninterrupted_runs_rows_to_the_same_weights(ws, straight, fail_at,
+                                                                                           tmp_path):
     name = f"resumed-{fail_at}"
     cfg = config(ws, name, "online", "train.global_batch=16", "train.max_steps=10")
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(cfg, Fault(step=fail_at))
+        train(cfg, Fault(step=fail_at, once=tmp_path / "struck"))
     assert (ws.root / "runs" / name / checkpoint_dir_name(fail_at - 1)).is_dir()
     train(cfg)  # the same run name again: it resumes from the checkpoint before the failure
     for epoch in (0, 1):
@@ -81,15 +80,34 @@ def test_a_stopped_and_resumed_run_trains_the_uninterrupted_runs_rows_to_the_sam
         assert m.value == pytest.approx(lr_at(m.step - 1, base_lr=2e-3, min_lr=1e-5, warmup_steps=1, total_steps=10))
 
 
-def test_a_resume_takes_the_newest_checkpoint_it_can_read_whole(ws):
-    cfg = config(ws, "truncated", "cache", "train.max_steps=6", "run.keep_checkpoints=3")
+def truncate(path: Path) -> None:  # an upload killed half-way
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def flip(path: Path) -> None:  # 64 bytes changed in the middle of the tensors, the size unchanged (bit rot)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, line", [(truncate, "bytes, its checkpoint.json records"),
+                                          (flip, "differ from the sha256")])
+def test_a_resume_skips_a_damaged_checkpoint_with_one_line_and_takes_the_previous_complete_one(ws, tmp_path, caplog,
+                                                                                               damage, line):
+    """torch's zip reader checks no CRC: a flipped byte in a tensor loads without error. The checkpoint's
+    record (sizes and sha256, written last) catches both, and the run resumes from step 2 instead of 4."""
+    name = f"damaged-{damage.__name__}"
+    cfg = config(ws, name, "cache", "train.max_steps=6", "run.keep_checkpoints=3")
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(cfg, Fault(step=5))
-    newest = ws.root / "runs" / "truncated" / checkpoint_dir_name(4) / "state.pt"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # an upload killed half-way
+        train(cfg, Fault(step=5, once=tmp_path / "struck"))
+    damage(ws.root / "runs" / name / checkpoint_dir_name(4) / "state.pt")
+    caplog.clear()
     train(cfg)
-    _, run = pretrain_run(ws.mlflow, "truncated")
-    assert run.data.tags["uta.resumed_from_step"] == "2" and state(ws, "truncated", 6)["position"]["step"] == 6
+    _, run = pretrain_run(ws.mlflow, name)
+    assert run.data.tags["uta.resumed_from_step"] == "2" and state(ws, name, 6)["position"]["step"] == 6
+    (warning,) = [r.getMessage() for r in caplog.records if "checkpoint_0000004" in r.getMessage()]
+    assert line in warning and "resuming from an older checkpoint" in warning and "\n" not in warning
 
 
 def test_rerunning_a_finished_run_trains_nothing_and_evaluates_once(ws):
@@ -115,7 +133,8 @@ def test_a_run_starts_from_a_trained_student_and_refuses_another_architecture(ws
         if name != "mask_token":  # not part of an export: MIM's only
             torch.testing.assert_close(ended.state_dict()[name], value, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="set student.variant='nano'"):
-        plan_pretrain(resolve_paths(config(ws, "other", "cache", f"init_from={export}", "student.variant=micro")))
+        train(config(ws, "other", "cache", f"init_from={export}", "student.variant=micro"))
+    assert not (ws.root / "runs" / "other").exists()  # refused before the run folder was taken
 
 
 # --------------------------------------------------------------------- two ranks (gloo)
@@ -125,7 +144,7 @@ def test_two_ranks_stopped_and_resumed_each_train_their_own_uninterrupted_rows(w
     args = ("cluster.num_workers=2", "train.max_steps=6")
     assert train_ranks(config(ws, "ranks-straight", "cache", *args), 2, tmp_path) == [0, 0]
     cfg = config(ws, "ranks-resumed", "cache", *args)
-    codes = train_ranks(cfg, 2, tmp_path, Fault(step=3, kind="sigkill"))
+    codes = train_ranks(cfg, 2, tmp_path, Fault(step=3, kind="sigkill", once=tmp_path / "struck"))
     assert codes[0] == -9 and codes[1] != 0  # rank 1 learns of the loss from gloo
     assert train_ranks(cfg, 2, tmp_path) == [0, 0]
     resumed = [rows_seen(ws, "ranks-resumed", rank) for rank in (0, 1)]
@@ -139,7 +158,7 @@ def test_two_ranks_stopped_and_resumed_each_train_their_own_uninterrupted_rows(w
 
 
 # --------------------------------------------------------------------- the contrastive job
-def test_the_contrastive_stage_resumes_in_the_same_mlflow_run_with_its_temperature(ws):
+def test_the_contrastive_stage_resumes_in_the_same_mlflow_run_with_its_temperature(ws, tmp_path, monkeypatch):
     clip = tiny_clip_config()
     cfg = load_config(ContrastiveJobConfig, CONTRASTIVE_CONFIG, [
         "model.clip.name=uta-loop-clip", f"model.clip.embed_dim={clip['embed_dim']}",
@@ -147,10 +166,12 @@ def test_the_contrastive_stage_resumes_in_the_same_mlflow_run_with_its_temperatu
         f"data.input.paths={ws.train}", "train.micro_batch=16", "train.max_steps=6", "train.warmup_steps=1",
         "run.checkpoint_every=2", "run.log_every=2", "run.name=clip", f"run.storage_path={ws.root / 'runs'}",
         f"tracking.tracking_uri={ws.mlflow}", "loss.temperature=0.01", "loss.learnable_temperature=false"])
-    job, plan = contrastive.plan_contrastive(resolve_paths(cfg))
+    planner = contrastive.plan_contrastive
+    monkeypatch.setattr(contrastive, "plan_contrastive", faulty_plans(planner, Fault(step=3, once=tmp_path / "x")))
     with pytest.raises(RuntimeError, match="injected failure"):
-        fit_in_process(job, plan, Fault(step=3))
-    report = fit_in_process(job, plan)
+        contrastive.run(cfg, InProcess())
+    monkeypatch.setattr(contrastive, "plan_contrastive", planner)
+    report = contrastive.run(cfg, InProcess())
     final = state(ws, "clip", 6)
     assert final["position"]["step"] == 6 and final["scheduler"]["last_epoch"] == 6
     assert torch.equal(final["model"]["logit_scale"], torch.tensor(math.log(100.0)))  # fixed: never updated

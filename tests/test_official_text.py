@@ -228,7 +228,7 @@ def test_stage_two_starts_from_a_released_checkpoint_with_its_own_text_tower(rel
     CLIP's."""
     from pipelines.lib.contrastive import job as contrastive
     from pipelines.lib.contrastive.config import ContrastiveJobConfig
-    from pipelines.lib.train.trainer import fit_in_process, resolve_paths
+    from pipelines.lib.train.backends import InProcess
     from uta_core.config import load_config
     from uta_core.data.digits import write_digits_splits
     from uta_core.models.open_clip_export import load_open_clip
@@ -240,8 +240,7 @@ def test_stage_two_starts_from_a_released_checkpoint_with_its_own_text_tower(rel
         "data.decode_size=null", "cluster.num_workers=1", "train.micro_batch=4", "train.max_steps=1",
         "optim.lr=1e-12", "optim.min_lr=0", "optim.weight_decay=0", "run.name=stage2",
         f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"])
-    job, plan = contrastive.plan_contrastive(resolve_paths(cfg))
-    report = fit_in_process(job, plan)
+    report = contrastive.run(cfg, InProcess())
     model, _, tokenizer = load_open_clip(report["export"])
     images, tokens = torch.randn(2, 3, 224, 224), tokenizer(PROMPTS)
     with torch.no_grad():

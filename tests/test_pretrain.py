@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAKE_AWS_ENV
+from faults import Fault, faulty_plans
 from helpers import (
     checkpoint_state,
     mask_gen,
@@ -31,8 +32,10 @@ from helpers import (
 
 from pipelines.lib.cache.config import CacheConfig
 from pipelines.lib.evaluate.job import EvaluateConfig, evaluate
+from pipelines.lib.pretrain import job as pretrain_job
 from pipelines.lib.pretrain.job import run
 from pipelines.lib.pretrain.targets import target_source
+from pipelines.lib.train.backends import InProcess
 from pipelines.lib.train.plan import make_plan
 from pipelines.pretrain import main
 from uta_core.cache.format import open_cache
@@ -60,7 +63,7 @@ def train_keys(ws) -> list[str]:
 def test_a_run_tracks_everything_and_its_export_loads_in_timm_open_clip_and_mlflow(pretrain_ws):
     ws = pretrain_ws
     cfg = pretrain_config(ws, "tracked", "online", "train.max_steps=8", "tracking.register_as=uta-test-online")
-    run(cfg, in_process=True)
+    run(cfg, InProcess())
     client, mlrun = pretrain_run(ws.mlflow, "tracked")
     history = sorted(client.get_metric_history(mlrun.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(1, 9)) and mlrun.info.status == "FINISHED"
@@ -103,14 +106,18 @@ def test_a_run_tracks_everything_and_its_export_loads_in_timm_open_clip_and_mlfl
 
 # --------------------------------------------------------------------- the driver: refusals, plan
 @pytest.mark.parametrize("extra,message", [
-    ("student.patch_size=8", "8x8 grid but the student's grid is 4x4"),
+    ("student.patch_size=8", "8x8 grid of 32 px views but the student's grid is 4x4 (img_size 32, patch 8); set "
+                             "student.patch_size=4, or rebuild"),
+    # the patch is right and the image size is not: the fix names the image size, not the patch
+    ("student.img_size=224", "but the student's grid is 56x56 (img_size 224, patch 4); set student.img_size=32, or"),
     ("student.out_dim=64", "set student.out_dim=32"),
 ])
 def test_cache_mode_refuses_a_cache_that_does_not_fit_the_student(pretrain_ws, capsys, extra, message):
     args = [f"{k}={v}" for k, v in [("data.teacher_mode", "cache"), ("data.cache", pretrain_ws.cache)]]
     assert main(["student.img_size=32", "student.patch_size=4", "student.out_dim=32", *args, extra,
                  "teacher.arch=no-such-model"]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_online_mode_refuses_a_teacher_grid_or_dim_that_does_not_fit_before_any_worker(pretrain_ws, capsys):
@@ -258,13 +265,13 @@ def test_two_ray_workers_on_s3_survive_a_sigkilled_worker_and_train_the_rows_of_
     ws = pretrain_ws
     upload_tree(s3_client, s3_bucket, "cache", ws.cache)
     storage, s3 = f"s3://{s3_bucket}/runs", S3Options(endpoint_url=s3_server)
-    monkeypatch.setenv("UTA_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("UTA_FAULT", "sigkill")
+    sigkill = Fault(step=3, kind="sigkill", once=tmp_path / "struck")  # rank 0's process, once
+    monkeypatch.setattr(pretrain_job, "plan_pretrain", faulty_plans(pretrain_job.plan_pretrain, sigkill))
     cfg = pretrain_config(ws, "ray", "cache", "cluster.num_workers=2", "cluster.cpus_per_worker=0.5",
                           "train.max_steps=6", "run.max_failures=1", f"data.cache=s3://{s3_bucket}/cache",
                           f"s3.endpoint_url={s3_server}", storage=storage)
     run(cfg)  # on the session's local Ray
-    monkeypatch.delenv("UTA_FAULT_AT_STEP")
+    monkeypatch.undo()
     client, mlrun = pretrain_run(ws.mlflow, "ray")
     history = sorted(client.get_metric_history(mlrun.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in history] == [1, 2, 3, 3, 4, 5, 6]  # step 3 again after the restart

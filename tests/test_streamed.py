@@ -15,18 +15,28 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import checkpoint_state, pretrain_config, pretrain_run, samples_seen, train_ranks, upload_tree
+from faults import Fault, faulty_plans
+from helpers import (
+    checkpoint_state,
+    planned,
+    pretrain_config,
+    pretrain_in_process,
+    pretrain_run,
+    samples_seen,
+    train_ranks,
+    upload_tree,
+)
 
-from pipelines.lib.pretrain.job import plan_pretrain, run
+from pipelines.lib.pretrain import job as pretrain_job
+from pipelines.lib.pretrain.job import run
 from pipelines.lib.train.config import PoolConfig
-from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.spec import Stage
 from pipelines.lib.train.stage_pool import PoolMeter, PoolWatch
-from pipelines.lib.train.trainer import fit_in_process, resolve_paths
 from uta_core.data.rows import sample_id
 from uta_core.data.shards import InputConfig, discover, iter_samples
 from uta_core.data.storage import S3Options
-from uta_core.targets.streamed import BASIS_FILE, SETUP_FILE
+from uta_core.run.folder import STREAM_BASIS_FILE as BASIS_FILE
+from uta_core.run.folder import STREAM_SETUP_FILE as SETUP_FILE
 
 CPU = torch.device("cpu")
 # Through Ray Train with both SIGKILLs this takes ~4.5 min on 2 cores (process starts: the setup
@@ -60,10 +70,10 @@ def cosines(a_BTD: torch.Tensor, b_BTD: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------- tokens
 @pytest.mark.parametrize("codec", ["float16", "int8", "lowrank_int8"])
 def test_stream_tokens_equal_online_tokens_within_the_codec(ws, codec):
-    job, plan = plan_pretrain(resolve_paths(stream_config(ws, f"tokens-{codec}", codec)))
-    online, _ = plan_pretrain(resolve_paths(pretrain_config(ws, f"tokens-online-{codec}", "online")))
+    job, plan = planned(stream_config(ws, f"tokens-{codec}", codec))
+    online, _ = planned(pretrain_config(ws, f"tokens-online-{codec}", "online"))
     block = first_batch(job, plan)
-    stage = job.stage(in_process=True).work.open()
+    stage = job.stage(on_pool=False).work.open()
     encoded = {**block, **stage(block)}
     assert encoded["tokens"].dtype == np.uint8 and encoded["tokens"].shape[1] == stage.codec.bytes_per_view
     images, tokens = job.source.open(job.cfg.student, CPU)(as_batch(encoded), CPU)
@@ -83,33 +93,32 @@ def test_stream_tokens_equal_online_tokens_within_the_codec(ws, codec):
 
 def test_the_setup_is_stored_with_the_run_reused_on_resume_and_refused_when_damaged(ws):
     cfg = stream_config(ws, "setup")
-    job, plan = plan_pretrain(resolve_paths(cfg))
+    job, plan = planned(cfg)
     run = ws.root / "runs" / "setup"
     assert (run / SETUP_FILE).is_file() and (run / BASIS_FILE).is_file()
     basis = (run / BASIS_FILE).read_bytes()
-    again, _ = plan_pretrain(resolve_paths(stream_config(ws, "setup", "lowrank_int8", "stream.basis_views=8")))
+    again, _ = planned(stream_config(ws, "setup", "lowrank_int8", "stream.basis_views=8"))
     assert again.source.setup.basis == basis and again.teacher["basis"] == job.teacher["basis"]  # not refitted
     (run / BASIS_FILE).write_bytes(basis[:-8] + bytes(8))
-    with pytest.raises(ValueError, match=f"{BASIS_FILE} is missing or differs"):
-        plan_pretrain(resolve_paths(cfg))
+    with pytest.raises(ValueError, match="the stream's token basis is missing or differs"):
+        planned(cfg)
 
 
 # --------------------------------------------------------------------- the loop
-def test_stream_losses_follow_online_losses_and_a_resumed_run_trains_the_same_rows(ws):
+def test_stream_losses_follow_online_losses_and_a_resumed_run_trains_the_same_rows(ws, tmp_path):
     """Same seeds: same rows, views and masks; only the codec differs (lowrank_int8, rank 16 of 32)."""
     extra = ("train.max_steps=6", "eval.input=null", "eval.retrieval_input=null", "run.export=false")
-    online = fit_in_process(*plan_pretrain(resolve_paths(pretrain_config(ws, "loss-online", "online", *extra))))
-    stream = fit_in_process(*plan_pretrain(resolve_paths(stream_config(ws, "loss-stream", "lowrank_int8", *extra))))
+    online = pretrain_in_process(pretrain_config(ws, "loss-online", "online", *extra))
+    stream = pretrain_in_process(stream_config(ws, "loss-stream", "lowrank_int8", *extra))
     losses = [[h["loss"] for h in r["history"]] for r in (online, stream)]
     assert len(losses[0]) == len(losses[1]) == 6
     assert np.allclose(losses[1], losses[0], rtol=0.02), losses
     waits = [h["stage_wait_s"] for h in stream["history"]]  # the teacher's time, logged per step (a block: ~4 steps)
     assert len(waits) == 6 and sum(waits) > 0
-    job, plan = plan_pretrain(resolve_paths(stream_config(ws, "loss-resumed", "lowrank_int8", *extra)))
+    cfg = stream_config(ws, "loss-resumed", "lowrank_int8", *extra)
     with pytest.raises(RuntimeError, match="injected failure"):
-        fit_in_process(job, plan, Fault(step=3))
-    resumed = fit_in_process(*plan_pretrain(resolve_paths(stream_config(ws, "loss-resumed", "lowrank_int8",
-                                                                          *extra))))
+        pretrain_in_process(cfg, Fault(step=3, once=tmp_path / "struck"))
+    resumed = pretrain_in_process(cfg)
     runs = str(ws.root / "runs")
     assert samples_seen(runs, "loss-resumed") == samples_seen(runs, "loss-stream")
     assert resumed["metrics"]["loss"] == pytest.approx(stream["metrics"]["loss"], rel=1e-5)
@@ -122,8 +131,8 @@ def test_the_pool_takes_its_resource_survives_a_sigkilled_actor_and_bounds_block
     from pipelines.lib.train.stage_pool import start_pool, stop_pool
 
     ray = ray_local
-    job, plan = plan_pretrain(resolve_paths(stream_config(ws, "pool", "float16")))
-    work = job.stage(in_process=False).work
+    job, plan = planned(stream_config(ws, "pool", "float16"))
+    work = job.stage(on_pool=True).work
     reference = work.open()
     blocks = [dict(b) for b in job.reader(0)(plan.sources.items[0], 0, 0)]
     blocks = (blocks * 4)[:10]
@@ -172,8 +181,8 @@ def test_the_pool_grows_as_its_resource_appears_and_holds_the_seconds_of_tokens_
     from pipelines.lib.train.stage_pool import start_pool, stop_pool
 
     ray = ray_local
-    job, plan = plan_pretrain(resolve_paths(stream_config(ws, "pool-grows", "float16")))
-    work = job.stage(in_process=False).work
+    job, plan = planned(stream_config(ws, "pool-grows", "float16"))
+    work = job.stage(on_pool=True).work
     blocks = ([ray.put(dict(b)) for b in job.reader(0)(plan.sources.items[0], 0, 0)] * 12)[:12]
 
     class Holder:  # defined here: Ray ships it by value (a test module is not importable on workers)
@@ -236,8 +245,8 @@ def test_two_ray_workers_and_a_teacher_pool_on_s3_survive_sigkills_and_train_the
     ws = pretrain_ws
     upload_tree(s3_client, s3_bucket, "train", ws.train)
     storage, s3 = f"s3://{s3_bucket}/runs", S3Options(endpoint_url=s3_server)
-    monkeypatch.setenv("UTA_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("UTA_FAULT", "sigkill")
+    sigkill = Fault(step=3, kind="sigkill", once=tmp_path / "struck")  # rank 0's process, once
+    monkeypatch.setattr(pretrain_job, "plan_pretrain", faulty_plans(pretrain_job.plan_pretrain, sigkill))
     # 2 CPUs: workers 2 x 0.5, the teacher actor 0.5, one read task ahead per rank at 0.25
     stream = ("stream.codec=float16", "cluster.num_workers=2", "train.max_steps=6", "cluster.read_tasks=1",
               "cluster.read_cpus=0.25")
@@ -246,7 +255,7 @@ def test_two_ray_workers_and_a_teacher_pool_on_s3_survive_sigkills_and_train_the
                           f"data.input.paths=s3://{s3_bucket}/train", f"s3.endpoint_url={s3_server}", storage=storage)
     killer = ActorKiller(lambda: s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/ray/samples/")["KeyCount"])
     run(cfg)  # on the session's local Ray
-    monkeypatch.delenv("UTA_FAULT_AT_STEP")
+    monkeypatch.undo()
     assert killer.killed, "the teacher actor was never SIGKILLed"
     client, mlrun = pretrain_run(ws.mlflow, "ray")
     history = sorted(client.get_metric_history(mlrun.info.run_id, "loss"), key=lambda m: m.step)

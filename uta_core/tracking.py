@@ -110,6 +110,18 @@ def start_run(
         yield run
 
 
+def leave_run() -> None:
+    """Let go of this process's active MLflow run without ending it (its status stays as it is): a job that
+    lost its output to another job must not end the run that job now continues. MLflow has no public call
+    for it; this is ``end_run`` without its ``set_terminated``."""
+    from mlflow.tracking import fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack:
+        fluent.MLFLOW_RUN_ID.unset()
+        stack.pop()
+
+
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 ML_VIEW = "?workflowType=machine_learning"  # MLflow 3 opens an experiment in its GenAI view without it
 

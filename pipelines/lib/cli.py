@@ -18,6 +18,7 @@ import yaml
 
 from uta_core import tracking
 from uta_core.config import describe_config, load_config, to_dict
+from uta_core.data.storage import StorageError, storage_failure
 from uta_core.errors import DiskFull, RunCannotContinue, cannot_continue, is_disk_full
 from uta_core.secrets import redact_urls
 
@@ -114,12 +115,27 @@ def run_job(config_cls: type, args: argparse.Namespace, overrides: list[str], ru
     except ValueError as err:
         return user_error(err)
     except ray.train.TrainingFailedError as err:
-        return user_error(cannot_continue(err) or f"training failed: {err}", code=1)
-    except OSError as err:
+        return user_error(cannot_continue(err) or storage_failure_in(err) or f"training failed: {err}", code=1)
+    except Exception as err:  # a full disk, storage gone (S3 unreachable, refused, no bucket): one line
         if is_disk_full(err):
             return user_error(DiskFull.of(err), code=1)
-        raise
+        line = storage_failure_in(err)
+        if line is None:
+            raise
+        return user_error(line, code=1)
     return report(result) or 0
+
+
+def storage_failure_in(err: BaseException) -> StorageError | None:
+    """The storage failure behind ``err`` (its causes and contexts included), as one line."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        found = storage_failure(err)
+        if found is not None:
+            return found
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def print_result(result: dict) -> None:

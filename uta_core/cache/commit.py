@@ -6,7 +6,9 @@ part (``uta_core.cache.writer.PART_SCHEMA``): file, rows, bytes, sha256, the sha
 keeps, per shard, the parts whose rows it does not have yet (a retried task's parts hold rows
 it has: they are dropped and deleted); once a shard's rows reach the announced total, its
 record (parts in row order) goes into the manifest. The manifest is the commit: a reader
-never sees a shard before all its parts are written. The driver handles metadata only.
+never sees a shard before all its parts are written. The driver handles metadata only. Every
+write goes through the plan's ``CacheOutput``, which asks the lease first: a job that lost the
+output stops at its next batch of parts and deletes nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from uta_core.cache.format import TMP_DIR, PartRecord, ShardRecord, now, save_manifest, tmp_path
+from uta_core.cache.format import PartRecord, ShardRecord, now, tmp_path
 from uta_core.cache.plan import CachePlan
-from uta_core.data.storage import delete_file, delete_files, join, read_bytes, remove_dir
+from uta_core.data.storage import join, read_bytes
+from uta_core.lease import LeaseLost
 
 log = logging.getLogger("uta.cache")
 
@@ -57,7 +60,7 @@ class ShardCommitter:
 
     def __init__(self, plan: CachePlan, *, compute: str, save_every_s: float = 5.0) -> None:
         self.plan, self.compute, self.save_every_s = plan, compute, save_every_s
-        self.fs, self.root = plan.fs, plan.root
+        self.fs, self.root, self.out = plan.fs, plan.root, plan.out
         self.open: dict[str, _OpenShard] = {}
         self.dropped: list[str] = []  # part files to delete: duplicates, parts of unfinished shards
         self.result = CacheResult()
@@ -65,6 +68,7 @@ class ShardCommitter:
 
     def add(self, parts: pa.Table) -> None:
         """Metadata rows of written parts (``PART_SCHEMA``); never pixels or tokens."""
+        self.out.stop_if_lost()
         for row in parts.to_pylist():
             self._add_part(row)
         self._save()
@@ -99,7 +103,7 @@ class ShardCommitter:
                              committed_at=now(), compute=self.compute, read_error=stats.get("read_error"))
         self.plan.manifest.shards[name] = record
         self._unsaved = True
-        delete_file(self.fs, tmp_path(self.root, name, ".stats.json"))
+        self.out.delete([tmp_path(self.root, name, ".stats.json")], f"the stats of committed shard {name}")
         r = self.result
         r.committed.append(name)
         r.images, r.views, r.skipped = r.images + record.images, r.views + record.rows, r.skipped + record.skipped
@@ -115,7 +119,7 @@ class ShardCommitter:
         """Rewrite the manifest at most every ``save_every_s`` (its size grows with the shards):
         a killed run loses the last few seconds of commits, which the next run redoes."""
         if self._unsaved and (force or time.monotonic() - self._saved_at >= self.save_every_s):
-            save_manifest(self.fs, self.root, self.plan.manifest)
+            self.out.save_manifest(self.plan.manifest)
             self._unsaved, self._saved_at = False, time.monotonic()
 
     def _stats(self, name: str) -> dict | None:
@@ -137,16 +141,19 @@ class ShardCommitter:
             self.result.incomplete.append(name)
         self.abort()
         if not self.result.incomplete:  # keep the stats of unfinished shards for a post-mortem
-            remove_dir(self.fs, join(self.root, TMP_DIR))
+            self.out.clear_tmp()
         return self.result
 
-    def abort(self) -> None:
-        """Save the shards committed so far; delete dropped parts and those of unfinished shards."""
+    def abort(self, error: BaseException | None = None) -> None:
+        """Save the shards committed so far; delete dropped parts and those of unfinished shards. After
+        ``LeaseLost`` nothing: the output is another job's."""
+        if isinstance(error, LeaseLost):
+            return
         self._save(force=True)
         for shard in self.open.values():
             self.dropped += [part.file for _, part in shard.parts]
         self.open.clear()
-        delete_files(self.fs, [join(self.root, f) for f in self.dropped], self.plan.cfg.s3)
+        self.out.delete([join(self.root, f) for f in self.dropped], "the removal of uncommitted part files")
         self.dropped = []
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -150,18 +151,62 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> Manifest:
-        data = json.loads(text)
+        """A manifest read back; an empty, torn or foreign file is one ``ManifestError`` naming it and the fix."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            what = "empty" if not text.strip() else f"not JSON ({getattr(err, 'msg', err)}, line {err.lineno})" \
+                if hasattr(err, "lineno") else "not JSON"
+            raise ManifestError(f"{where} is {what}: a save was cut off or the file was damaged; {_MANIFEST_FIX}") \
+                from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where} holds no JSON object: it is not a cache manifest; {_MANIFEST_FIX}")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{where}: cache format_version {version!r} is not {FORMAT_VERSION}; rebuild the cache "
-                             "with pipelines/cache_teacher.py into a new output.path")
+            raise ManifestError(f"{where}: cache format_version {version!r} is not {FORMAT_VERSION}; rebuild the cache "
+                                "with pipelines/cache_teacher.py into a new output.path")
+        try:
+            return cls._from_data(data, where)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ManifestError(f"{where} is not a manifest this version reads ({_field_problem(err)}); "
+                                f"{_MANIFEST_FIX}") from None
+
+    @classmethod
+    def _from_data(cls, data: dict[str, Any], where: str) -> Manifest:
         names = [f.name for f in CacheSettings.__dataclass_fields__.values()]
-        settings = CacheSettings(**{k: data[k] for k in names})
+        settings = CacheSettings(**{k: data[k] for k in names if k in data})
         if data.get("settings_hash") != settings.hash():
-            raise ValueError(f"{where}: settings_hash does not match the recorded settings (edited by hand?)")
-        shards = {name: ShardRecord(**rec) for name, rec in data.get("shards", {}).items()}
+            raise ManifestError(f"{where}: settings_hash does not match the recorded settings (edited by hand?)")
+        shards = {}
+        for name, rec in data.get("shards", {}).items():
+            try:
+                shards[name] = ShardRecord(**rec)
+            except TypeError as err:
+                raise TypeError(f"shard {name}: {_field_problem(err)}") from None
         return cls(settings=settings, shards=shards, class_names=data.get("class_names"),
                    token_basis=data.get("token_basis"), created_at=data.get("created_at", ""))
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as this version's."""
+
+
+_MANIFEST_FIX = ("restore it from a copy, or cache into a new output.path (its committed parts are unusable without "
+                 "their manifest)")
+
+
+def _field_problem(err: BaseException) -> str:
+    """``ShardRecord.__init__() missing 1 required keyword-only argument: 'rows'`` -> ``missing field 'rows'``."""
+    text = str(err)
+    if text.startswith("shard "):  # already described, with the shard it is in
+        return text
+    missing = re.findall(r"'(\w+)'", text) if "missing" in text else []
+    if missing:
+        return f"missing field {', '.join(repr(m) for m in missing)}"
+    if isinstance(err, KeyError):
+        return f"missing field {text}"
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", text)
+    return f"unknown field {unexpected.group(1)!r}" if unexpected else text.split(": ", 1)[-1]
 
 
 def now() -> str:

@@ -4,7 +4,10 @@
 weights fingerprint, compares with an existing manifest (refusing other settings) and
 splits the input shards into done and pending. It writes nothing, so a missing path, a
 missing bucket or refused credentials fail before any side effect; ``prepare_output`` is the
-first write. The job's data flow: docs/ARCHITECTURE.md; the format: docs/CACHE_FORMAT.md.
+first write. A rerun never deletes committed work: a committed shard that today's inputs do not
+name is kept (and reported), and only part files that no manifest record lists are deleted, from
+a listing that never follows a symbolic link. The job's data flow: docs/ARCHITECTURE.md; the
+format: docs/CACHE_FORMAT.md.
 """
 
 from __future__ import annotations
@@ -20,14 +23,12 @@ import torch
 
 from uta_core.cache.format import (
     MANIFEST_NAME,
-    TMP_DIR,
     CacheSettings,
     Manifest,
     load_manifest,
-    manifest_path,
-    save_manifest,
     settings_diff,
 )
+from uta_core.cache.output import CacheOutput
 from uta_core.cache.verify import mismatched_parts, part_sizes
 from uta_core.data.shards import InputConfig, InputSet, InputShard, discover, shard_names
 from uta_core.data.storage import (
@@ -35,18 +36,14 @@ from uta_core.data.storage import (
     StorageError,
     check_bucket,
     check_local_output,
-    delete_files,
     filesystem_for,
     is_atomic_leftover,
     join,
     list_dir,
-    remove_atomic_leftovers,
-    remove_dir,
-    to_uri,
     translate_error,
 )
 from uta_core.data.views import ViewConfig
-from uta_core.lease import LEASE_FILE
+from uta_core.lease import LEASE_DIR, Lease, LeaseConfig
 from uta_core.models.teacher import ImageSizeError, Teacher, TeacherConfig, build_teacher
 from uta_core.models.teacher_weights import check_weights_chosen
 
@@ -74,6 +71,7 @@ class OutputConfig:
     # A rerun checks the committed parts' sizes always; verify: also their sha256 (reads every committed
     # byte once, one Ray task per few parts) and redoes the shards whose parts do not match.
     verify: bool = False
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # one job at a time owns the cache
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -162,31 +160,43 @@ class CacheMismatchError(ValueError):
 class CachePlan:
     cfg: CacheSpec
     inputs: InputSet
-    fs: pafs.FileSystem  # output filesystem
-    root: str  # scheme-less output root
+    out: CacheOutput  # the output, and every write the driver makes to it
     manifest: Manifest
     manifest_exists: bool
     pending: dict[str, InputShard]  # name -> shard still to do
     done: list[str]  # names already committed
     redo: list[str]  # names whose committed file vanished or changed, or whose input broke part-way
-    stray: list[str] = field(default_factory=list)  # part files no kept shard lists: a killed run's, deleted first
+    kept: list[str] = field(default_factory=list)  # committed shards today's inputs do not name: kept as they are
+    stray: list[str] = field(default_factory=list)  # part files no manifest record lists: a killed run's, deleted
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self.out.fs
+
+    @property
+    def root(self) -> str:
+        return self.out.root
 
     @property
     def root_uri(self) -> str:
-        return to_uri(self.fs, self.root)
+        return self.out.uri
 
 
-def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None, verify_with: Verifier | None = None) -> CachePlan:
+def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None, verify_with: Verifier | None = None,
+               lease: Lease | None = None) -> CachePlan:
     """Everything that can fail before work starts fails here; nothing is written. ``output.verify``:
-    the committed parts' hashes are checked by ``verify_with`` (default: here, serially)."""
+    the committed parts' hashes are checked by ``verify_with`` (default: here, serially). ``lease``: the
+    output's, which every later write to it asks first (``CacheOutput``)."""
     inputs = discover(cfg.input, cfg.s3)
     fs, root = filesystem_for(cfg.output.path, cfg.s3)
     check_bucket(fs, root, cfg.s3)
     check_local_output(fs, root, "output.path")
+    out = CacheOutput(fs=fs, root=root, s3=cfg.s3, lease=lease)
     try:
         existing = load_manifest(fs, root)
         if existing is None:
             _check_empty_output(fs, root, cfg)
+        out.note_manifest()
     except OSError as err:
         raise translate_error(err, cfg.output.path, cfg.s3) from None
     teacher = teacher or build_cache_teacher(cfg)
@@ -197,7 +207,9 @@ def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None, verify_with: Veri
     committed_sources = {name: rec.source for name, rec in manifest.shards.items()}
     names = shard_names([s.uri for s in inputs.shards], committed_sources)
     # One listing of the part files (metadata): what is there, and what no manifest record names.
-    sizes = part_sizes(fs, root, cfg.s3)
+    sizes, links = part_sizes(fs, root, cfg.s3)
+    for link in links:
+        log.warning("%s: %s is a symbolic link; the cache neither follows nor deletes it", cfg.output.path, link)
     pending, done, redo = {}, [], []
     for name, shard in zip(names, inputs.shards):
         rec = manifest.shards.get(name)
@@ -218,10 +230,14 @@ def plan_cache(cfg: CacheSpec, teacher: Teacher | None = None, verify_with: Veri
             done.remove(name)
             redo.append(name)
             pending[name] = by_name[name]
-    kept = {join(root, p.file) for name in done for p in manifest.shards[name].parts}
-    return CachePlan(cfg=cfg, inputs=inputs, fs=fs, root=root, manifest=manifest,
-                     manifest_exists=existing is not None, pending=pending, done=done, redo=redo,
-                     stray=sorted(set(sizes) - kept))
+    kept = sorted(set(manifest.shards) - set(names))
+    if kept:
+        log.warning("%s: kept %d committed shard(s) that today's inputs do not name (%s%s); they stay in the "
+                    "cache and training reads them", cfg.output.path, len(kept), ", ".join(kept[:5]),
+                    ", ..." if len(kept) > 5 else "")
+    listed = {join(root, p.file) for name, rec in manifest.shards.items() if name not in redo for p in rec.parts}
+    return CachePlan(cfg=cfg, inputs=inputs, out=out, manifest=manifest, manifest_exists=existing is not None,
+                     pending=pending, done=done, redo=redo, kept=kept, stray=sorted(set(sizes) - listed))
 
 
 def _check_empty_output(fs: pafs.FileSystem, root: str, cfg: CacheSpec) -> None:
@@ -229,7 +245,8 @@ def _check_empty_output(fs: pafs.FileSystem, root: str, cfg: CacheSpec) -> None:
     if info.type == pafs.FileType.File:
         raise StorageError(f"output.path {cfg.output.path} is a file; pass a folder or s3:// prefix")
     entries = list_dir(fs, root, recursive=False, s3=cfg.s3) if info.type == pafs.FileType.Directory else []
-    if any(not is_atomic_leftover(e.base_name, MANIFEST_NAME) and e.base_name != LEASE_FILE for e in entries):
+    if any(not is_atomic_leftover(e.base_name, MANIFEST_NAME) and e.base_name not in (LEASE_DIR, "_lease.json")
+           for e in entries):
         raise StorageError(
             f"output.path {cfg.output.path} is not empty and holds no manifest.json; "
             "pass an empty or new folder (or an existing cache)"
@@ -251,14 +268,15 @@ def _check_compatible(existing: Manifest, settings: CacheSettings, class_names: 
 
 
 def prepare_output(plan: CachePlan) -> None:
-    """First write of a run: manifest (new, or without the shards to redo), no stray parts, an empty _tmp/."""
+    """First write of a run: the manifest (new, without the shards to redo, or as it was when there is work to do:
+    a new version, so that a job that lost this output can no longer replace it), no stray parts, an empty _tmp/.
+    A rerun with nothing to do writes nothing."""
     for name in plan.redo:
         plan.manifest.shards.pop(name, None)
     try:
-        remove_atomic_leftovers(plan.fs, manifest_path(plan.root))  # of a run killed while saving it
-        if not plan.manifest_exists or plan.redo:
-            save_manifest(plan.fs, plan.root, plan.manifest)
-        delete_files(plan.fs, plan.stray, plan.cfg.s3)  # parts of shards that were never committed
-        remove_dir(plan.fs, join(plan.root, TMP_DIR))  # a killed run's leftovers
+        if plan.redo or plan.pending or not plan.manifest_exists:
+            plan.out.save_manifest(plan.manifest)
+        plan.out.delete(plan.stray, "the removal of part files no manifest record lists")
+        plan.out.clear_tmp()  # a killed run's leftovers
     except OSError as err:  # e.g. credentials that may read but not write
         raise translate_error(err, plan.root_uri, plan.cfg.s3) from None

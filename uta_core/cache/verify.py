@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import xxhash
 
 from uta_core.cache.format import SHARDS_DIR
-from uta_core.data.storage import S3Options, filesystem_for, join, list_dir
+from uta_core.data.storage import S3Options, file_sizes, filesystem_for, join
 from uta_core.errors import RunCannotContinue
 
 RERUN = ("rerun the cache job on the same output.path (python pipelines/cache_teacher.py with the cache's config): "
@@ -36,15 +36,15 @@ def damaged(uri: str, shard: str, file: str, what: str) -> DamagedCacheError:
     return DamagedCacheError(f"cache {uri}: shard {shard}, part {file}: {what}; {RERUN}")
 
 
-def part_sizes(fs: pafs.FileSystem, root: str, s3: S3Options | None = None) -> dict[str, int]:
-    """Path -> size of every file under ``<root>/shards``: one listing, metadata only."""
-    return {info.path: info.size for info in list_dir(fs, join(root, SHARDS_DIR), recursive=True, s3=s3)
-            if info.type == pafs.FileType.File}
+def part_sizes(fs: pafs.FileSystem, root: str, s3: S3Options | None = None) -> tuple[dict[str, int], list[str]]:
+    """(path -> size of every file under ``<root>/shards``, the symbolic links there): one listing, metadata
+    only. A link is never followed, so nothing outside the cache is ever listed (or deleted as a stray)."""
+    return file_sizes(fs, join(root, SHARDS_DIR), s3)
 
 
 def check_part_sizes(fs: pafs.FileSystem, root: str, uri: str, shards: dict, s3: S3Options | None = None) -> None:
     """Every part the manifest's ``shards`` list is in one listing of ``<root>/shards`` with its size."""
-    sizes = part_sizes(fs, root, s3)
+    sizes, _ = part_sizes(fs, root, s3)
     for name in sorted(shards):
         for part in shards[name].parts:
             found = sizes.get(join(root, part.file))

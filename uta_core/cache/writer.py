@@ -38,7 +38,6 @@ from uta_core.cache.format import (
     byte_rows,
     cache_schema,
     load_codec,
-    save_manifest,
     shard_dir,
     store_view,
     tmp_path,
@@ -52,7 +51,7 @@ from uta_core.data.shards import InputConfig, InputShard
 from uta_core.data.storage import S3Options, filesystem_for, join, write_bytes_atomic
 from uta_core.data.views import ViewConfig, sample_views, to_model_input
 from uta_core.device import require_cuda
-from uta_core.lease import Lease
+from uta_core.lease import Fence, Lease
 
 log = logging.getLogger("uta.cache")
 SHARD_COLUMN, TOTAL_COLUMN, SEQ_COLUMN, RAW_COLUMN = "_shard", "_shard_rows", "_seq", "_raw"  # never written
@@ -77,13 +76,14 @@ class ViewTask:
     root_uri: str
     s3: S3Options
     images_per_block: int
+    fence: Fence | None = None  # the job's lease: checked before the task writes (a deposed job's tasks stop)
 
     @classmethod
     def from_plan(cls, plan: CachePlan, images_per_block: int) -> ViewTask:
         cfg = plan.cfg
         return cls(input=cfg.input, views=cfg.views, num_views=cfg.num_views,
                    pixel_format=cfg.output.pixel_format, jpeg_quality=cfg.output.jpeg_quality,
-                   root_uri=cfg.output.path, s3=cfg.s3, images_per_block=images_per_block)
+                   root_uri=cfg.output.path, s3=cfg.s3, images_per_block=images_per_block, fence=plan.out.fence)
 
 
 def shard_view_tables(task: ViewTask, name: str, shard: InputShard) -> Iterator[pa.Table]:
@@ -103,6 +103,8 @@ def shard_view_tables(task: ViewTask, name: str, shard: InputShard) -> Iterator[
     fs_out, root = filesystem_for(task.root_uri, task.s3)
     shard_rows = stats.images * task.num_views
     record = {**dataclasses.asdict(stats), "rows": shard_rows}
+    if task.fence is not None:
+        task.fence.check(f"the stats of shard {name}")
     write_bytes_atomic(fs_out, tmp_path(root, name, ".stats.json"), json.dumps(record).encode())
     if held is not None:
         yield held.set_column(held.schema.get_field_index(TOTAL_COLUMN), TOTAL_COLUMN,
@@ -225,6 +227,7 @@ class PartWriter:
     compression: str  # every column but the tokens
     token_compression: str
     row_group_mb: int
+    fence: Fence | None = None  # the job's lease: checked before each part file
 
     def __call__(self, table: pa.Table) -> pa.Table:
         fs, root = filesystem_for(self.root_uri, self.s3)
@@ -236,6 +239,8 @@ class PartWriter:
             part = part.take(pa.array(np.argsort(part.column(SEQ_COLUMN).to_numpy(), kind="stable")))
             seq = part.column(SEQ_COLUMN).to_numpy()
             file = f"{shard_dir(name)}/{int(seq[0]):09d}-{int(seq[-1]):09d}-{uuid.uuid4().hex[:8]}.parquet"
+            if self.fence is not None:
+                self.fence.check(file)
             sink = open_hashing_sink(fs, join(root, file))
             rows = pa.Table.from_arrays([part.column(n) for n in schema.names], schema=schema)
             small = [n for n in schema.names if n not in ("pixels", "tokens", "caption")]
@@ -260,10 +265,10 @@ def cache_codec(plan: CachePlan, fit: Callable[[CacheSpec, list[InputShard]], tu
         log.info("fitting the rank-%d token basis on %d views of the first input shards", cfg.output.token_rank,
                  cfg.output.basis_views)
         data, fit_stats = fit(cfg, list(plan.pending.values()))
-        write_bytes_atomic(plan.fs, join(plan.root, BASIS_FILE), data)
+        plan.out.write(BASIS_FILE, data)
         manifest.token_basis = {"file": BASIS_FILE, "sha256": basis_sha256(data), "rank": cfg.output.token_rank,
                                 **fit_stats}
-        save_manifest(plan.fs, plan.root, manifest)
+        plan.out.save_manifest(manifest)
         log.info("token basis: rank %d, patch-token cosine %.4f (mean) / %.4f (min) on %d views",
                  cfg.output.token_rank, fit_stats["patch_cosine_mean"], fit_stats["patch_cosine_min"],
                  fit_stats["views"])
@@ -274,22 +279,27 @@ def write_in_process(cfg: CacheSpec, images_per_block: int = 64) -> CacheResult:
     """A whole cache written by this module's pieces, serially in this process (no Ray): views ->
     teacher tokens -> part files -> commits, as the caching job's Ray Data pipeline runs them.
     For small caches, tests and benchmarks; the job (``pipelines/cache_teacher.py``) scales."""
-    with Lease(cfg.output.path, cfg.s3, "output.path").held():
-        return _write_in_process(cfg, images_per_block)
+    with Lease(cfg.output.path, cfg.s3, "output.path", cfg.output.lease).held() as lease:
+        return _write_in_process(cfg, images_per_block, lease)
 
 
-def _write_in_process(cfg: CacheSpec, images_per_block: int) -> CacheResult:
-    plan = plan_cache(cfg)
+def _write_in_process(cfg: CacheSpec, images_per_block: int, lease: Lease) -> CacheResult:
+    plan = plan_cache(cfg, lease=lease)
     prepare_output(plan)
     codec = cache_codec(plan, lambda *args: fit_cache_basis(*args, device="cpu"))
     encoder = TokenEncoder(cfg, codec, device="cpu", fingerprint=plan.manifest.settings.teacher["fingerprint"])
     out = cfg.output
     writer = PartWriter(root_uri=out.path, s3=cfg.s3, settings=plan.manifest.settings,
                         bytes_per_view=codec.bytes_per_view, compression=out.compression,
-                        token_compression=out.token_compression, row_group_mb=out.row_group_mb)
+                        token_compression=out.token_compression, row_group_mb=out.row_group_mb,
+                        fence=plan.out.fence)
     task = ViewTask.from_plan(plan, images_per_block=images_per_block)
     committer = ShardCommitter(plan, compute="cpu fp32", save_every_s=0)
-    for name, shard in plan.pending.items():
-        for table in shard_view_tables(task, name, shard):
-            committer.add(writer(encoder(table)))
+    try:
+        for name, shard in plan.pending.items():
+            for table in shard_view_tables(task, name, shard):
+                committer.add(writer(encoder(table)))
+    except BaseException as err:
+        committer.abort(err)
+        raise
     return committer.finish()

@@ -94,7 +94,8 @@ def s3_filesystem(options: S3Options) -> pafs.S3FileSystem:
 
 @functools.lru_cache(maxsize=8)
 def boto3_client(options: S3Options):
-    """boto3 S3 client for what pyarrow lacks (multipart server-side copy of > 5 GB objects)."""
+    """boto3 S3 client for what pyarrow lacks: conditional writes (the lease, the manifest), multipart
+    server-side copy of > 5 GB objects, the teacher weights download."""
     import boto3
     from botocore.config import Config
 
@@ -104,7 +105,8 @@ def boto3_client(options: S3Options):
         retries={"max_attempts": options.max_attempts, "mode": "standard"},
     )
     region = options.region or ("us-east-1" if options.endpoint_url else None)
-    return boto3.client("s3", endpoint_url=options.endpoint_url, region_name=region, config=config)
+    # a session of its own: boto3's default session would keep the credentials it found first for the process
+    return boto3.Session().client("s3", endpoint_url=options.endpoint_url, region_name=region, config=config)
 
 
 def filesystem_for(uri: str, s3: S3Options) -> tuple[pafs.FileSystem, str]:
@@ -148,7 +150,25 @@ def translate_error(err: BaseException, uri: str, s3: S3Options | None = None) -
         )
     if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text:
         return StorageError(f"the bucket of {uri} does not exist; check the bucket name and s3.endpoint_url")
+    if "NoSuchKey" in text or "(404)" in text or "Not Found" in text:
+        return StorageError(f"{uri} does not exist; check the path (s3://bucket/key)")
     return StorageError(f"storage error on {uri}: {_short(err)}")
+
+
+_PYARROW_WHERE = re.compile(r"(?:key|path) '([^']*)' in bucket '([^']+)'|bucket '([^']+)'")
+
+
+def storage_failure(err: BaseException) -> StorageError | None:
+    """The one line for a storage failure that reached a job's top (pyarrow's S3 ``OSError``, botocore's
+    errors): None for anything else. The URI is the one pyarrow names, if it names one."""
+    text = str(err)
+    botocore = type(err).__module__.startswith(("botocore", "boto3"))
+    if not botocore and not (isinstance(err, OSError) and ("AWS Error" in text or "S3" in text or "curl" in text)):
+        return None
+    found = _PYARROW_WHERE.search(text)
+    uri = ("s3://" + found.group(2) + "/" + found.group(1) if found and found.group(2)
+           else "s3://" + found.group(3) if found else "S3")
+    return translate_error(err, uri)
 
 
 def _info(fs: pafs.FileSystem, path: str, uri: str, s3: S3Options) -> pafs.FileInfo:
@@ -253,6 +273,24 @@ def list_dir(
     return sorted(infos, key=lambda info: info.path)
 
 
+def file_sizes(fs: pafs.FileSystem, path: str, s3: S3Options | None = None) -> tuple[dict[str, int], list[str]]:
+    """(path -> size of every file under ``path``, the symbolic links found there): one listing, metadata only.
+    A local listing never follows a link (a link to a folder elsewhere is not this folder's content), and
+    never reports a file outside ``path``."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        infos = list_dir(fs, path, recursive=True, s3=s3)
+        return {i.path: i.size for i in infos if i.type == pafs.FileType.File}, []
+    sizes, links = {}, []
+    for folder, dirs, files in os.walk(path, followlinks=False):
+        for name in dirs + files:
+            full = os.path.join(folder, name)
+            if os.path.islink(full):
+                links.append(full)
+            elif name in files:
+                sizes[full] = os.stat(full).st_size
+    return dict(sorted(sizes.items())), sorted(links)
+
+
 # --------------------------------------------------------------------- reading / writing
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
     """Whole file, or None when it does not exist."""
@@ -268,6 +306,12 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         with fs.open_output_stream(path, compression=None) as f:
             f.write(data)
         return
+    os.replace(write_beside(path, data), path)
+
+
+def write_beside(path: str, data: bytes) -> str:
+    """``data`` in a new temporary file next to the local ``path``, flushed to disk; returns its path (to rename
+    or link into place, which is atomic: readers see the whole file or none)."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
@@ -275,7 +319,7 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
 
 
 def is_atomic_leftover(name: str, of: str) -> bool:

@@ -5,7 +5,6 @@ local or ``s3://``. ``evaluate.py``, ``export.py`` and stage 2 load students thr
 
 from __future__ import annotations
 
-import io
 import json
 import tempfile
 from pathlib import Path
@@ -14,13 +13,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from uta_core.checkpoint import RECORD_FILE, STATE_FILE, read_checkpoint, safe_load
 from uta_core.config import from_dict
 from uta_core.data.storage import S3Options, filesystem_for, join, list_dir, read_bytes
 from uta_core.models.export import HEAD_WEIGHTS, TIMM_WEIGHTS, UTA_CONFIG
 from uta_core.models.official import is_official_state, load_official_student, official_config_of_file
 from uta_core.models.student import StudentConfig, UTAStudent
+from uta_core.run.folder import EXPORT_DIR, RunFolder
 
-STATE_FILE = "state.pt"  # a training checkpoint's one file (uta_core.checkpoint)
 Loaded = tuple[UTAStudent, tuple, tuple, dict]  # (student in eval mode, mean, std, info)
 
 
@@ -54,8 +54,8 @@ def load_trained_student(uri: str, s3: S3Options) -> Loaded:
     names = {info.path.rsplit("/", 1)[-1] for info in list_dir(fs, root, recursive=False, s3=s3)}
     if not names:
         raise ValueError(f"model={uri} does not exist or is empty")
-    if STATE_FILE in names:  # a training checkpoint of pipelines/pretrain.py
-        state = torch.load(io.BytesIO(read_bytes(fs, join(root, STATE_FILE))), map_location="cpu", weights_only=False)
+    if STATE_FILE in names or RECORD_FILE in names:  # a training checkpoint: verified, loaded without pickle
+        state = read_checkpoint(fs, root)
         if "student" not in state["config"]:
             raise ValueError(f"model={uri} is a checkpoint of another job (no student); pass a pre-training run")
         return student_from_state(state)
@@ -68,8 +68,8 @@ def load_trained_student(uri: str, s3: S3Options) -> Loaded:
             student, meta = load_export(folder)
         return student, tuple(meta["mean"]), tuple(meta["std"]), {"step": meta.get("step"),
                                                                   "teacher": meta.get("teacher")}
-    if "export" in names:  # a run folder
-        return load_trained_student(join(uri, "export"), s3)
+    if EXPORT_DIR in names:  # a run folder
+        return load_trained_student(RunFolder(uri, s3).export_uri, s3)
     raise ValueError(f"model={uri} is neither a student export ({UTA_CONFIG}), a checkpoint ({STATE_FILE}), a run "
                      "folder nor a released UTA checkpoint file")
 
@@ -77,10 +77,7 @@ def load_trained_student(uri: str, s3: S3Options) -> Loaded:
 def _official_student_file(uri: str, data: bytes) -> Loaded:
     """A released UTA checkpoint: its image tower + head as the student; its own text tower (``text_state``)
     and ``logit_scale`` ride along in the info."""
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and torch errors alike: not a readable weights file
-        raise ValueError(f"model={uri} is a file but not a torch weights file torch.load can read ({err})") from None
+    state = safe_load(data, f"model={uri}")  # a released file is weights only: nothing in it runs
     if not isinstance(state, dict) or not is_official_state(state):
         raise ValueError(f"model={uri} is a torch file without visual.* keys: not a released UTA checkpoint")
     ckpt = load_official_student(state)  # OfficialCheckpointError is a ValueError naming the key
@@ -104,8 +101,9 @@ def _refuse_other_architecture(uri: str, given: StudentConfig, start: StudentCon
 
 
 def check_start(uri: str, given: StudentConfig, s3: S3Options) -> None:
-    """Before any worker starts, from metadata only: an export's ``uta_student.json`` or a local released
-    file's weight shapes (memory-mapped, not read). Other forms are checked where they are loaded."""
+    """Before any worker starts: an export's ``uta_student.json``, a local released file's weight shapes
+    (memory-mapped, not read), or a checkpoint, verified and loaded without pickle here (a damaged or unsafe
+    one is refused before any worker loads it). Other forms are checked where they are loaded."""
     fs, root = filesystem_for(uri, s3)
     info = fs.get_file_info(root)
     if info.is_file and "://" not in uri:
@@ -113,9 +111,13 @@ def check_start(uri: str, given: StudentConfig, s3: S3Options) -> None:
         if start is not None:
             _refuse_other_architecture(uri, given, start)
         return
-    meta = read_bytes(fs, join(root, UTA_CONFIG)) if not info.is_file else None
+    if info.is_file:
+        return
+    meta = read_bytes(fs, join(root, UTA_CONFIG))
     if meta is not None:
         _refuse_other_architecture(uri, given, from_dict(StudentConfig, json.loads(meta)["student"]))
+    elif any(fs.get_file_info(join(root, name)).is_file for name in (RECORD_FILE, STATE_FILE)):
+        _refuse_other_architecture(uri, given, student_from_state(read_checkpoint(fs, root))[0].cfg)
 
 
 def start_weights(uri: str, given: StudentConfig, s3: S3Options) -> dict[str, torch.Tensor]:

@@ -57,10 +57,13 @@ class CachedTargets(SetUpNothing):
         """Refuse a cache whose tokens or views do not fit the student."""
         s, uri = self.manifest.settings, self.uri
         if tuple(s.grid) != student.grid:
+            size, patch = s.views["size"], s.views["size"] // s.grid[0]  # what makes the student's grid the cache's
+            wanted = (("img_size", size, student.img_size), ("patch_size", patch, student.patch_size))
+            fix = " ".join(f"student.{k}={v}" for k, v, now in wanted if v != now)
             raise ValueError(
-                f"{uri} holds teacher tokens on a {s.grid[0]}x{s.grid[1]} grid but the student's grid is "
-                f"{student.grid[0]}x{student.grid[1]} (img_size {student.img_size}, patch {student.patch_size}); "
-                f"set student.patch_size={s.views['size'] // s.grid[0]} or rebuild the cache")
+                f"{uri} holds teacher tokens on a {s.grid[0]}x{s.grid[1]} grid of {size} px views but the student's "
+                f"grid is {student.grid[0]}x{student.grid[1]} (img_size {student.img_size}, patch "
+                f"{student.patch_size}); set {fix}, or rebuild the cache for this student")
         if s.token_shape[1] != student.out_dim:
             raise ValueError(f"{uri} holds {s.token_shape[1]}-dim teacher tokens but student.out_dim="
                              f"{student.out_dim}; set student.out_dim={s.token_shape[1]}")

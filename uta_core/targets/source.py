@@ -25,6 +25,7 @@ from uta_core.data.epochs import Sources
 from uta_core.data.stream import SourceReader
 from uta_core.models.student import StudentConfig
 from uta_core.models.teacher import Teacher
+from uta_core.run.folder import RunFolder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,10 +61,11 @@ class TargetSource(Protocol):
     def plan(self) -> TargetPlan:
         """The run's sources and the teacher's provenance (metadata only)."""
 
-    def start(self, student: StudentConfig, run_uri: str, items: list[Any], call: Callable[..., Any],
+    def start(self, student: StudentConfig, run: RunFolder, items: list[Any], call: Callable[..., Any],
               device: str) -> TargetSource:
-        """The source a run trains with, set up once before the workers start; ``call(fn, *args)`` runs
-        ``fn`` where a teacher may run (``device``), ``items`` are the run's sources in plan order."""
+        """The source a run trains with, set up once before the workers start (what it keeps goes into the
+        held run folder ``run``); ``call(fn, *args)`` runs ``fn`` where a teacher may run (``device``),
+        ``items`` are the run's sources in plan order."""
 
     def provenance(self) -> dict[str, Any]:
         """What the started source adds to the teacher's provenance (e.g. its codec)."""
@@ -83,7 +85,7 @@ class SetUpNothing:
     """A source with nothing to set up at the run's start and no stage (online: the teacher is in the
     worker; cache: the tokens are in the rows)."""
 
-    def start(self, student: StudentConfig, run_uri: str, items: list[Any], call: Callable[..., Any],
+    def start(self, student: StudentConfig, run: RunFolder, items: list[Any], call: Callable[..., Any],
               device: str) -> Self:
         return self
 

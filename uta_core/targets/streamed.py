@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -30,17 +29,15 @@ import torch
 
 from uta_core.cache.codecs import LowRankBasis, TokenCodec, basis_sha256
 from uta_core.cache.writer import fit_views_basis, teacher_tokens
-from uta_core.data.storage import S3Options, filesystem_for, join, read_bytes, write_bytes_atomic
 from uta_core.data.stream import SourceReader
 from uta_core.models.student import StudentConfig
 from uta_core.models.teacher import Teacher, build_teacher
+from uta_core.run.folder import RunFolder
 from uta_core.targets.cached import StoredTokens
 from uta_core.targets.online import OnlineTargets
 from uta_core.targets.source import TargetPlan, check_teacher_fits
 
 StreamCodec = Literal["float16", "int8", "lowrank_int8"]
-SETUP_FILE = "teacher_stream.json"  # in the run folder: the setup a resumed run reuses
-BASIS_FILE = "teacher_stream_basis.safetensors"
 
 
 @dataclass(kw_only=True)
@@ -145,30 +142,26 @@ def setup_views(online: OnlineTargets, student: StudentConfig, codec: StreamCode
     return stream_setup(online, student, codec, first_views(online, items), device)
 
 
-def save_setup(run_uri: str, s3: S3Options, setup: StreamSetup) -> None:
-    fs, root = filesystem_for(run_uri, s3)
+def save_setup(run: RunFolder, setup: StreamSetup) -> None:
     meta = {"mean": list(setup.mean), "std": list(setup.std), "token_shape": list(setup.token_shape),
             "fingerprint": setup.fingerprint, "basis_cosine": setup.basis_cosine,
             "basis_sha256": basis_sha256(setup.basis) if setup.basis is not None else None}
-    if setup.basis is not None:
-        write_bytes_atomic(fs, join(root, BASIS_FILE), setup.basis)
-    write_bytes_atomic(fs, join(root, SETUP_FILE), json.dumps(meta, indent=1).encode())
+    run.save_stream_setup(meta, setup.basis)
 
 
-def load_setup(run_uri: str, s3: S3Options) -> StreamSetup | None:
+def load_setup(run: RunFolder) -> StreamSetup | None:
     """The setup an earlier start of this run stored; None when there is none."""
-    fs, root = filesystem_for(run_uri, s3)
-    text = read_bytes(fs, join(root, SETUP_FILE))
-    if text is None:
+    stored = run.stream_setup()
+    if stored is None:
         return None
-    meta = json.loads(text)
-    basis = read_bytes(fs, join(root, BASIS_FILE)) if meta["basis_sha256"] else None
+    meta, basis = stored
     if meta["basis_sha256"] and (basis is None or basis_sha256(basis) != meta["basis_sha256"]):
-        raise ValueError(f"{join(root, BASIS_FILE)} is missing or differs from {SETUP_FILE}: the run's checkpoints "
-                         "were trained on tokens restored with the basis it recorded; restore the file or start a "
-                         "new run (another run.name)")
+        raise ValueError(f"{run.uri}: the stream's token basis is missing or differs from the one its setup recorded: "
+                         "the run's checkpoints were trained on tokens restored with that basis; restore the file "
+                         "or start a new run (another run.name)")
     return StreamSetup(mean=tuple(meta["mean"]), std=tuple(meta["std"]), token_shape=tuple(meta["token_shape"]),
-                       fingerprint=meta["fingerprint"], basis=basis, basis_cosine=meta["basis_cosine"])
+                       fingerprint=meta["fingerprint"], basis=basis if meta["basis_sha256"] else None,
+                       basis_cosine=meta["basis_cosine"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,14 +183,14 @@ class StreamedTargets:
     def reader(self, epoch: int) -> SourceReader:
         return self.online.reader(epoch)
 
-    def start(self, student: StudentConfig, run_uri: str, items: list[Any], call: Callable[..., Any],
+    def start(self, student: StudentConfig, run: RunFolder, items: list[Any], call: Callable[..., Any],
               device: str = "cpu") -> StreamedTargets:
         """The run's setup: the one an earlier start stored in the run folder, else fitted now by
         ``call(setup_views, ...)`` (where a teacher may run) and stored."""
-        setup = load_setup(run_uri, self.online.s3)
+        setup = load_setup(run)
         if setup is None:
             setup = call(setup_views, self.online, student, self.codec, items, device)
-            save_setup(run_uri, self.online.s3, setup)
+            save_setup(run, setup)
         return dataclasses.replace(self, setup=setup)
 
     def provenance(self) -> dict[str, Any]:

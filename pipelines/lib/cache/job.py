@@ -142,7 +142,8 @@ def build_dataset(plan: CachePlan, codec: TokenCodec, device: str, num_actors: i
     )
     writer = PartWriter(root_uri=cfg.output.path, s3=cfg.s3, settings=plan.manifest.settings,
                         bytes_per_view=codec.bytes_per_view, compression=cfg.output.compression,
-                        token_compression=cfg.output.token_compression, row_group_mb=cfg.output.row_group_mb)
+                        token_compression=cfg.output.token_compression, row_group_mb=cfg.output.row_group_mb,
+                        fence=plan.out.fence)
     return ds.map_batches(_write_parts, fn_kwargs={"writer": writer}, batch_size=rows_per_part(plan, codec),
                           batch_format="pyarrow", num_cpus=cfg.ray.write_num_cpus)
 
@@ -188,8 +189,8 @@ def execute(plan: CachePlan) -> dict:
                             views += sum(parts.column("rows").to_pylist())
                             if bar is not None:
                                 bar.set(len(committer.result.committed), note=f"{views:,} views")
-                except BaseException:
-                    committer.abort()
+                except BaseException as err:
+                    committer.abort(err)
                     raise
                 result = committer.finish()
                 result.driver_cpu_s = time.process_time() - cpu_start
@@ -203,6 +204,7 @@ def execute(plan: CachePlan) -> dict:
             ray.shutdown()
     return {"output": plan.root_uri, "summary": stats, "committed": result.committed,
             "incomplete": result.incomplete, "partial": result.partial, "already_done": plan.done,
+            "kept": plan.kept,
             "redone": plan.redo, "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None,
             "tracking_uri": tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)}
 
@@ -216,10 +218,10 @@ def check_destinations(cfg: CacheConfig) -> None:
 def run(cfg: CacheConfig) -> dict:
     """Plan and run the caching job; returns its report (``print_report``)."""
     check_destinations(cfg)
-    with Lease(cfg.output.path, cfg.s3, "output.path").held():  # one job at a time writes a cache
+    with Lease(cfg.output.path, cfg.s3, "output.path", cfg.output.lease).held() as lease:  # one job at a time
         started = init_ray(cfg.ray.address, cfg.ray.num_cpus) if cfg.output.verify else False  # verify's tasks
         try:
-            return execute(plan_cache(cfg, verify_with=verify_on_ray))
+            return execute(plan_cache(cfg, verify_with=verify_on_ray, lease=lease))
         finally:
             if started:
                 ray.shutdown()
@@ -252,6 +254,9 @@ def print_report(report: dict) -> None:
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if report["incomplete"]:
         print(f"incomplete shards (rerun to redo them): {', '.join(report['incomplete'])}")
+    if report["kept"]:
+        print(f"kept {len(report['kept'])} committed shard(s) not in today's inputs (the cache still holds them): "
+              f"{', '.join(report['kept'][:10])}{', ...' if len(report['kept']) > 10 else ''}")
     if report["partial"]:
         print(f"shards whose input broke part-way (committed with the rows read; the manifest records the "
               f"error; a rerun reads them again): {', '.join(report['partial'])}")

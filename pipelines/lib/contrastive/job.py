@@ -7,20 +7,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 import torch
 
 from pipelines.lib.contrastive.config import ContrastiveJobConfig
 from pipelines.lib.contrastive.task import ContrastiveTask
-from pipelines.lib.ray_setup import init_ray
+from pipelines.lib.train.backends import Backend, RayTrain
+from pipelines.lib.train.launch import launch, resolve_paths
 from pipelines.lib.train.plan import RunPlan, make_plan
-from pipelines.lib.train.trainer import fit, fit_in_process, local_num_cpus, local_resources, resolve_paths, run_uri
 from uta_core.data.captions import CaptionRows
 from uta_core.data.epochs import Sources, producer_counts, spread
 from uta_core.data.shards import discover
 from uta_core.data.storage import filesystem_for, join, read_bytes
 from uta_core.models.export import UTA_CONFIG
 from uta_core.models.official import official_config_of_file
+from uta_core.run.folder import RunFolder
 
 REPORT_KEYS = ("step", "loss", "temperature", "lr", "images_per_s", "zeroshot_top1", "zeroshot_top5")
 
@@ -41,7 +41,7 @@ class ContrastiveJob:
     def build_task(self, plan: RunPlan, device: torch.device, rank: int) -> ContrastiveTask:
         return ContrastiveTask(self.cfg, device, rank)
 
-    def stage(self, in_process: bool) -> None:
+    def stage(self, on_pool: bool) -> None:
         return None  # reads, decodes and trains; nothing runs apart
 
     def run_tags(self) -> dict[str, str]:
@@ -99,26 +99,17 @@ def released_image_size(uri: str) -> int | None:
     return config.img_size
 
 
-def plan_contrastive(cfg: ContrastiveJobConfig) -> tuple[ContrastiveJob, RunPlan]:
-    precheck_stage2(cfg)
-    plan = make_plan(cfg.train, cfg.cluster, caption_sources(cfg), cfg.run.seed, cfg.data.shuffle_files,
-                     run_uri(cfg))
+def plan_contrastive(cfg: ContrastiveJobConfig, run: RunFolder) -> tuple[ContrastiveJob, RunPlan]:
+    plan = make_plan(cfg.train, cfg.cluster, caption_sources(cfg), cfg.run.seed, cfg.data.shuffle_files, run.uri)
     return ContrastiveJob(cfg), plan
 
 
-def run(cfg: ContrastiveJobConfig, in_process: bool = False) -> dict:
-    """Train, export and evaluate on the configured cluster (or in this process); returns the run report."""
+def run(cfg: ContrastiveJobConfig, backend: Backend | None = None) -> dict:
+    """Train, export and evaluate on ``backend`` (default: Ray Train, on the configured cluster or a new
+    local Ray); returns the run report. A misfit student is refused before anything starts."""
     cfg = resolve_paths(cfg)
-    job, plan = plan_contrastive(cfg)
-    if in_process:
-        return _summary(fit_in_process(job, plan), cfg)
-    started = init_ray(cfg.cluster.address, local_num_cpus(cfg.cluster), local_resources(cfg.cluster, None))
-    try:
-        report = fit(job, plan)
-    finally:
-        if started:
-            ray.shutdown()
-    return _summary(report, cfg)
+    precheck_stage2(cfg)
+    return _summary(launch(cfg, lambda folder, _: plan_contrastive(cfg, folder), backend or RayTrain()), cfg)
 
 
 def _summary(report: dict, cfg: ContrastiveJobConfig) -> dict:

@@ -1,6 +1,6 @@
 """The sweep on Ray Tune: trials, ASHA, reports to Tune, MLflow runs of stopped trials, results.
 
-Each trial is a driver function that runs pre-training (``fit_pretrain``: its own
+Each trial is a driver function that runs pre-training (``pretrain.job.run`` on ``RayTrain``: its own
 TorchTrainer, Train V2 + ``TuneReportCallback``). In cache mode every trial reads the same
 teacher cache, so the teacher is paid for once per sweep.
 """
@@ -20,10 +20,12 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines.lib.pretrain.config import PretrainConfig
-from pipelines.lib.pretrain.job import fit_pretrain
+from pipelines.lib.pretrain.job import run as run_pretrain
 from pipelines.lib.pretrain.targets import TARGET_SOURCES, check_fits
+from pipelines.lib.sweep.folder import check_restorable, claim_new_sweep
 from pipelines.lib.sweep.report import plot_metric_vs_ratio, results_table, trial_status
 from pipelines.lib.sweep.search_space import ParamSpec, SearchSpace
+from pipelines.lib.train.backends import RayTrain
 from uta_core import tracking
 from uta_core.config import apply_overrides, from_dict, to_dict
 from uta_core.data.storage import join
@@ -110,7 +112,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], sweep: dict[str, 
 def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: dict[str, Any]) -> None:
     """Tune's trainable: this trial's pre-training run, reporting its evaluations to Tune."""
     cfg = trial_config(base, params, sweep)
-    fit_pretrain(cfg, callbacks=lambda plan: [EvalReportCallback(sweep["metric"], plan.total_steps)])
+    run_pretrain(cfg, RayTrain(callbacks=lambda plan: [EvalReportCallback(sweep["metric"], plan.total_steps)]))
 
 
 def check_trials_fit(space: SearchSpace, base: dict[str, Any]) -> None:
@@ -160,9 +162,11 @@ def make_tuner(space: SearchSpace, base: dict[str, Any], sweep: dict[str, Any], 
     # (Tune refuses an empty request, hence a token fraction of a CPU.)
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     path = join(sweep["storage_path"], sweep["name"])
-    if tune.Tuner.can_restore(path):
+    if tune.Tuner.can_restore(path):  # Tune unpickles the folder's state: only a folder our sweep made
+        check_restorable(path, sweep["name"], sweep["s3"])
         log.info("resuming sweep %s: finished trials are kept", path)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    claim_new_sweep(path, sweep["name"], sweep["s3"])
     scheduler = None
     if space.scheduler.type == "asha":
         scheduler = tune.schedulers.ASHAScheduler(

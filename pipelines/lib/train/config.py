@@ -6,7 +6,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from uta_core.lease import LeaseConfig
+
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_folder_name(key: str, name: str) -> None:
+    """A run's or a sweep's name is one folder under its storage path, never a path out of it."""
+    if not _RUN_NAME.fullmatch(name):
+        raise ValueError(f"{key}={name!r} must be a plain folder name (letters, digits, . _ -)")
 
 
 @dataclass(kw_only=True)
@@ -22,10 +30,10 @@ class RunConfig:
     max_failures: int = 1  # worker failures Ray Train recovers from (from the last checkpoint)
     export: bool = True  # write the final model to <storage>/<name>/export
     record_samples: bool = False  # each rank writes the sample ids it trained on (<storage>/<name>/samples)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)  # one job at a time owns the run folder
 
     def __post_init__(self) -> None:
-        if not _RUN_NAME.fullmatch(self.name):
-            raise ValueError(f"name={self.name!r} must be a plain folder name (letters, digits, . _ -)")
+        check_folder_name("name", self.name)
         if not self.storage_path:
             raise ValueError("storage_path must be a local folder or s3://bucket/prefix")
         for key in ("log_every", "checkpoint_every", "keep_checkpoints"):

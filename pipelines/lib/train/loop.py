@@ -11,8 +11,8 @@ Metrics go to MLflow every ``run.log_every`` steps, from rank 0.
 Resume: a checkpoint holds the position (step, epoch, micro-batches in the epoch) and every
 rank's cursor (source, row after the last trained), so a resumed rank starts right after
 the last row it trained on: the resumed epoch trains on exactly the rows the killed run had
-not reached. The newest checkpoint readable on storage wins over the one the runtime hands
-over (a worker killed right after writing one can take the news of it along).
+not reached. Rank 0 picks the newest complete checkpoint of the run folder (verified, each
+damaged one skipped with one line) and every rank loads that same step.
 """
 
 from __future__ import annotations
@@ -28,28 +28,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.outputs import RunOutputs
 from pipelines.lib.train.plan import RunPlan
 from pipelines.lib.train.runtime import Runtime
 from pipelines.lib.train.spec import TrainJob
-from uta_core.checkpoint import Position, load_stored_state, restore, stored_checkpoint_steps, training_state
+from uta_core.checkpoint import Position, restore, training_state
 from uta_core.config import to_dict
 from uta_core.data.epochs import Cursor
 from uta_core.data.prefetch import prefetched
-from uta_core.data.storage import filesystem_for, join, write_bytes_atomic
 from uta_core.data.stream import EpochStream
 from uta_core.distributed import is_distributed, mean_over_ranks
-from uta_core.errors import NonFiniteLoss
+from uta_core.errors import NonFiniteLoss, RunCannotContinue
 from uta_core.optim import build_optimizer, build_scheduler, compiled, lr_at, train_step
+from uta_core.run.folder import RunFolder
 
 log = logging.getLogger("uta.train")
 
 
-def train_worker(job: TrainJob, plan: RunPlan, runtime: Runtime, fault: Fault | None = None) -> dict | None:
-    """Train this rank to ``plan.total_steps`` and finish the run; rank 0 returns its history and
-    final metrics."""
-    loop = TrainLoop(job, plan, runtime, fault)
+def train_worker(job: TrainJob, plan: RunPlan, runtime: Runtime, run: RunFolder) -> dict | None:
+    """Train this rank to ``plan.total_steps`` and finish the run in ``run`` (its folder); rank 0 returns
+    its history, final metrics and the step of the run's newest checkpoint."""
+    loop = TrainLoop(job, plan, runtime, run)
     loop.start_reading()  # the first sources decode (in new processes, on a cluster) while MLflow opens
     loop.outputs.open(loop.pos)
     loop.pos.mlflow_run_id = loop.outputs.run_id
@@ -57,24 +56,25 @@ def train_worker(job: TrainJob, plan: RunPlan, runtime: Runtime, fault: Fault | 
         loop.train()
     except NonFiniteLoss as err:  # every rank at the same step (the loss is all-reduced): end, do not retry
         log.error("rank %d: %s", runtime.rank, err)
-        loop.outputs.close(failed=True)
+        loop.outputs.close(err)
         return {"stopped": str(err), "mlflow_run_id": loop.outputs.run_id} if runtime.rank == 0 else None
-    except BaseException:
-        loop.outputs.close(failed=True)
+    except BaseException as err:
+        loop.outputs.close(err)
         raise
     loop.outputs.finish(loop.pos.step)
     loop.outputs.close()
     if runtime.rank != 0:
         return None
-    return {"history": loop.history, "final": loop.final, "mlflow_run_id": loop.outputs.run_id}
+    return {"history": loop.history, "final": loop.final, "mlflow_run_id": loop.outputs.run_id,
+            "checkpoint_step": loop.checkpoint_step}
 
 
 class TrainLoop:
     """One rank's model, optimiser, position and metric window; ``train`` runs the epochs."""
 
-    def __init__(self, job: TrainJob, plan: RunPlan, runtime: Runtime, fault: Fault | None = None) -> None:
+    def __init__(self, job: TrainJob, plan: RunPlan, runtime: Runtime, run: RunFolder) -> None:
         cfg = self.cfg = job.cfg
-        self.job, self.plan, self.runtime, self.fault = job, plan, runtime, fault
+        self.job, self.plan, self.runtime, self.run = job, plan, runtime, run
         self.rank, self.world, self.device = runtime.rank, runtime.world, runtime.device
         if self.device.type == "cuda":  # fp32 matmuls (the fp32 parts of a bf16 step) on tensor cores
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -86,13 +86,14 @@ class TrainLoop:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, warmup_steps=plan.warmup_steps,
                                          total_steps=plan.total_steps)
         self.amp = torch.bfloat16 if self.device.type == "cuda" and cfg.train.precision == "bf16" else None
+        self.checkpoint_step: int | None = None  # the newest checkpoint: restored from or saved
         self.pos = self._restore()
         self.stream = EpochStream(plan.sources, job.reader, runtime.read, rank=self.rank, world=self.world,
                                   seed=cfg.run.seed, shuffle_sources=cfg.data.shuffle_files,
                                   micro_batch=cfg.train.micro_batch,
                                   rows_per_step=cfg.train.micro_batch * plan.accumulation,
                                   shuffle_buffer=cfg.data.shuffle_buffer)
-        self.outputs = RunOutputs(job, plan, self.task, self.rank)
+        self.outputs = RunOutputs(job, plan, self.task, self.rank, run)
         self.history: list[dict[str, float]] = []
         self.final: dict[str, float] = {}
         self._window: list[torch.Tensor] = []  # per-step losses, on the device
@@ -110,26 +111,31 @@ class TrainLoop:
 
     # ----------------------------------------------------------------- resume
     def _restore(self) -> Position:
-        """Continue from the newest complete checkpoint in the run folder, else from the one the
-        runtime hands over. Rank 0 lists the steps; every rank loads the newest it can read whole."""
-        state = None
-        for step in self._agreed(stored_checkpoint_steps(self.plan.run_uri, self.cfg.s3)):
-            state = load_stored_state(self.plan.run_uri, step, self.cfg.s3)
-            if state is not None:
-                break
-        state = state or self.runtime.handed_checkpoint()
-        if state is None:
+        """Continue from the run folder's newest complete checkpoint: rank 0 finds it (verifying each
+        newer one and skipping the damaged), every rank loads that step, so all resume from one step."""
+        found, refused = None, None
+        if self.rank == 0:
+            try:
+                found = self.run.newest_checkpoint()
+            except RunCannotContinue as err:  # e.g. a file that would run code: every rank stops
+                refused = err
+        step, reason = self._agreed((found[0] if found else None, str(refused) if refused else None))
+        if reason is not None:
+            raise refused or RunCannotContinue(reason)
+        if step is None:
             return Position()
+        state = found[1] if found else self.run.load_checkpoint(step)
         pos = restore(state, self.task.model, self.optimizer, self.scheduler)
+        self.checkpoint_step = step
         log.info("rank %d resumed at step %d (epoch %d, micro-batch %d)", self.rank, pos.step, pos.epoch,
                  pos.micro_in_epoch)
         return pos
 
-    def _agreed(self, steps: list[int]) -> list[int]:
-        """Rank 0's list on every rank (the ranks must resume from the same step)."""
+    def _agreed(self, choice: tuple[int | None, str | None]) -> tuple[int | None, str | None]:
+        """Rank 0's (step, refusal) on every rank."""
         if not is_distributed():
-            return steps
-        box = [steps]
+            return choice
+        box = [choice]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
@@ -197,8 +203,6 @@ class TrainLoop:
 
     def _step(self, group: list[dict[str, Any]]) -> None:
         losses = (lambda b=b: self.task.loss(self.forward, b) for b in group)
-        if self.fault is not None and self.fault.poisons(self.pos.step + 1, self.pos.resumed):
-            losses = (lambda b=b: self.task.loss(self.forward, b) * float("nan") for b in group)
         skips = self.cfg.train.skip_nonfinite_steps
         out = train_step(self.forward, self.optimizer, self.scheduler, losses, len(group),
                          grad_clip=self.cfg.optim.grad_clip, autocast_dtype=self.amp, device_type=self.device.type,
@@ -217,7 +221,7 @@ class TrainLoop:
         self.runtime.progress.step(self.pos.step)
 
     def _after_step(self) -> None:
-        """Log when due; report (checkpoint, evaluation) when due; the fault trials' injected failure."""
+        """Log when due; report (checkpoint, evaluation) when due."""
         cfg, pos = self.cfg, self.pos
         last = pos.step == self.plan.total_steps
         evaluate = last or bool(cfg.eval.every and pos.step % cfg.eval.every == 0)
@@ -230,10 +234,9 @@ class TrainLoop:
             self._progress(metrics)
             if save or evaluate:
                 self.runtime.report(metrics, self._checkpoint() if save else None, pos.step)
+                self.checkpoint_step = pos.step if save else self.checkpoint_step
             if last:
                 self.final = metrics
-        if self.fault is not None:
-            self.fault.strike(pos.step, self.rank, pos.resumed)
 
     def _checkpoint(self) -> dict[str, Any] | None:
         """Every rank's cursor into the position (a collective), the rows trained since the last
@@ -265,13 +268,11 @@ class TrainLoop:
         self.pos.cursors = None
 
     def _record_samples(self) -> None:
-        """``run.record_samples``: the ids this rank trained on since the last record, in order, as
-        ``samples/rank<r>-epoch<e>-from<step>.txt``; an epoch's files in step order are its rows."""
+        """``run.record_samples``: the ids this rank trained on since the last record, in order (the run
+        folder's ``samples/``); an epoch's files in step order are its rows."""
         if not self.cfg.run.record_samples or self.pos.step == self._ids_from:
             return
-        fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)
-        name = f"rank{self.rank}-epoch{self.pos.epoch:04d}-from{self._ids_from:07d}.txt"
-        write_bytes_atomic(fs, join(root, "samples", name), "\n".join(map(str, self._seen_ids)).encode())
+        self.run.record_samples(self.rank, self.pos.epoch, self._ids_from, self._seen_ids)
         self._ids_from, self._seen_ids = self.pos.step, []
 
     # ----------------------------------------------------------------- metrics
@@ -300,11 +301,11 @@ class TrainLoop:
         return metrics
 
     def _nonfinite_message(self, step: int, what: str) -> str:
-        saved = stored_checkpoint_steps(self.plan.run_uri, self.cfg.s3) if self.rank == 0 else []
+        saved = f"step {self.checkpoint_step}" if self.checkpoint_step is not None else "none"
         first = step - len(self._window) + 1 if self._window else step
         since = f"steps {first}-{step}" if first < step else f"step {step}"
         return (f"{what} is not finite in {since} of run {self.cfg.run.name}: the run stops and saves nothing "
-                f"of it (last checkpoint: {f'step {saved[0]}' if saved else 'none'}). Likely causes: a learning "
+                f"of it (last checkpoint: {saved}). Likely causes: a learning "
                 f"rate too high (optim.lr={self.cfg.optim.lr:g}; a longer optim warm-up helps), "
                 f"train.precision={self.cfg.train.precision} overflowing, or damaged inputs; rerun to resume with "
                 "a fix, or allow skipping a few such steps with train.skip_nonfinite_steps=N")

@@ -2,14 +2,12 @@
 
 Every method is a no-op on other ranks. A run's MLflow run is opened by rank 0 and its id is
 kept in the checkpoint, so a resumed run (a restarted worker group, a resubmitted driver)
-continues the same MLflow run.
+continues the same MLflow run. Every write goes through the run folder, which checks the lease.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -18,18 +16,16 @@ from pipelines.lib.train.spec import Task, TrainJob
 from uta_core import tracking
 from uta_core.checkpoint import Position
 from uta_core.config import flatten, to_dict
-from uta_core.data.storage import filesystem_for, is_s3, join, write_bytes_atomic
+from uta_core.lease import LeaseLost
 from uta_core.models.export import UTA_CONFIG
 from uta_core.models.mlflow_model import log_student_model
 from uta_core.models.open_clip_export import link_open_clip
-
-EXPORT_DIR = "export"
-MLFLOW_RUN_FILE = "mlflow_run.json"  # the run folder's MLflow run: {run_id, tracking_uri}
+from uta_core.run.folder import RunFolder
 
 
 class RunOutputs:
-    def __init__(self, job: TrainJob, plan: RunPlan, task: Task, rank: int) -> None:
-        self.job, self.cfg, self.plan, self.task = job, job.cfg, plan, task
+    def __init__(self, job: TrainJob, plan: RunPlan, task: Task, rank: int, run: RunFolder) -> None:
+        self.job, self.cfg, self.plan, self.task, self.folder = job, job.cfg, plan, task, run
         self.active = rank == 0
         self.run_id: str | None = None
         self._run = None
@@ -57,9 +53,7 @@ class RunOutputs:
             mlflow.log_dict(to_dict(self.cfg), "config.yaml")
             self.task.on_run_start(mlflow.log_artifact)
         self.run_id = self._run.info.run_id
-        fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)  # so that the driver can end it if we die
-        record = {"run_id": self.run_id, "tracking_uri": mlflow.get_tracking_uri()}
-        write_bytes_atomic(fs, join(root, MLFLOW_RUN_FILE), json.dumps(record).encode())
+        self.folder.save_mlflow_record(self.run_id, mlflow.get_tracking_uri())  # the driver ends it if we die
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.active and self._run is not None:
@@ -67,9 +61,14 @@ class RunOutputs:
 
             mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
-    def close(self, failed: bool = False) -> None:
-        if failed:  # the MLflow run ends as FAILED
-            self._stack.__exit__(RuntimeError, RuntimeError("training failed"), None)
+    def close(self, error: BaseException | None = None) -> None:
+        """End the MLflow run: FINISHED, or FAILED when ``error`` stopped training. A job that lost the run
+        folder leaves it as it is (the new owner continues it)."""
+        if isinstance(error, LeaseLost) and self._run is not None:
+            self._stack.pop_all()
+            tracking.leave_run()
+        elif error is not None:
+            self._stack.__exit__(type(error), error, None)
         else:
             self._stack.close()
         self._run = None
@@ -81,12 +80,11 @@ class RunOutputs:
         with tempfile.TemporaryDirectory(prefix="uta-export-") as folder:
             self.task.export(Path(folder), step)
             if self.cfg.run.export:
-                fs, root = filesystem_for(self.plan.run_uri, self.cfg.s3)
-                for name in sorted(os.listdir(folder)):
-                    write_bytes_atomic(fs, join(root, EXPORT_DIR, name), (Path(folder) / name).read_bytes())
-                if not is_s3(self.plan.run_uri):  # its open_clip config names the folder it sits in
-                    link_open_clip(join(root, EXPORT_DIR))
+                local = self.folder.write_export(folder)
+                if local is not None:  # its open_clip config names the folder it sits in
+                    link_open_clip(local)
             if self._run is not None:
+                self.folder.guard("the MLflow artefacts")
                 import mlflow
 
                 mlflow.log_artifacts(folder, self.job.artifact_name)

@@ -27,32 +27,31 @@ import torch
 from torch import nn
 
 from pipelines.lib.progress import WorkerProgress
-from pipelines.lib.train.faults import Fault
 from pipelines.lib.train.loop import train_worker
 from pipelines.lib.train.plan import RunPlan
 from pipelines.lib.train.spec import TrainJob
 from pipelines.lib.train.stage_pool import PoolMeter, PoolWatch, StagePool
-from uta_core.checkpoint import checkpoint_dir_name, load_state, save_state
 from uta_core.data.stream import ReadTask, SourceReader
 from uta_core.device import require_cuda
+from uta_core.run.folder import RunFolder, checkpoint_dir_name
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict | None:
-    """Ray Train entry point: ``{"job": TrainJob, "plan": RunPlan, "fault": Fault | None, "progress": name,
+    """Ray Train entry point: ``{"job": TrainJob, "plan": RunPlan, "run": RunFolder, "progress": name,
     "pool": StagePool | None}``."""
     job: TrainJob = config["job"]
-    runtime = RayRuntime(job, config["progress"], config.get("pool"))
-    return train_worker(job, config["plan"], runtime, config.get("fault"))
+    runtime = RayRuntime(job, config["run"], config["progress"], config.get("pool"))
+    return train_worker(job, config["plan"], runtime, config["run"])
 
 
-def loop_config(job: TrainJob, plan: RunPlan, fault: Fault | None, progress: str | None,
+def loop_config(job: TrainJob, plan: RunPlan, run: RunFolder, progress: str | None,
                 pool: StagePool | None = None) -> dict[str, Any]:
-    return {"job": job, "plan": plan, "fault": fault, "progress": progress, "pool": pool}
+    return {"job": job, "plan": plan, "run": run, "progress": progress, "pool": pool}
 
 
 class RayRuntime:
-    def __init__(self, job: TrainJob, progress: str | None, pool: StagePool | None = None) -> None:
-        cluster = job.cfg.cluster
+    def __init__(self, job: TrainJob, run: RunFolder, progress: str | None, pool: StagePool | None = None) -> None:
+        cluster, self.run = job.cfg.cluster, run
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if cluster.use_gpu:  # else Ray Train would hand out the CPU without a word
@@ -86,22 +85,16 @@ class RayRuntime:
         return self.pool.through(refs, self.rank, self.meter)
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
-        """``ray.train.report`` on every rank (a barrier); rank 0 alone attaches the checkpoint."""
+        """``ray.train.report`` on every rank (a barrier); rank 0 alone attaches the checkpoint, whose files
+        the run folder lays out (checked against the lease first) and Ray Train uploads into it."""
         name = checkpoint_dir_name(step)  # rank 0's name wins (Ray broadcasts it)
         if state is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         with tempfile.TemporaryDirectory(prefix="uta-ckpt-") as folder:
-            save_state(state, folder)
+            self.run.stage_checkpoint(state, step, folder)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=name)
-
-    def handed_checkpoint(self) -> dict[str, Any] | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return load_state(folder)
 
 
 @ray.remote

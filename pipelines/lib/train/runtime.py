@@ -1,8 +1,8 @@
 """What the training loop needs from where it runs, and the in-process implementation.
 
 The loop (``loop.py``) talks to its surroundings only through a ``Runtime``: which rank it is,
-its device, how a model is prepared for several ranks, how a rank's sources are read, where a
-report and a checkpoint go, and the checkpoint a restarted worker group was handed. On a
+its device, how a model is prepared for several ranks, how a rank's sources are read, and where a
+report and a checkpoint go (the run folder decides which checkpoint a run resumes from). On a
 cluster that is Ray Train (``ray_runtime.py``); ``LocalRuntime`` runs the same loop in this
 process (one rank), or in a few local processes joined by gloo (a test of several ranks), with
 no Ray at all: tests of resume, cursors and epoch ends take seconds, and a step can be profiled
@@ -22,10 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from pipelines.lib.train.spec import BlockWork
-from uta_core.checkpoint import checkpoint_dir_name, state_bytes, stored_checkpoint_steps
-from uta_core.data.storage import S3Options, filesystem_for, join, remove_dir, write_bytes_atomic
 from uta_core.data.stream import ReadTask, SourceReader, serial_read
-from uta_core.models.trained import STATE_FILE
+from uta_core.run.folder import RunFolder
 
 log = logging.getLogger("uta.train")
 
@@ -52,10 +50,7 @@ class Runtime(Protocol):
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         """Every rank at the same steps: metrics, and rank 0's checkpoint state (None on other ranks and
-        between checkpoints)."""
-
-    def handed_checkpoint(self) -> dict[str, Any] | None:
-        """The state the surrounding system hands a restarted worker group, if any."""
+        between checkpoints), saved into the run folder."""
 
 
 class NoProgress:
@@ -65,15 +60,15 @@ class NoProgress:
 
 class LocalRuntime:
     """The loop in this process. ``world`` > 1: one process per rank, joined by gloo through
-    ``init_method`` (e.g. ``file:///tmp/x``); checkpoints go to ``<run>/checkpoint_<step>``, as Ray
-    Train names them, and the newest ``keep`` are kept."""
+    ``init_method`` (e.g. ``file:///tmp/x``); checkpoints go into the run folder, as Ray Train names
+    them, and the newest ``keep`` are kept."""
 
-    def __init__(self, run_uri: str, s3: S3Options, keep: int, *, rank: int = 0, world: int = 1,
+    def __init__(self, run: RunFolder, keep: int, *, rank: int = 0, world: int = 1,
                  init_method: str | None = None, threads: int | None = None, timeout_s: float = 600,
                  stage: BlockWork | None = None) -> None:
         self.rank, self.world, self.device = rank, world, torch.device("cpu")
         self.stage, self._stage_fn, self._stage_s = stage, None, 0.0  # the stage runs inline, built on first use
-        self.run_uri, self.s3, self.keep = run_uri, s3, keep
+        self.run, self.keep = run, keep
         self.progress: Progress = NoProgress()
         if threads is not None:
             torch.set_num_threads(threads)
@@ -106,15 +101,9 @@ class LocalRuntime:
 
     def report(self, metrics: dict[str, float], state: dict[str, Any] | None, step: int) -> None:
         if state is not None:
-            fs, root = filesystem_for(self.run_uri, self.s3)
-            write_bytes_atomic(fs, join(root, checkpoint_dir_name(step), STATE_FILE), state_bytes(state))
-            for old in stored_checkpoint_steps(self.run_uri, self.s3)[self.keep:]:
-                remove_dir(fs, join(root, checkpoint_dir_name(old)))
+            self.run.save_checkpoint(state, step, self.keep)
         if self.world > 1:
             dist.barrier()  # as ray.train.report: no rank runs ahead of a checkpoint
-
-    def handed_checkpoint(self) -> dict[str, Any] | None:
-        return None
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():

@@ -1,7 +1,7 @@
 """What a training job hands the runner (torchtitan's ``TrainSpec``): the only thing the loop knows of it.
 
 A job builds one ``TrainJob`` on its driver (its config plus what the driver worked out from
-metadata, e.g. the teacher source) and passes it to ``trainer.fit``; Ray pickles it to every
+metadata, e.g. the teacher source) and hands it to ``launch.launch``; Ray pickles it to every
 worker, where the loop asks it for the rank's reader and for a ``Task``. The loop owns the
 mechanics: optimiser and schedule (``cfg.optim``), device placement, DDP and compile of
 ``task.forward``, autocast, accumulation, clipping, the step, reports, checkpoints, cursors,
@@ -9,7 +9,7 @@ MLflow. The task owns the model, the host work of a micro-batch, the loss, evalu
 the export.
 
 Adding a job: a module with its ``TrainJob`` and ``Task`` (``pipelines/lib/pretrain/job.py`` is
-one), and a ``pipelines/<name>.py`` that calls ``fit``.
+one), and a ``pipelines/<name>.py`` whose ``run`` calls ``launch``.
 """
 
 from __future__ import annotations
@@ -116,8 +116,9 @@ class TrainJob(Protocol):
     def build_task(self, plan: RunPlan, device: torch.device, rank: int) -> Task:
         """This worker's task (model on the CPU; the loop places it)."""
 
-    def stage(self, in_process: bool) -> Stage | None:
-        """The job's stage, if it has one (built for the CPU ``in_process``, else for the pool's devices)."""
+    def stage(self, on_pool: bool) -> Stage | None:
+        """The job's stage, if it has one: built for its pool's devices (``on_pool``, a Ray backend), else
+        for the CPU of this process (the in-process backend runs it inline)."""
 
     def run_tags(self) -> dict[str, str]:
         """MLflow tags of a new run."""
