@@ -57,7 +57,7 @@ from pipelines.lib.pretrain.config import PretrainConfig
 from pipelines.lib.ray_setup import cluster_resources, init_ray
 from pipelines.lib.train.launch import run_folder
 from uta_core import tracking
-from uta_core.config import to_dict
+from uta_core.config import printable_config, to_dict
 from uta_core.data.digits import CLASS_NAMES, TEMPLATES, write_digits_splits
 from uta_core.data.shards import InputConfig
 from uta_core.data.storage import S3Options
@@ -277,8 +277,10 @@ def finish(cfg, paths, teacher_report, student_run_id, results, times, arch, wei
 
 # --------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n", 1)[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="YAML config (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the demo's own keys; each stage's wiring) as YAML and exit")
     parser.add_argument("overrides", nargs="*",
                         help="dotted key=value overrides, e.g. student.train.max_steps=800 out=outputs/demo2")
     return parser.parse_intermixed_args(argv)
@@ -288,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
+        if args.print_config:
+            print(printable_config(DemoConfig, args.config, list(args.overrides)), end="")
+            return 0
         cfg = load_demo_config(args.config, list(args.overrides))
         run(cfg)
     except ValueError as err:  # a config or wiring mistake, before anything ran

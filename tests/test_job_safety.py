@@ -218,3 +218,58 @@ def test_tiny_teacher_overrides_are_what_the_cache_test_expects(tmp_path):
     """The patch size the views.size message quotes comes from the smoke teacher (4 px)."""
     arch = json.loads(Path(tiny_teacher(tmp_path)[0].split("=", 1)[1]).read_text())
     assert arch["vision_cfg"]["patch_size"] == 4
+
+
+# --------------------------------------------------------------------- hints that name the key to type
+@pytest.mark.parametrize("job,argv,hint", [
+    ("contrastive", [], "error: data.input.paths is empty: pass data.input.paths=<path, glob, [list] or "
+                        "s3://bucket/prefix> (e.g. data.input.paths='data/shards/*.tar')"),
+    ("cache_teacher", ["output.path=cache"], "error: input.paths is empty: pass input.paths=<path"),
+    ("pretrain", ["optim.lr"], "error: override 'optim.lr' is not of the form key=value (e.g. optim.lr=1e-3)"),
+    # the inputs are listed before Ray starts (quiet_env refuses to start it), and the key is the job's
+    ("pretrain", ["data.teacher_mode=online", "data.input.paths=missing/shards", "teacher_random_seed=0"],
+     "error: input path missing/shards does not exist; check data.input.paths"),
+    ("contrastive", ["data.input.paths=missing/*.tar"], "error: input pattern missing/*.tar: the folder "),
+])
+def test_a_hint_names_a_key_the_user_can_type(job, argv, hint, quiet_env, capsys):
+    code, _, err = run_job(job, argv, capsys)
+    line = assert_refused(code, err)
+    assert line.startswith(hint), line
+    if "input" in hint and "empty" not in hint:  # a missing input names the key the job reads it from
+        assert line.endswith("check data.input.paths"), line
+
+
+# --------------------------------------------------------------------- S3 paths of models and weights
+@pytest.mark.parametrize("job,argv", [
+    ("evaluate", ["zeroshot", "model=s3://{bucket}/runs/x", "input.paths=in"]),
+    ("export", ["model=s3://{bucket}/runs/x", "output=exported"]),
+])
+def test_a_model_path_on_s3_that_is_not_there_is_one_line(job, argv, quiet_env, capsys, s3_server, s3_bucket):
+    from pipelines import export
+
+    jobs = {**JOBS, "export": export.main}
+    argv = [a.format(bucket=s3_bucket) for a in argv] + [f"s3.endpoint_url={s3_server}"]
+    code, _, err = jobs[job](argv), None, capsys.readouterr().err
+    assert_refused(code, err, f"model=s3://{s3_bucket}/runs/x does not exist")
+
+
+def test_teacher_weights_on_s3_without_credentials_say_so_and_not_that_s3_is_unreachable(quiet_env, capsys,
+                                                                                         s3_server, monkeypatch):
+    from uta_core.data.storage import boto3_client
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(quiet_env / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(quiet_env / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    boto3_client.cache_clear()
+    try:
+        (quiet_env / "in").mkdir()
+        write_tar = __import__("conftest").write_digits_webdataset
+        write_tar(quiet_env / "in", shards=1, per_shard=2)
+        code, _, err = run_job("cache_teacher", ["teacher.pretrained=s3://weights/w.pt", "input.paths=in/*.tar",
+                                                 "output.path=cache", f"s3.endpoint_url={s3_server}"], capsys)
+    finally:
+        boto3_client.cache_clear()
+    line = assert_refused(code, err, "no AWS credentials were found for s3://weights/w.pt", "AWS_ACCESS_KEY_ID")
+    assert "cannot reach" not in line and not (quiet_env / "cache").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -298,3 +299,21 @@ class ActorKiller:
             for actor in list_actors(filters=[("class_name", "=", "StageActor"), ("state", "=", "ALIVE")]):
                 os.kill(actor.pid, signal.SIGKILL)
                 self.killed = True
+
+
+def _count_to_five(item, start, source):
+    for i in range(start, 5):
+        yield {"x": [i]}
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_that_stops_reading_early_closes_its_read_tasks_without_an_error(ray_local):
+    """Closing a rank's block stream mid-source must not close Ray's generator (``gen.close is not
+    supported``, printed by every worker at every early end) but cancel its tasks."""
+    from pipelines.lib.train.ray_runtime import block_refs
+
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the reader is this test's, not the workers'
+    blocks = block_refs(_count_to_five, [(i, 0, i) for i in range(3)], tasks_ahead=2, num_cpus=0.5)
+    assert ray_local.get(next(blocks)) == {"x": [0]}
+    blocks.close()  # raised NotImplementedError with ``yield from`` over Ray's generator
+    assert list(blocks) == []

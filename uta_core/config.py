@@ -12,11 +12,12 @@ import ast
 import dataclasses
 import inspect
 import io
+import re
 import textwrap
 import tokenize
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -51,7 +52,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -76,6 +77,16 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
+class SettingError(ValueError):
+    """A config check that names its key: ``template``'s ``{key}`` becomes the key's whole dotted path
+    (``paths`` in ``InputConfig`` reads ``data.input.paths`` in a pre-training config), so the fix it
+    gives is a key the user can type."""
+
+    def __init__(self, key: str, template: str) -> None:
+        self.key, self.template = key, template
+        super().__init__(template.format(key=key))
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     """Recursively build dataclass ``cls`` from ``data``, checking keys and types."""
     if not isinstance(data, Mapping):
@@ -90,6 +101,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     kwargs = {name: _coerce(hints[name], value, _join(prefix, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
+    except SettingError as err:
+        raise SettingError(_join(prefix, err.key), err.template) from None
     except ValueError as err:
         raise ValueError(f"{prefix}: {err}" if prefix else str(err)) from None
     except TypeError as err:  # a required field is missing
@@ -262,14 +275,82 @@ def _field_comments(cls: type) -> dict[str, str]:
     comments = {tok.start[0]: tok.string.lstrip("#").strip()
                 for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
     lines = source.splitlines()
+    only_comment = {n for n in comments if lines[n - 1].strip().startswith("#")}
+    nodes = [n for n in ast.parse(source).body[0].body
+             if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
     out = {}
-    for node in ast.parse(source).body[0].body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            text = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
-            above, n = [], node.lineno - 1
-            while n >= 1 and n in comments and lines[n - 1].strip().startswith("#"):
-                above.insert(0, comments[n])
-                n -= 1
-            if text or above:
-                out[node.target.id] = " ".join(text or above)
+    for i, node in enumerate(nodes):
+        text = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        above, n = [], node.lineno - 1
+        while n >= 1 and n in only_comment:
+            above.insert(0, comments[n])
+            n -= 1
+        if text:  # comment lines right below continue it, unless they introduce the next field (which has none)
+            nxt = nodes[i + 1] if i + 1 < len(nodes) else None
+            if nxt is None or any(k in comments for k in range(nxt.lineno, nxt.end_lineno + 1)):
+                n = node.end_lineno + 1
+                while n in only_comment:
+                    text.append(comments[n])
+                    n += 1
+        if text or above:
+            out[node.target.id] = " ".join(text or above)
     return out
+
+
+# --------------------------------------------------------------------- --print-config
+def printable_config(cls: type, path: str | Path | None, overrides: Sequence[str]) -> str:
+    """The resolved config as YAML. One that cannot run yet (a required key left empty, a value out of
+    range) still prints: the defaults with the file's and the overrides' values, the keys to set marked
+    ``# required`` and the first problem on top, so the defaults are always there to read."""
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
+    try:
+        return yaml.safe_dump(to_dict(from_dict(cls, data)), sort_keys=False)
+    except ValueError as err:
+        problem = err
+    required: set[str] = set()
+    tree = _merge(_default_tree(cls, "", dataclasses.MISSING, required), data)
+    if isinstance(problem, SettingError):
+        required.add(problem.key)
+    lines = []
+    for key, line in _keyed_lines(yaml.safe_dump(tree, sort_keys=False)):
+        lines.append(f"{line}  # required: set it" if key in required else line)
+    return f"# not runnable as it is: {problem}\n" + "\n".join(lines) + "\n"
+
+
+def _default_tree(cls: type, prefix: str, default: Any, required: set[str]) -> dict[str, Any]:
+    hints, tree = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, value, section = _join(prefix, f.name), _field_default(f, default), _section_type(hints[f.name])
+        if section is not None and value is not None:
+            tree[f.name] = _default_tree(section, key, value if dataclasses.is_dataclass(value) else
+                                         dataclasses.MISSING, required)
+        elif value is dataclasses.MISSING:
+            tree[f.name] = None
+            required.add(key)
+        else:
+            tree[f.name] = _plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else _plain(v)
+    return out
+
+
+def _keyed_lines(text: str) -> Iterator[tuple[str | None, str]]:
+    """Each line of block YAML with the dotted key it sets (None for list items and continuations)."""
+    stack: list[tuple[int, str]] = []
+    for line in text.splitlines():
+        found = re.match(r"( *)([^\s:#-][^:]*):(?: |$)", line)
+        if not found:
+            yield None, line
+            continue
+        indent = len(found.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, found.group(2)))
+        yield ".".join(name for _, name in stack), line

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-import yaml
 
 from uta_core import tracking
-from uta_core.config import describe_config, load_config, to_dict
+from uta_core.config import describe_config, load_config, printable_config
 from uta_core.data.storage import StorageError, storage_failure
 from uta_core.errors import DiskFull, RunCannotContinue, cannot_continue, is_disk_full
 from uta_core.secrets import redact_urls
@@ -27,7 +26,7 @@ def job_parser(doc: str, default_config: Path | None, smoke_help: str | None, ex
                config_cls: type, commands: tuple[str, ...] = ()) -> argparse.ArgumentParser:
     """The command line every job shares: ``[--config YAML] [--smoke-test] [--print-config] [key=value ...]``;
     ``--help`` lists every config key with its type, default and what it does."""
-    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0], epilog=config_help(config_cls),
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n", 1)[0], epilog=config_help(config_cls),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=default_config,
                         help="YAML config (default: %(default)s)" if default_config else "optional YAML config")
@@ -50,11 +49,10 @@ def config_help(config_cls: type) -> str:
 def load_job_config(config_cls: type, args: argparse.Namespace, overrides: list[str]) -> Any:
     """The job's config from ``--config`` + overrides; with ``--print-config`` it is printed as YAML and
     None is returned (the command then exits 0)."""
-    cfg = load_config(config_cls, args.config, overrides)
     if getattr(args, "print_config", False):
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(printable_config(config_cls, args.config, overrides), end="")
         return None
-    return cfg
+    return load_config(config_cls, args.config, overrides)
 
 
 class _Format(logging.Formatter):
@@ -74,6 +72,8 @@ def setup_logging() -> None:
     handler.setFormatter(_Format())
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("uta").setLevel(logging.INFO)
+    for name in ("mlflow", "alembic"):  # already imported: MLFLOW_LOGGING_LEVEL came too late for them
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def start_job(args: argparse.Namespace, smoke_overrides: Callable[[Path], list[str]], job: str) -> list[str]:

@@ -63,16 +63,18 @@ def announce_logs() -> None:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             resources: dict[str, float] | None = None) -> bool:
+             resources: dict[str, float] | None = None, *, cpus_setting: str | None = None) -> bool:
     """Connect to ``address`` (or ``$RAY_ADDRESS``, as ``ray job submit`` sets it), else start a
-    local Ray (``start_local_ray``). Returns True when this call started Ray (so the caller
-    shuts it down); an already initialised Ray (tests, notebooks) is reused as it is.
+    local Ray (``start_local_ray``) of ``num_cpus``. Returns True when this call started Ray (so the
+    caller shuts it down); an already initialised Ray (tests, notebooks) is reused as it is.
+    ``cpus_setting``: the key the user set ``num_cpus`` with, warned about when a cluster ignores it
+    (a size the job computed for a local Ray is not the user's, and is dropped silently).
     """
     if ray.is_initialized():
         return False
     if address or os.environ.get("RAY_ADDRESS"):
-        if num_cpus is not None:
-            log.warning("ray.num_cpus=%s is ignored when connecting to a running cluster", num_cpus)
+        if num_cpus is not None and cpus_setting:
+            log.warning("%s=%s is ignored when connecting to a running cluster", cpus_setting, num_cpus)
         ray.init(address=address, log_to_driver=worker_logs_to_console())
         quiet_ray_console()
         announce_logs()

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from uta_core.config import SettingError
 from uta_core.data.storage import S3Options, StorageError, expand, list_dir, to_uri
 from uta_core.data.views import IMAGE_EXTENSIONS
 
@@ -46,10 +47,8 @@ class InputConfig:
         if isinstance(self.paths, str):
             self.paths = [self.paths]
         if not self.paths or not all(self.paths):
-            raise ValueError(
-                "paths is empty: pass input.paths=<path, glob, [list] or s3://bucket/prefix> "
-                "(e.g. input.paths='data/shards/*.tar')"
-            )
+            raise SettingError("paths", "{key} is empty: pass {key}=<path, glob, [list] or s3://bucket/prefix> "
+                                        "(e.g. {key}='data/shards/*.tar')")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,9 +81,9 @@ class ShardReadError(RuntimeError):
 
 
 # --------------------------------------------------------------------- discovery
-def discover(cfg: InputConfig, s3: S3Options) -> InputSet:
-    """Resolve ``cfg.paths`` into shards; missing paths/buckets raise ``StorageError``."""
-    fs, infos = expand(cfg.paths, s3)
+def discover(cfg: InputConfig, s3: S3Options, key: str = "input.paths") -> InputSet:
+    """Resolve ``cfg.paths`` into shards; missing paths/buckets raise ``StorageError`` naming ``key``."""
+    fs, infos = expand(cfg.paths, s3, key)
     fmt = cfg.format if cfg.format != "auto" else _detect_format(fs, infos, s3)
     if fmt == "folder":
         return _discover_folders(fs, infos, s3)

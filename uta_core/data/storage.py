@@ -192,10 +192,12 @@ def check_bucket(fs: pafs.FileSystem, path: str, s3: S3Options) -> None:
 
 
 # --------------------------------------------------------------------- listing
-def expand(patterns: Iterable[str], s3: S3Options) -> tuple[pafs.FileSystem, list[pafs.FileInfo]]:
+def expand(patterns: Iterable[str], s3: S3Options, key: str = "input.paths") -> tuple[pafs.FileSystem,
+                                                                                       list[pafs.FileInfo]]:
     """Paths, globs (``*``, ``?``, ``[..]``, ``**``) or s3:// URIs -> existing files/dirs, sorted.
 
-    A missing path, an empty glob or a missing bucket is a ``StorageError``.
+    A missing path, an empty glob or a missing bucket is a ``StorageError`` naming ``key``, the setting
+    that gave the paths.
     """
     patterns = list(patterns)
     if not patterns:
@@ -208,27 +210,27 @@ def expand(patterns: Iterable[str], s3: S3Options) -> tuple[pafs.FileSystem, lis
     for pattern in patterns:
         fs, path = filesystem_for(pattern, s3)
         check_bucket(fs, path, s3)
-        for info in _expand_one(fs, path, pattern, s3):
+        for info in _expand_one(fs, path, pattern, s3, key):
             found.setdefault(info.path, info)
     return fs, [found[p] for p in sorted(found)]
 
 
-def _expand_one(fs: pafs.FileSystem, path: str, uri: str, s3: S3Options) -> list[pafs.FileInfo]:
+def _expand_one(fs: pafs.FileSystem, path: str, uri: str, s3: S3Options, key: str) -> list[pafs.FileInfo]:
     parts = path.split("/")
     first_glob = next((i for i, part in enumerate(parts) if _GLOB_CHARS.search(part)), None)
     if first_glob is None:
         info = _info(fs, path, uri, s3)
         if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"input path {uri} does not exist; check input.paths")
+            raise StorageError(f"input path {uri} does not exist; check {key}")
         return [info]
     base = "/".join(parts[:first_glob]) or "/"
     if _info(fs, base, uri, s3).type != pafs.FileType.Directory:
-        raise StorageError(f"input pattern {uri}: the folder {to_uri(fs, base)} does not exist")
+        raise StorageError(f"input pattern {uri}: the folder {to_uri(fs, base)} does not exist; check {key}")
     regex = glob_regex(path)
     infos = list_dir(fs, base, recursive=True, uri=uri, s3=s3)
     matched = [info for info in infos if regex.fullmatch(info.path)]
     if not matched:
-        raise StorageError(f"input pattern {uri} matched no files; check input.paths")
+        raise StorageError(f"input pattern {uri} matched no files; check {key}")
     return matched
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import open_clip
 
-from uta_core.data.storage import S3Options, boto3_client
+from uta_core.data.storage import S3Options, boto3_client, translate_error
 from uta_core.models.student import StudentConfig
 
 SELF_CONTAINED_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip sources that carry their own weights
@@ -162,7 +162,10 @@ def fetch_s3(uri: str, s3: S3Options, *, cache_dir: str | Path | None = None) ->
     source_id = hashlib.sha256(f"{s3.endpoint_url or ''}{uri}".encode()).hexdigest()[:16]
     dest = Path(cache_dir or DEFAULT_WEIGHTS_CACHE).expanduser() / source_id / Path(key).name
     client = boto3_client(s3)
-    size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    try:
+        size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+    except Exception as err:  # no credentials, refused, unreachable, no such key: one line naming the URI
+        raise translate_error(err, uri, s3) from None
     if dest.is_file() and dest.stat().st_size == size:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +174,8 @@ def fetch_s3(uri: str, s3: S3Options, *, cache_dir: str | Path | None = None) ->
     try:
         client.download_file(bucket, key, tmp)
         os.replace(tmp, dest)  # atomic: concurrent workers never see a partial file
+    except Exception as err:
+        raise translate_error(err, uri, s3) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -51,7 +51,7 @@ class OnlineTargets(SetUpNothing):
 
     def plan(self) -> TargetPlan:
         """Raw shards and their sample counts, from metadata only (never a pass over the data)."""
-        inputs = discover(self.input, self.s3)
+        inputs = discover(self.input, self.s3, "data.input.paths")
         if self.num_samples is not None:  # stated by the user: no stats file is read
             counts, origin = spread(self.num_samples, len(inputs.shards)), "data.num_samples"
         else:

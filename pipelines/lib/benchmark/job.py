@@ -20,6 +20,7 @@ from pipelines.lib.destinations import check_tracking
 from pipelines.lib.export.job import ExportConfig
 from pipelines.lib.export.job import run as export
 from uta_core import tracking
+from uta_core.config import SettingError
 from uta_core.data.storage import S3Options
 from uta_core.models.open_clip_export import OPEN_CLIP_CONFIG
 from uta_core.models.teacher import TeacherConfig
@@ -43,9 +44,11 @@ class BenchmarkConfig:
     s3: S3Options = field(default_factory=S3Options)
 
     def __post_init__(self) -> None:
-        if not self.model or not self.datasets:
-            raise ValueError("benchmark needs model=<export folder or released checkpoint> and datasets=[...] "
-                             "(clip_benchmark names, e.g. [imagenet1k,cifar10,mscoco_captions,flickr30k])")
+        if not self.model:
+            raise SettingError("model", "benchmark needs {key}=<export folder or released checkpoint>")
+        if not self.datasets:
+            raise SettingError("datasets", "benchmark needs {key}=[...] (clip_benchmark names, e.g. "
+                                           "[imagenet1k,cifar10,mscoco_captions,flickr30k])")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
 

@@ -157,7 +157,7 @@ def prepare_codec(plan: CachePlan, device: str, actor_cpus: float, threads: int)
 def execute(plan: CachePlan) -> dict:
     """Run a validated plan on Ray; returns the run report (see ``print_report``)."""
     cfg = plan.cfg
-    started_ray = init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    started_ray = init_ray(cfg.ray.address, cfg.ray.num_cpus, cpus_setting="ray.num_cpus")
     device = None
     try:
         device = resolve_device(cfg)
@@ -219,7 +219,8 @@ def run(cfg: CacheConfig) -> dict:
     """Plan and run the caching job; returns its report (``print_report``)."""
     check_destinations(cfg)
     with Lease(cfg.output.path, cfg.s3, "output.path", cfg.output.lease).held() as lease:  # one job at a time
-        started = init_ray(cfg.ray.address, cfg.ray.num_cpus) if cfg.output.verify else False  # verify's tasks
+        verifying = cfg.output.verify  # verify's tasks run on Ray
+        started = init_ray(cfg.ray.address, cfg.ray.num_cpus, cpus_setting="ray.num_cpus") if verifying else False
         try:
             return execute(plan_cache(cfg, verify_with=verify_on_ray, lease=lease))
         finally:

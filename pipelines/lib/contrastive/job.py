@@ -53,7 +53,7 @@ class ContrastiveJob:
 
 def caption_sources(cfg: ContrastiveJobConfig) -> Sources:
     """Captioned shards and their sample counts, from metadata only (never a pass over the data)."""
-    inputs = discover(cfg.data.input, cfg.s3)
+    inputs = discover(cfg.data.input, cfg.s3, "data.input.paths")
     if cfg.data.num_samples is not None:
         return Sources(items=list(inputs.shards), rows=spread(cfg.data.num_samples, len(inputs.shards)),
                        counted_from="data.num_samples")
@@ -99,17 +99,22 @@ def released_image_size(uri: str) -> int | None:
     return config.img_size
 
 
-def plan_contrastive(cfg: ContrastiveJobConfig, run: RunFolder) -> tuple[ContrastiveJob, RunPlan]:
-    plan = make_plan(cfg.train, cfg.cluster, caption_sources(cfg), cfg.run.seed, cfg.data.shuffle_files, run.uri)
+def plan_contrastive(cfg: ContrastiveJobConfig, run: RunFolder,
+                     sources: Sources | None = None) -> tuple[ContrastiveJob, RunPlan]:
+    sources = sources or caption_sources(cfg)
+    plan = make_plan(cfg.train, cfg.cluster, sources, cfg.run.seed, cfg.data.shuffle_files, run.uri)
     return ContrastiveJob(cfg), plan
 
 
 def run(cfg: ContrastiveJobConfig, backend: Backend | None = None) -> dict:
     """Train, export and evaluate on ``backend`` (default: Ray Train, on the configured cluster or a new
-    local Ray); returns the run report. A misfit student is refused before anything starts."""
+    local Ray); returns the run report. A misfit student and missing inputs are refused before anything
+    starts (the shards are listed, metadata only, before Ray)."""
     cfg = resolve_paths(cfg)
     precheck_stage2(cfg)
-    return _summary(launch(cfg, lambda folder, _: plan_contrastive(cfg, folder), backend or RayTrain()), cfg)
+    sources = caption_sources(cfg)
+    plan_job = lambda folder, _: plan_contrastive(cfg, folder, sources)  # noqa: E731
+    return _summary(launch(cfg, plan_job, backend or RayTrain()), cfg)
 
 
 def _summary(report: dict, cfg: ContrastiveJobConfig) -> dict:

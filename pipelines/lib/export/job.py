@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipelines.lib.destinations import check_tracking
 from uta_core import tracking
+from uta_core.config import SettingError
 from uta_core.data.storage import S3Options, is_s3
 from uta_core.models.export import UTA_CONFIG, export_student
 from uta_core.models.mlflow_model import log_student_model
@@ -40,7 +41,8 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ValueError("export needs model=<export, checkpoint or run folder, or a UTA checkpoint file>")
+            raise SettingError("model", "export needs {key}=<export, checkpoint or run folder, or a UTA checkpoint "
+                                        "file>")
         if self.output is not None and is_s3(self.output):
             raise ValueError(f"output={self.output} must be a local folder: open_clip and timm load local folders")
 

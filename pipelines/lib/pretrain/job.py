@@ -18,7 +18,7 @@ from pipelines.lib.train.spec import Stage
 from uta_core.data.stream import SourceReader
 from uta_core.models.trained import check_start
 from uta_core.run.folder import RunFolder
-from uta_core.targets.source import TargetSource
+from uta_core.targets.source import TargetPlan, TargetSource
 
 REPORT_KEYS = ("step", "epoch", "loss", "lr", "images_per_s", "tokens_per_s", "zeroshot_top1", "zeroshot_top5")
 
@@ -53,13 +53,14 @@ class PretrainJob:
         return {"targets": {"mode": self.source.mode, "teacher": self.teacher}}
 
 
-def plan_pretrain(cfg: PretrainConfig, run: RunFolder, backend: Backend,
-                  source: TargetSource | None = None) -> tuple[PretrainJob, RunPlan]:
+def plan_pretrain(cfg: PretrainConfig, run: RunFolder, backend: Backend, source: TargetSource | None = None,
+                  targets: TargetPlan | None = None) -> tuple[PretrainJob, RunPlan]:
     """The run's job and plan: the teacher source's checks (``source``: already made and checked by
-    ``target_source``), its sources and their counts (metadata), then the source's start in the held
-    run folder (the streamed teacher's setup, where ``backend`` runs its stage's work)."""
+    ``target_source``), its sources and their counts (metadata; ``targets``: already listed), then the
+    source's start in the held run folder (the streamed teacher's setup, where ``backend`` runs its stage's
+    work)."""
     source = source or target_source(cfg)
-    targets = source.plan()
+    targets = targets or source.plan()
     plan = make_plan(cfg.train, cfg.cluster, targets.sources, cfg.run.seed, cfg.data.shuffle_files, run.uri)
     pool = cfg.stream.pool
     call = backend.call(pool, "the teacher's setup")
@@ -69,11 +70,12 @@ def plan_pretrain(cfg: PretrainConfig, run: RunFolder, backend: Backend,
 
 def run(cfg: PretrainConfig, backend: Backend | None = None) -> dict:
     """Train on ``backend`` (default: Ray Train, on the configured cluster or a new local Ray); raises if
-    training failed. Misfits (paths, the student against the teacher or the cache) are refused before
-    anything starts."""
+    training failed. Misfits (paths, the student against the teacher or the cache) and missing inputs are
+    refused before anything starts: the sources are listed (metadata) before Ray."""
     cfg = resolve_paths(cfg)
     if cfg.init_from:
         check_start(cfg.init_from, cfg.student, cfg.s3)
     source = target_source(cfg)
+    targets = source.plan()
     pool = cfg.stream.pool if source.teacher_apart else None
-    return launch(cfg, lambda folder, b: plan_pretrain(cfg, folder, b, source), backend or RayTrain(), pool)
+    return launch(cfg, lambda folder, b: plan_pretrain(cfg, folder, b, source, targets), backend or RayTrain(), pool)

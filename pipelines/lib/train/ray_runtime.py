@@ -123,7 +123,8 @@ def _in_order(queue: collections.deque, todo: Iterator[ReadTask], read, reader_r
             for task in todo:  # keep the window full while this source is consumed
                 queue.append(read.remote(reader_ref, *task))
                 break
-            yield from current
+            for block in current:  # not ``yield from``: closing this generator would close Ray's, which
+                yield block        # raises NotImplementedError ("gen.close is not supported"); it is cancelled below
             current = None
     finally:
         for blocks in [current, *queue] if current is not None else queue:  # an epoch that ended early
