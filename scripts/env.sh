@@ -10,15 +10,22 @@ _uta_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _uta_key="$( (cat "$_uta_root/pyproject.toml"; python3 --version) | sha256sum | cut -c1-12)"
 UTA_VENV="${UTA_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/uta-pipelines/venv-$_uta_key}"
 if [ ! -f "$UTA_VENV/.complete" ]; then
-  echo "[uta] creating the Python environment in $UTA_VENV (first run only, ~5 min)" >&2
-  rm -rf "$UTA_VENV"
-  python3 -m venv "$UTA_VENV"
-  "$UTA_VENV/bin/pip" install --quiet --upgrade pip "setuptools>=68" wheel
-  # The project's dependencies (pyproject.toml is their one list), then the project itself
-  # out again: its code comes from the checkout on PYTHONPATH.
-  "$UTA_VENV/bin/pip" install --quiet "$_uta_root[dev]"
-  "$UTA_VENV/bin/pip" uninstall --quiet --yes uta-pipelines
-  touch "$UTA_VENV/.complete"
+  # One creator at a time: a second ./uta started meanwhile (another checkout, a CI job) waits for it.
+  mkdir -p "$(dirname "$UTA_VENV")"
+  exec 9>"$UTA_VENV.lock"
+  if command -v flock >/dev/null; then flock 9; fi
+  if [ ! -f "$UTA_VENV/.complete" ]; then
+    echo "[uta] creating the Python environment in $UTA_VENV (first run only, ~5 min)" >&2
+    rm -rf "$UTA_VENV"
+    python3 -m venv "$UTA_VENV"
+    "$UTA_VENV/bin/pip" install --quiet --upgrade pip "setuptools>=68" wheel
+    # The project's dependencies (pyproject.toml is their one list), then the project itself
+    # out again: its code comes from the checkout on PYTHONPATH.
+    "$UTA_VENV/bin/pip" install --quiet "$_uta_root[dev]"
+    "$UTA_VENV/bin/pip" uninstall --quiet --yes uta-pipelines
+    touch "$UTA_VENV/.complete"
+  fi
+  exec 9>&-
 fi
 if [ -f "$UTA_VENV/.uta-root" ]; then
   # An environment made by an older env.sh holds an editable install of one checkout: drop it.

@@ -250,8 +250,15 @@ def test_s3_run_is_tracked_in_mlflow_without_secrets(s3_cache):
     assert metrics["images"] == s3_cache.report["summary"]["images"] and metrics["images_per_s"] > 0
     assert all(SECRET not in str(v) for v in params.values())
     manifest_path = client.download_artifacts(mlrun.info.run_id, "manifest.json")
-    assert json.loads(Path(manifest_path).read_text())["settings_hash"] == load_manifest(
-        s3_cache.fs, s3_cache.root).settings_hash
+    manifest = load_manifest(s3_cache.fs, s3_cache.root)
+    assert json.loads(Path(manifest_path).read_text())["settings_hash"] == manifest.settings_hash
+    # its data: the input shards it read, the cache it wrote (an output dataset on the s3:// URI)
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} | {"source": d.dataset.source}
+              for d in mlrun.inputs.dataset_inputs}
+    assert inputs["input shards"]["mlflow.data.context"] == "training"
+    cache = inputs["teacher cache"]
+    assert cache["mlflow.data.context"] == "output" and cache["settings_hash"] == manifest.settings_hash
+    assert cache["shards"] == str(len(manifest.shards)) and s3_cache.cfg.output.path.rstrip("/") in cache["source"]
 
 
 @pytest.mark.ray

@@ -60,11 +60,20 @@ def train_keys(ws) -> list[str]:
 
 
 # --------------------------------------------------------------------- what a run leaves
-def test_a_run_tracks_everything_and_its_export_loads_in_timm_open_clip_and_mlflow(pretrain_ws):
+def test_a_run_tracks_everything_and_its_export_loads_in_timm_open_clip_and_mlflow(pretrain_ws, monkeypatch):
     ws = pretrain_ws
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # a sample within this short run
     cfg = pretrain_config(ws, "tracked", "online", "train.max_steps=8", "tracking.register_as=uta-test-online")
     run(cfg, InProcess())
     client, mlrun = pretrain_run(ws.mlflow, "tracked")
+    # Its data as MLflow datasets: what it trained on (the shards, digest of their listing) and evaluated on.
+    inputs = {d.dataset.name: d for d in mlrun.inputs.dataset_inputs}
+    train = inputs["image shards"]
+    tags = {t.key: t.value for t in train.tags}
+    assert tags["mlflow.data.context"] == "training" and tags["sources"] == "4" and tags["rows_per_epoch"] == "120"
+    assert str(ws.train) in train.dataset.source and len(train.dataset.digest) == 16
+    assert {t.key: t.value for t in inputs["eval.input"].tags}["mlflow.data.context"] == "evaluation"
+    assert any(k.startswith("system/cpu_utilization") for k in mlrun.data.metrics), sorted(mlrun.data.metrics)
     history = sorted(client.get_metric_history(mlrun.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in history] == list(range(1, 9)) and mlrun.info.status == "FINISHED"
     assert history[-1].value < history[0].value - 0.05, [m.value for m in history]

@@ -32,6 +32,7 @@ class TrackingConfig:
     parent_run_id: str | None = None  # nest this run under another (a sweep's trials under the sweep)
     log_model: bool = True  # training runs: log the final student as an MLflow model (mlflow.pytorch)
     register_as: str | None = None  # ... and register it under this name (a new version each run)
+    system_metrics: bool = True  # training runs: MLflow's system metrics (CPU, memory, disk, network, GPU)
 
     def __post_init__(self) -> None:
         if self.experiment == "":
@@ -82,11 +83,12 @@ def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
 @contextlib.contextmanager
 def start_run(
     cfg: TrackingConfig, default_experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-    source: str | None = None,
+    source: str | None = None, system_metrics: bool = False,
 ) -> Iterator[Any]:
     """``with start_run(cfg, "uta-cache", source="pipelines/cache_teacher.py") as run:`` -> an active
     MLflow run, or None when tracking is off. ``source`` is the run's "Source" in the UI (MLflow
-    would name the process's script: Ray's ``default_worker.py`` in a training worker)."""
+    would name the process's script: Ray's ``default_worker.py`` in a training worker). ``system_metrics``:
+    MLflow samples this machine's CPU, memory, disk, network (and GPUs) into the run every 10 s."""
     if not cfg.enabled:
         yield None
         return
@@ -106,7 +108,8 @@ def start_run(
     if source:
         tags.setdefault("mlflow.source.name", source)
         tags.setdefault("mlflow.source.type", "JOB")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name, tags=tags,
+                          log_system_metrics=system_metrics) as run:
         yield run
 
 

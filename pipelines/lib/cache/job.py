@@ -40,6 +40,7 @@ from uta_core.cache.plan import CachePlan, plan_cache, prepare_output
 from uta_core.cache.verify import mismatched_parts
 from uta_core.cache.writer import PartWriter, TokenEncoder, ViewTask, cache_codec, fit_cache_basis, shard_view_tables
 from uta_core.data.shards import InputShard
+from uta_core.datasets import OUTPUT, TRAINING, digest_of, log_dataset
 from uta_core.lease import Lease
 
 log = logging.getLogger("uta.cache")
@@ -197,6 +198,8 @@ def execute(plan: CachePlan) -> dict:
             stats = summary(result, time.perf_counter() - start)
             tracking.log_metrics({k: v for k, v in stats.items() if not math.isnan(v)})
             tracking.log_json(json.loads(plan.manifest.to_json()), "manifest.json")
+            if mlrun is not None:
+                log_cache_datasets(plan)
     finally:
         if device == "cuda":
             release_resource_request()
@@ -207,6 +210,18 @@ def execute(plan: CachePlan) -> dict:
             "kept": plan.kept,
             "redone": plan.redo, "mlflow_run_id": mlrun.info.run_id if mlrun is not None else None,
             "tracking_uri": tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)}
+
+
+def log_cache_datasets(plan: CachePlan) -> None:
+    """The input shards (context training: what the teacher ran on) and the cache (context output) as MLflow
+    datasets; the cache's digest is its settings and its committed shards with their rows."""
+    shards = plan.inputs.shards
+    log_dataset("input shards", list(plan.cfg.input.paths), digest_of([s.uri for s in shards]), TRAINING,
+                sources=len(shards))
+    manifest = plan.manifest
+    committed = sorted((name, rec.rows) for name, rec in manifest.shards.items())
+    log_dataset("teacher cache", plan.root_uri, digest_of(manifest.settings.hash(), committed), OUTPUT,
+                shards=len(committed), rows=sum(rows for _, rows in committed), settings_hash=manifest.settings.hash())
 
 
 def check_destinations(cfg: CacheConfig) -> None:

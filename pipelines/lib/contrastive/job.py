@@ -50,6 +50,9 @@ class ContrastiveJob:
     def run_params(self) -> dict[str, Any]:
         return {}
 
+    def training_data(self) -> tuple[str, list[str]]:
+        return "captioned shards", list(self.cfg.data.input.paths)
+
 
 def caption_sources(cfg: ContrastiveJobConfig) -> Sources:
     """Captioned shards and their sample counts, from metadata only (never a pass over the data)."""

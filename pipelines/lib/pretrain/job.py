@@ -52,6 +52,11 @@ class PretrainJob:
     def run_params(self) -> dict[str, Any]:
         return {"targets": {"mode": self.source.mode, "teacher": self.teacher}}
 
+    def training_data(self) -> tuple[str, list[str]]:
+        if self.source.mode == "cache":
+            return "teacher cache", [self.cfg.data.cache]
+        return "image shards", list(self.cfg.data.input.paths)
+
 
 def plan_pretrain(cfg: PretrainConfig, run: RunFolder, backend: Backend, source: TargetSource | None = None,
                   targets: TargetPlan | None = None) -> tuple[PretrainJob, RunPlan]:

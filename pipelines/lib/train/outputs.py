@@ -16,6 +16,7 @@ from pipelines.lib.train.spec import Task, TrainJob
 from uta_core import tracking
 from uta_core.checkpoint import Position
 from uta_core.config import flatten, to_dict
+from uta_core.datasets import EVALUATION, TRAINING, digest_of, log_dataset
 from uta_core.lease import LeaseLost
 from uta_core.models.export import UTA_CONFIG
 from uta_core.models.mlflow_model import log_student_model
@@ -39,21 +40,36 @@ class RunOutputs:
 
         if pos.mlflow_run_id:
             mlflow.set_tracking_uri(tracking.resolve_tracking_uri(self.cfg.tracking.tracking_uri))
-            self._run = self._stack.enter_context(mlflow.start_run(run_id=pos.mlflow_run_id))
+            self._run = self._stack.enter_context(
+                mlflow.start_run(run_id=pos.mlflow_run_id, log_system_metrics=self.cfg.tracking.system_metrics))
             mlflow.set_tag("uta.resumed_from_step", str(pos.step))
         else:
             tags = {"job": self.job.name, "uta.run_name": self.cfg.run.name, **self.job.run_tags()}
             run_name = self.cfg.tracking.run_name or self.cfg.run.name
             self._run = self._stack.enter_context(
                 tracking.start_run(self.cfg.tracking, self.job.experiment, run_name=run_name, tags=tags,
-                                   source=f"pipelines/{self.job.name}.py"))
+                                   source=f"pipelines/{self.job.name}.py",
+                                   system_metrics=self.cfg.tracking.system_metrics))
             tracking.log_config(self.cfg)
             params = {**flatten(self.plan.summary(), "plan"), **flatten(self.job.run_params())}
             mlflow.log_params(tracking.redact_params(params))
             mlflow.log_dict(to_dict(self.cfg), "config.yaml")
+            self._log_datasets()
             self.task.on_run_start(mlflow.log_artifact)
         self.run_id = self._run.info.run_id
         self.folder.save_mlflow_record(self.run_id, mlflow.get_tracking_uri())  # the driver ends it if we die
+
+    def _log_datasets(self) -> None:
+        """The run's data as MLflow datasets: what it trains on (digest: the listed sources and their rows)
+        and what it evaluates on."""
+        name, uris = self.job.training_data()
+        sources = self.plan.sources
+        log_dataset(name, uris, digest_of([str(item) for item in sources.items], sources.rows), TRAINING,
+                    sources=len(sources.items), rows_per_epoch=sources.total_rows, counted_from=sources.counted_from)
+        for key in ("input", "retrieval_input"):
+            given = getattr(getattr(self.cfg, "eval", None), key, None)
+            if given is not None:
+                log_dataset(f"eval.{key}", list(given.paths), digest_of(list(given.paths)), EVALUATION)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.active and self._run is not None:

@@ -125,3 +125,6 @@ class TrainJob(Protocol):
 
     def run_params(self) -> dict[str, Any]:
         """MLflow params of a new run beyond the config (e.g. the teacher's provenance)."""
+
+    def training_data(self) -> tuple[str, list[str]]:
+        """(name, URIs) of what the run trains on, for its MLflow dataset (the sources' listing is its digest)."""
