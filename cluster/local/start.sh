@@ -99,8 +99,14 @@ Ray cluster running (pid $pid, $num_cpus CPUs, log $log_file).
 
 Submit a pipeline from the repository root (the client sends the token only when RAY_AUTH_MODE=token):
   export RAY_AUTH_MODE=token
-  ray job submit --address http://127.0.0.1:$dash_port --working-dir . -- python pipelines/pretrain.py --config configs/pretrain_local.yaml
-The job runs in an uploaded copy of the checkout: give outputs absolute paths (cluster/README.md).
+  ray job submit --address http://127.0.0.1:$dash_port --working-dir . -- python pipelines/pretrain.py --smoke-test
+(--smoke-test makes its own digits shards and tiny teacher in a temporary folder.) Your own shards:
+the job runs in an uploaded copy of the checkout, which Ray deletes, so give inputs and outputs
+absolute paths (or s3://), e.g.
+  ray job submit --address http://127.0.0.1:$dash_port --working-dir . -- python pipelines/pretrain.py \
+    --config configs/pretrain_local.yaml 'data.input.paths=/data/shards/*.tar' \
+    run.storage_path=\$HOME/uta/runs tracking.tracking_uri=sqlite:///\$HOME/uta/mlflow.db
+(cluster/README.md has the rest).
 
 Stop the cluster:  cluster/local/stop.sh
 MSG
