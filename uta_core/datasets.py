@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,9 @@ def log_dataset(name: str, uris: str | Sequence[str], digest: str, context: str,
     from mlflow.data.meta_dataset import MetaDataset
 
     uris = [uris] if isinstance(uris, str) else list(uris)
-    source = resolve_dataset_source(_source_uri(uris[0]))
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(_source_uri(uris[0]))
     dataset = MetaDataset(source=source, name=name, digest=digest)
     extra = {"uris": " ".join(uris)} if len(uris) > 1 else {}
     mlflow.log_input(dataset, context=context, tags={k: str(v) for k, v in {**extra, **tags}.items()})
