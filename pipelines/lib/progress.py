@@ -85,12 +85,18 @@ class DriverProgress:
     def __enter__(self) -> DriverProgress:
         if self._remote:
             self._board = ProgressBoard.options(name=self.name).remote()
-        if self._tty:
-            self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, initial=self.initial,
-                             dynamic_ncols=True, file=sys.stderr)
+        if self._tty and self._remote:  # the workers' start is a stage of its own, with its own clock
+            self._bar = tqdm(desc=f"{self.desc}: starting the workers", bar_format="{desc} {elapsed}",
+                             file=sys.stderr)
+        elif self._tty:
+            self._new_bar()
         self._thread = threading.Thread(target=self._run, name="uta-progress", daemon=True)
         self._thread.start()
         return self
+
+    def _new_bar(self) -> None:
+        self._bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, initial=self.initial,
+                         dynamic_ncols=True, file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -117,13 +123,19 @@ class DriverProgress:
         for text in messages:
             (self._bar.write if self._bar is not None else print)(text, file=sys.stderr)
         step = int(state.get("step", self.initial))
-        if "step" in state and self._remote and not self._seen:  # a resumed run starts at its checkpoint
-            self._seen = True
+        if self._remote and not self._seen:
+            if "step" not in state:
+                self._starting(final)
+                return
+            # The workers run: the bar starts here (at a resumed run's checkpoint), on a clock of its own.
+            self._seen, waited = True, time.perf_counter() - self._start
             self.initial, self._start = step, time.perf_counter()
             if self._bar is not None:
-                self._bar.n = self._bar.initial = self._bar.last_print_n = step
-                self._bar.start_t = self._bar.last_print_t = self._bar._time()
-        postfix = format_postfix(state) if state or not self._remote else "starting the workers"
+                self._bar.close()
+            print(f"{self.desc}: workers started in {waited:.0f} s", file=sys.stderr, flush=True)
+            if self._tty:
+                self._new_bar()
+        postfix = format_postfix(state)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(postfix, refresh=True)
@@ -134,6 +146,17 @@ class DriverProgress:
             meter = tqdm.format_meter(step, self.total, now - self._start, prefix=self.desc, unit=self.unit,
                                       initial=self.initial)
             print(f"{meter} {postfix}".rstrip(), file=sys.stderr, flush=True)
+
+
+    def _starting(self, final: bool) -> None:
+        """The stage before the first step: its elapsed time (a TTY's line, or a line every ``LINE_EVERY_S``)."""
+        if self._bar is not None:
+            self._bar.refresh()
+            return
+        now = time.perf_counter()
+        if final or now - self._last_line >= LINE_EVERY_S:
+            self._last_line = now
+            print(f"{self.desc}: starting the workers ({now - self._start:.0f} s)", file=sys.stderr, flush=True)
 
 
 class _ToBoard(logging.Handler):
