@@ -29,6 +29,13 @@ def test_student_step_benchmark_runs_tiny_on_cpu_and_prints_its_table(capsys):
     assert uta_tflops > 0 and fd_tflops > 0 and rows["uta"][5].endswith("%")
 
 
+def test_fence_cost_benchmark_runs_tiny_and_prints_both_stores(capsys, aws_test_env):
+    assert _load("fence_cost").main(["--checks", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()[1:3]}
+    assert set(rows) == {"local disk", "S3 (moto, loopback)"} and all(float(v[0]) > 0 for v in rows.values())
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_cache_throughput_benchmark_runs_tiny_and_prints_every_codec(ray_local, capsys):
