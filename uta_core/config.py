@@ -308,7 +308,7 @@ def printable_config(cls: type, path: str | Path | None, overrides: Sequence[str
     except ValueError as err:
         problem = err
     required: set[str] = set()
-    tree = _merge(_default_tree(cls, "", dataclasses.MISSING, required), data)
+    tree = _plain(deep_merge(_default_tree(cls, "", dataclasses.MISSING, required), data))
     if isinstance(problem, SettingError):
         required.add(problem.key)
     lines = []
@@ -334,10 +334,14 @@ def _default_tree(cls: type, prefix: str, default: Any, required: set[str]) -> d
     return tree
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: sections merge key by key, any other value replaces."""
     out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else _plain(v)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from uta_core.data.storage import S3Options, boto3_client, filesystem_for, join, write_beside, write_bytes_atomic
+from uta_core.data.storage import (
+    S3Options,
+    boto3_client,
+    filesystem_for,
+    join,
+    write_beside,
+    write_bytes_atomic,
+)
+from uta_core.data.versioned import is_missing_key
 
 LEASE_DIR = "_lease"
 _RECORD = re.compile(r"(\d{12})\.json")
@@ -77,7 +85,7 @@ class LeaseStore:
             except FileNotFoundError:
                 return None
             except Exception as err:
-                if _missing(err):
+                if is_missing_key(err):
                     return None
                 if attempt == 3:
                     raise
@@ -112,11 +120,6 @@ class LeaseStore:
         else:
             bucket, key = self._key(generation)
             boto3_client(self.s3).delete_object(Bucket=bucket, Key=key)
-
-
-def _missing(err: BaseException) -> bool:
-    code = getattr(err, "response", {}).get("Error", {}).get("Code") if hasattr(err, "response") else None
-    return code in ("NoSuchKey", "404", "NotFound")
 
 
 def process_state(pid: int) -> str:

@@ -12,12 +12,26 @@ import os
 
 import pyarrow.fs as pafs
 
-from uta_core.data.storage import S3_SCHEME, S3Options, boto3_client, to_uri, translate_error, write_beside
+from uta_core.data.storage import (
+    S3_SCHEME,
+    S3Options,
+    boto3_client,
+    to_uri,
+    translate_error,
+    write_beside,
+)
 from uta_core.errors import RunCannotContinue
 
 
 class ChangedUnderneath(RunCannotContinue):
     """A file another writer replaced since this one last wrote or read it."""
+
+
+def is_missing_key(err: BaseException) -> bool:
+    """A boto3 error that says the object is not there (HEAD answers 404, GET NoSuchKey)."""
+    response = getattr(err, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+    return code in ("NoSuchKey", "404", "NotFound")
 
 
 def file_version(fs: pafs.FileSystem, path: str, s3: S3Options) -> str | None:
@@ -29,7 +43,7 @@ def file_version(fs: pafs.FileSystem, path: str, s3: S3Options) -> str | None:
         try:
             return boto3_client(s3).head_object(Bucket=bucket, Key=key)["ETag"]
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if is_missing_key(err):
                 return None
             raise translate_error(err, S3_SCHEME + path, s3) from None
     try:

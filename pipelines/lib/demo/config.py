@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uta_core.config import apply_overrides, from_dict, read_yaml
+from uta_core.config import apply_overrides, deep_merge, from_dict, read_yaml
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 DEFAULT_CONFIG = CONFIGS / "demo.yaml"
@@ -59,16 +59,6 @@ class DemoConfig:
 
 def load_demo_config(path: Path, overrides: list[str]) -> DemoConfig:
     return from_dict(DemoConfig, apply_overrides(read_yaml(path), overrides))
-
-
-def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def stage_config(cls: type, stage: str, wiring: Mapping[str, Any], user: Mapping[str, Any]):
