@@ -24,7 +24,9 @@ if __package__ in (None, ""):  # run as a script (also under `ray job submit`): 
 from pipelines.lib.cli import job_parser, load_job_config, start_job, user_error
 from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from pipelines.lib.smoke import sweep_overrides
-from pipelines.lib.sweep.job import run_sweep
+from pipelines.lib.sweep.job import run_sweep, space_overrides
+from pipelines.lib.sweep.results import SweepOutcome
+from pipelines.lib.sweep.search_space import SEED_KEY, SearchSpace, load_search_space, trial_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +38,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="search space YAML (default: %(default)s)")
     parser.add_argument("--name", default="uta-sweep", help="sweep name; rerun the same name to resume")
     parser.add_argument("--storage-path", default="runs/sweeps", help="local folder or s3://bucket/prefix")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per arm (run.seed 0..N-1), instead of the space's seeds")
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: the space's max_concurrent_trials, else what the cluster holds)")
     return parser.parse_intermixed_args(argv)
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> Path:
-    """Run (or resume) the sweep; returns the results CSV."""
+def run(args: argparse.Namespace, overrides: list[str]) -> SweepOutcome:
+    """Run (or resume) the sweep; returns where its results are and how many trials failed."""
     return run_sweep(args, overrides)
+
+
+def describe_space(space: SearchSpace, path: Path) -> str:
+    """``--print-config``'s head: what the space sweeps and the trials it expands to, as YAML comments."""
+    lines = [f"# search space {path}: metric {space.metric} ({space.mode}), scheduler {space.scheduler.type}",
+             f"# {space.num_trials} trials" + (f" ({space.num_samples} samples of each grid point)"
+                                              if space.num_samples > 1 else "")]
+    for key, spec in space.params.items():
+        lines.append(f"#   {key}: {spec.kind} {list(spec.values)}")
+    if space.has_seeds:
+        arms = space.grid_size // len(space.params[SEED_KEY].values)
+        base = space.baseline or "the first arm"
+        lines.append(f"# {arms} arms x {len(space.params[SEED_KEY].values)} seeds; differences against {base}")
+    if space.unique_labels:
+        labels = [trial_label(point) for point in space.grid_points()]
+        more = f", ... ({len(labels)} in all)" if len(labels) > 12 else ""
+        lines.append("# trials: " + ", ".join(labels[:12]) + more)
+    lines.append("# fixed: " + (", ".join(space.fixed_overrides()) or "nothing"))
+    lines.append("# the trials' base config (the space's fixed keys and the command's overrides applied):")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         overrides = start_job(args, smoke_test, "sweep")
-        if args.print_config:  # the trials' base config
-            return 0 if load_job_config(PretrainConfig, args, overrides) is None else 1
-        csv = run(args, overrides)
+        if args.print_config:  # the space, its trials, then the trials' base config with the space's fixed keys
+            space = load_search_space(args.space, space_overrides(args))
+            print(describe_space(space, args.space))
+            return 0 if load_job_config(PretrainConfig, args, space.fixed_overrides() + overrides) is None else 1
+        outcome = run(args, overrides)
     except ValueError as err:
         return user_error(err)
-    print(f"results: {csv}")
-    return 0
+    print(f"results: {outcome.csv} (per arm: {outcome.csv.with_name('summary.md')})")
+    print(outcome.last_line(args.name))
+    return 0 if outcome.succeeded else 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ import torch
 from uta_core.data.digits import digits_samples, webdataset_bytes
 from uta_core.data.shards import Sample
 
+# Native stderr as Ray writes it (pipelines/lib/native_stderr.py's filter off), in this process and the jobs it
+# starts: pytest captures file descriptor 2 itself; tests/test_console.py runs the filter in a process of its own.
+os.environ.setdefault("UTA_NATIVE_STDERR", "raw")
+
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "UTATESTKEYID0000",
     "AWS_SECRET_ACCESS_KEY": "uta-test-secret-never-logged-1f2e3d",

@@ -59,3 +59,41 @@ def test_without_a_board_a_worker_reports_nothing_and_fails_nothing(ray_local):
     progress = WorkerProgress("no-such-board", active=True)
     assert progress.board is None
     progress.step(3, {"loss": 1.0})  # a sweep trial's rank 0: Tune reports instead
+
+
+NATIVE_SCRIPT = r"""
+import os, sys, time
+from pipelines.lib.native_stderr import drop_known_lines
+drop_known_lines()
+def native(b):  # as Ray's C++ core worker writes: straight to fd 2
+    os.write(2, b)
+native(b"[2026-12-07 14:11:40,511 E 9299 9299] core_worker.cc:2465: Actor with class name: 'MapWorker(x)' "
+       b"and ID: '36' has constructor arguments in the object store and max_restarts > 0. If the ...\n")
+native(b"[2026-12-07 14:11:41,000 E 9299 9299] core_worker.cc:99: a real error stays\n")
+native(b"\rcaching:  50%|#####     | 3/6 [00:01<00:01]")  # a bar's redraw: no newline, passes at once
+time.sleep(0.3)
+print("python stderr stays", file=sys.stderr)
+native(b"[2026-12-07 14:11:42,000 E 1 1] core_worker.cc:2465: Actor with class name: 'B' has constructor "
+       b"arguments in the object store")  # split across two writes
+native(b" and max_restarts > 0.\nafter\n")
+"""
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_the_known_native_ray_line_is_dropped_and_everything_else_passes(raw):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "UTA_NATIVE_STDERR"}
+    if raw:
+        env["UTA_NATIVE_STDERR"] = "raw"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", NATIVE_SCRIPT], cwd=root, env=env, capture_output=True,
+                          timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "core_worker.cc:99: a real error stays\n" in err and "python stderr stays\n" in err
+    assert "\rcaching:  50%" in err and err.endswith("after\n")
+    assert err.count("has constructor arguments") == (2 if raw else 0)

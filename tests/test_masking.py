@@ -96,10 +96,16 @@ def test_unknown_strategy_lists_valid_ones():
     assert all(s in str(err.value) for s in STRATEGIES)
 
 
-@pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2])
-def test_ratio_outside_open_interval(ratio):
-    with pytest.raises(ValueError, match="mask_ratio"):
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.2])
+def test_ratio_outside_the_half_open_interval(ratio):
+    with pytest.raises(ValueError, match=r"mask_ratio=.* must lie in \[0, 1\)"):
         mask_gen("random", GRID, ratio)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ratio_zero_keeps_every_patch_whatever_the_strategy(strategy):
+    keep = mask_gen(strategy, (8, 8), 0.0)(3, torch.Generator().manual_seed(0))
+    assert keep.shape == (3, 64) and torch.equal(keep, torch.arange(64).expand(3, -1))
 
 
 def test_ratio_that_keeps_nothing_or_masks_nothing():
@@ -236,3 +242,14 @@ def test_plot_writes_png(tmp_path, maps):
 def test_plot_rejects_bad_maps(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         plot_masking_maps(bad, tmp_path / "bad.png")
+
+
+def test_ratio_zero_with_an_objective_that_predicts_masked_tokens_is_refused():
+    from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
+    from uta_core.config import load_config
+
+    with pytest.raises(ValueError, match="objective.name=mim predicts the masked tokens.*mask.mask_ratio > 0"):
+        load_config(PretrainConfig, DEFAULT_CONFIG, ["mask.mask_ratio=0", "objective.name=mim",
+                                                     "data.input.paths=[x]"])
+    cfg = load_config(PretrainConfig, DEFAULT_CONFIG, ["mask.mask_ratio=0", "data.input.paths=[x]"])
+    assert cfg.mask.mask_ratio == 0

@@ -85,3 +85,41 @@ def test_scheduler_max_t_below_grace_period_is_refused(tmp_path):
     assert space.scheduler.max_t == 4
     with pytest.raises(ValueError, match=r"max_t must be >= grace_period \(2\)"):
         load_search_space(write(tmp_path, "scheduler: {grace_period: 2, max_t: 1}\nparams: {lr: {grid: [1]}}\n"))
+
+
+def test_seeds_are_a_grid_of_run_seed_and_arms_are_the_rest(tmp_path):
+    space = load_search_space(write(tmp_path, """
+seeds: 3
+baseline: {mask.mask_ratio: 0.4}
+params:
+  mask.mask_ratio: {grid: [0.0, 0.4, 0.7]}
+"""))
+    assert space.params["run.seed"].values == (0, 1, 2)
+    assert space.num_trials == 9 and space.arm_keys == ["mask.mask_ratio"] and space.unique_labels
+    assert space.grid_points()[:2] == [{"mask.mask_ratio": 0.0, "run.seed": 0},
+                                       {"mask.mask_ratio": 0.0, "run.seed": 1}]
+    five = load_search_space(write(tmp_path, "seeds: 3\nparams: {optim.lr: {grid: [0.1]}}"), ["seeds=5"])
+    assert five.num_trials == 5
+
+
+@pytest.mark.parametrize("text, match", [
+    ("seeds: 0\nparams: {lr: {grid: [0.1]}}", "seeds must be >= 1"),
+    ("seeds: 2\nparams: {run.seed: {grid: [0, 1]}}", "both set the seed"),
+    ("baseline: {lr: 0.3}\nparams: {lr: {grid: [0.1, 0.2]}}",
+     r"baseline lr=0.3 is not one of the grid's values \[0.1, 0.2\]"),
+    ("baseline: {steps: 3}\nparams: {lr: {grid: [0.1, 0.2]}}",
+     r"baseline names 'steps', which is not a grid parameter"),
+])
+def test_bad_seeds_and_baselines_are_refused(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        load_search_space(write(tmp_path, text))
+
+
+def test_trial_labels_name_the_parameters():
+    from pipelines.lib.sweep.search_space import trial_label, trial_run_name
+
+    params = {"mask.strategy": "block_reversed", "mask.mask_ratio": 0.5, "run.seed": 1}
+    assert trial_label(params) == "block_reversed-r0.5-s1"
+    assert trial_label({"optim.lr": 0.00123456, "data.input.paths": "a/b"}) == "lr0.001235-pathsa_b"
+    assert trial_run_name(params, "3f2a1_00004", unique=True) == "block_reversed-r0.5-s1"
+    assert trial_run_name({"optim.lr": 0.001}, "3f2a1_00004", unique=False) == "lr0.001-00004"

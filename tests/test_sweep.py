@@ -2,12 +2,14 @@
 
 import csv
 
+import pandas as pd
 import pytest
 import yaml
 
 from pipelines import sweep
 from pipelines.lib.smoke import sweep_overrides
 from pipelines.lib.sweep.job import EXPERIMENT
+from pipelines.lib.sweep.report import metric_vs_ratio
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -49,39 +51,49 @@ def mlflow_runs(workdir):
 @pytest.mark.timeout(600)
 def test_sweep_runs_every_trial_from_the_cache_and_tracks_them(smoke):
     workdir, args, overrides = smoke
-    results_csv = sweep.run(args, overrides)
-
-    rows = list(csv.DictReader(results_csv.open()))
+    outcome = sweep.run(args, overrides)
+    assert (outcome.trials, outcome.failed) == (2, 0)
+    rows = list(csv.DictReader(outcome.csv.open()))
     assert len(rows) == 2  # 2 strategies x 1 ratio
     assert {(r["mask.strategy"], float(r["mask.mask_ratio"])) for r in rows} == {
         ("random", 0.6), ("block_reversed", 0.6)
     }
-    # ASHA stopped every trial before its last step (4), none failed; the trial after a stopped
-    # one still got CPUs for their data (its placement group is released: common.start_local_ray).
-    assert all(r["status"] == "STOPPED" and int(r["step"]) < 4 for r in rows), rows
+    # ASHA stopped every trial at its second report; the stop reaches a trial asynchronously, so one may
+    # train on to its last step (4). Each row says which, at the step of its value; none failed; the trial
+    # after a stopped one still got CPUs for its data (its placement group is released).
+    assert all((r["status"] == "STOPPED") == (int(r["step"]) < 4) for r in rows), rows
+    assert all(r["status"] in ("STOPPED", "DONE") for r in rows), rows
     assert all(float(r["loss"]) < 0 for r in rows)  # trained: cosine alignment above zero
 
+    client = mlflow_client(workdir)
     runs = mlflow_runs(workdir)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 2
-    assert all("loss" in c.data.metrics for c in children)
-    # A stopped trial cannot end its own run: the sweep tags it and ends it KILLED, not RUNNING
-    # forever (FINISHED if it reached its last step before its actor ended: the stop is asynchronous).
-    assert all(c.data.tags.get("uta.trial_status") == "STOPPED" for c in children)
-    assert all(c.info.status in ("KILLED", "FINISHED") for c in children), [c.info.status for c in children]
-    assert {c.data.params["mask.strategy"] for c in children} == {"random", "block_reversed"}
-    parent_artifacts = {a.path for a in mlflow_client(workdir).list_artifacts(parents[0].info.run_id)}
-    assert {"results.csv", "metric_vs_mask_ratio.png", "best_trial_config.yaml"} <= parent_artifacts
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert len(parents) == 1 and sorted(children) == ["block_reversed-r0.6", "random-r0.6"]  # named by parameters
+    for row in rows:  # one source: the CSV's value and step are the child run's last logged loss
+        child = children[row["run_name"]]
+        last = max(client.get_metric_history(child.info.run_id, "loss"), key=lambda m: m.step)
+        assert (last.step, last.value) == (int(row["step"]), pytest.approx(float(row["loss"])))
+        assert child.data.tags["uta.trial_status"] == row["status"] and child.data.tags["uta.trial_step"] == row["step"]
+    # A stopped trial cannot end its own run: the sweep ends it KILLED, not RUNNING forever (FINISHED if
+    # it reached its last step before its actor ended).
+    assert all(c.info.status in ("KILLED", "FINISHED") for c in children.values())
+    plot = metric_vs_ratio(pd.read_csv(outcome.csv), "loss")  # the plot's data: stopped trials at their own step
+    assert sorted(s[3] for s in plot["stopped"]) == sorted(int(r["step"]) for r in rows if r["status"] == "STOPPED")
+    parent_artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"results.csv", "summary.csv", "summary.md", "metric_vs_mask_ratio.png", "best_trial_config.yaml"} \
+        <= parent_artifacts
 
 
 @pytest.mark.timeout(600)
 def test_rerun_with_the_same_name_resumes_without_redoing_trials(smoke):
     workdir, args, overrides = smoke
     before = {r.info.run_id for r in mlflow_runs(workdir)}
-    results_csv = sweep.run(args, overrides)
-    after = {r.info.run_id for r in mlflow_runs(workdir)}
-    assert len(list(csv.DictReader(results_csv.open()))) == 2
-    # Only the sweep's own (parent) run is new: no trial ran again.
-    assert len(after - before) == 1
+    outcome = sweep.run(args, overrides)
+    after = mlflow_runs(workdir)
+    assert len(list(csv.DictReader(outcome.csv.open()))) == 2
+    # No new run at all: no trial ran again, and the sweep continued its own parent run.
+    assert {r.info.run_id for r in after} == before
+    parent = next(r for r in after if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FINISHED"
 

@@ -83,12 +83,13 @@ def redact_params(params: Mapping[str, Any]) -> dict[str, str]:
 @contextlib.contextmanager
 def start_run(
     cfg: TrackingConfig, default_experiment: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-    source: str | None = None, system_metrics: bool = False,
+    source: str | None = None, system_metrics: bool = False, run_id: str | None = None,
 ) -> Iterator[Any]:
     """``with start_run(cfg, "uta-cache", source="pipelines/cache_teacher.py") as run:`` -> an active
     MLflow run, or None when tracking is off. ``source`` is the run's "Source" in the UI (MLflow
     would name the process's script: Ray's ``default_worker.py`` in a training worker). ``system_metrics``:
-    MLflow samples this machine's CPU, memory, disk, network (and GPUs) into the run every 10 s."""
+    MLflow samples this machine's CPU, memory, disk, network (and GPUs) into the run every 10 s. ``run_id``:
+    continue that run (a resumed sweep's parent) instead of starting one."""
     if not cfg.enabled:
         yield None
         return
@@ -108,7 +109,7 @@ def start_run(
     if source:
         tags.setdefault("mlflow.source.name", source)
         tags.setdefault("mlflow.source.type", "JOB")
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name or cfg.run_name, tags=tags,
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name or cfg.run_name, tags=tags,
                           log_system_metrics=system_metrics) as run:
         yield run
 
@@ -201,8 +202,10 @@ def log_table(table: Mapping[str, list], artifact_file: str) -> None:
         mlflow.log_table(data=dict(table), artifact_file=artifact_file)
 
 
-def end_killed_runs(tracking_uri: str, experiment: str, run_name: str, status: str, tags: Mapping[str, str]) -> int:
-    """Tag the runs named ``run_name`` in ``experiment``; end those still RUNNING with ``status``.
+def end_killed_runs(tracking_uri: str, experiment: str, run_name: str, status: str, tags: Mapping[str, str],
+                    parent_run_id: str | None = None) -> int:
+    """Tag the runs named ``run_name`` in ``experiment`` (children of ``parent_run_id`` if given); end those
+    still RUNNING with ``status``.
 
     A process that is killed (a sweep trial stopped early, a crashed worker) cannot end its own
     run, which would otherwise show as running forever. One that outruns the kill and ends its
@@ -215,10 +218,50 @@ def end_killed_runs(tracking_uri: str, experiment: str, run_name: str, status: s
     if found is None:
         return 0
     ended = 0
-    for run in client.search_runs([found.experiment_id], filter_string=f"attributes.run_name = '{run_name}'"):
+    where = f"attributes.run_name = '{run_name}'"
+    if parent_run_id:
+        where += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+    for run in client.search_runs([found.experiment_id], filter_string=where):
         for key, value in tags.items():
             client.set_tag(run.info.run_id, key, value)
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status=status)
             ended += 1
     return ended
+
+
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(resolve_tracking_uri(tracking_uri)).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> dict[str, str]:
+    """``{run name: run id}`` of the runs nested under ``parent_run_id`` (in its experiment)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50000)
+    return {r.info.run_name: r.info.run_id for r in runs}
+
+
+def metric_history(tracking_uri: str, run_id: str, metric: str) -> list[dict[str, float]]:
+    """Every value of ``metric`` a run logged, as ``[{"step": s, metric: v}, ...]`` in step order."""
+    from mlflow.tracking import MlflowClient
+
+    points = MlflowClient(resolve_tracking_uri(tracking_uri)).get_metric_history(run_id, metric)
+    return [{"step": m.step, metric: m.value} for m in sorted(points, key=lambda m: (m.step, m.timestamp))]
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))

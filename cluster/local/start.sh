@@ -62,6 +62,8 @@ export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0
 # One machine has no other node to drain onto: on stop.sh's SIGTERM the node shuts down at once
 # instead of waiting up to 30 s (Ray's default) for worker leases that ended jobs never return.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}"
+# The dashboard's Train view: Ray Train records every run's state (a sweep's trials are runs).
+export RAY_TRAIN_ENABLE_STATE_TRACKING="${RAY_TRAIN_ENABLE_STATE_TRACKING:-1}"
 
 gpu_args=()
 [ -n "${UTA_RAY_NUM_GPUS:-}" ] && gpu_args=(--num-gpus "$UTA_RAY_NUM_GPUS")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import ray
 
+from pipelines.lib.native_stderr import drop_known_lines
+
 log = logging.getLogger("uta.ray")
 
 # Ray Data (the caching job) and Ray Train share a cluster through one coordinator actor that
@@ -75,11 +77,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if address or os.environ.get("RAY_ADDRESS"):
         if num_cpus is not None and cpus_setting:
             log.warning("%s=%s is ignored when connecting to a running cluster", cpus_setting, num_cpus)
-        ray.init(address=address, log_to_driver=worker_logs_to_console())
+        # logging_level: Ray's "Connecting to existing Ray cluster" / "Connected" INFO lines stay off the console
+        ray.init(address=address, log_to_driver=worker_logs_to_console(), logging_level=logging.WARNING)
         quiet_ray_console()
         announce_logs()
+        drop_known_lines()
         return True
     start_local_ray(num_cpus, resources=resources)
+    drop_known_lines()
     return True
 
 

@@ -1,7 +1,8 @@
 """Patch masking strategies: which K of the N patches the student sees.
 
 Every strategy returns the same number of kept patches K = round(N * (1 - mask_ratio)) for
-every image, so a batch of kept tokens stacks into (B, K, D) without padding.
+every image, so a batch of kept tokens stacks into (B, K, D) without padding. ``mask_ratio`` 0
+keeps every patch whatever the strategy (the paper's Tab. 8 "0.0" row: alignment without masking).
 
 - ``random`` (FLIP): K uniformly random positions.
 - ``block`` (BEiT / EVA-02 ``MaskingGenerator``): rectangles are masked until N - K patches are.
@@ -47,8 +48,8 @@ class MaskConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy={self.strategy!r} is unknown; use one of {', '.join(STRATEGIES)}")
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio={self.mask_ratio} must lie strictly between 0 and 1")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio={self.mask_ratio} must lie in [0, 1) (0: no masking, every patch kept)")
         if isinstance(self.min_block_area, bool) or not isinstance(self.min_block_area, int) or self.min_block_area < 1:
             raise ValueError(f"min_block_area={self.min_block_area!r} must be a positive integer (patches)")
         if not 0.0 < self.aspect_min <= 1.0:
@@ -82,7 +83,7 @@ class MaskGenerator:
                 f"mask_ratio={r} keeps round({N}*(1-{r}))=0 of the {N} patches of the {H}x{W} grid; "
                 f"use mask_ratio <= {1 - 1 / N:.4f} so at least one patch is kept"
             )
-        if self.num_keep == N:
+        if self.num_keep == N and r > 0:
             raise ValueError(
                 f"mask_ratio={r} masks none of the {N} patches of the {H}x{W} grid; "
                 f"use mask_ratio >= {1 / N:.4f} so at least one patch is masked"
@@ -95,6 +96,8 @@ class MaskGenerator:
         """Kept patch indices (B, K), sorted ascending; all randomness from ``generator``."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
+        if self.num_masked == 0:  # mask_ratio 0 (the paper's Tab. 8 baseline): every patch, any strategy
+            return torch.arange(self.num_patches).expand(batch_size, -1).clone()
         if self.strategy == "random":
             score_BN = torch.rand(batch_size, self.num_patches, generator=generator)
             return _top_k_sorted(score_BN, self.num_keep)

@@ -126,3 +126,24 @@ class PretrainConfig:
         ev = self.eval
         if ev.input is not None and ev.classifier_path is None and ev.classes is None and ev.classnames is None:
             raise ValueError("eval needs eval.classifier_path, eval.classes or eval.classnames + eval.templates")
+        if self.mask.mask_ratio == 0 and self.objective.name in ("mim", "uta_mim"):
+            raise ValueError(f"objective.name={self.objective.name} predicts the masked tokens, and "
+                             "mask.mask_ratio=0 masks none; use mask.mask_ratio > 0 (e.g. 0.4) or objective.name=uta")
+
+
+TRAINING_METRICS = ("loss", "grad_norm", "lr", "images_per_s", "step_time_s", "tokens_per_s")
+STREAM_METRICS = ("stage_wait_s", "teacher_ready_blocks", "teacher_actors", "teacher_views_per_s",
+                  "teacher_busy", "trainer_views_per_s", "trainer_wait_frac", "teacher_needed_actors",
+                  "teacher_views_per_s_per_actor")
+
+
+def reported_metrics(cfg: PretrainConfig) -> list[str]:
+    """The metrics a run of ``cfg`` reports at each evaluation (a sweep's ``metric`` must be one of them)."""
+    names = list(TRAINING_METRICS)
+    if cfg.data.teacher_mode == "stream":
+        names += STREAM_METRICS
+    if cfg.eval.input is not None:
+        names += ["zeroshot_top1", "zeroshot_top5"]
+    if cfg.eval.retrieval_input is not None:
+        names += [f"retrieval_{way}_r{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)]
+    return names

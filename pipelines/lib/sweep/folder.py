@@ -28,10 +28,12 @@ def sweep_owner(folder: str, s3: S3Options) -> dict | None:
         return None
 
 
-def claim_new_sweep(folder: str, name: str, s3: S3Options) -> None:
+def claim_new_sweep(folder: str, name: str, s3: S3Options, parent_run_id: str | None = None) -> None:
+    """Record this sweep as the folder's owner, with its MLflow parent run (a resumed sweep continues it)."""
     fs, root = filesystem_for(folder, s3)
     record = {"project": PROJECT, "sweep": name, "host": socket.gethostname(), "user": getpass.getuser(),
-              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "parent_run_id": parent_run_id}
     write_bytes_atomic(fs, join(root, OWNER_FILE), json.dumps(record, indent=1).encode())
 
 

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -19,12 +18,12 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from pipelines.lib.pretrain.config import PretrainConfig
+from pipelines.lib.pretrain.config import PretrainConfig, reported_metrics
 from pipelines.lib.pretrain.job import run as run_pretrain
 from pipelines.lib.pretrain.targets import TARGET_SOURCES, check_fits
 from pipelines.lib.sweep.folder import check_restorable, claim_new_sweep
-from pipelines.lib.sweep.report import plot_metric_vs_ratio, results_table, trial_status
-from pipelines.lib.sweep.search_space import ParamSpec, SearchSpace
+from pipelines.lib.sweep.report import trial_status
+from pipelines.lib.sweep.search_space import ParamSpec, SearchSpace, trial_run_name
 from pipelines.lib.train.backends import RayTrain
 from uta_core import tracking
 from uta_core.config import apply_overrides, from_dict, to_dict
@@ -32,6 +31,7 @@ from uta_core.data.storage import join
 from uta_core.targets.source import TargetSource
 
 log = logging.getLogger("uta.sweep")
+TRIAL_DRIVER_CPU = 0.01  # a trial's own function: it only drives its TorchTrainer (Tune refuses an empty request)
 
 
 class EvalReportCallback(TuneReportCallback):
@@ -59,21 +59,24 @@ class CloseTrialRuns(tune.Callback):
     running is ended KILLED, a failed one FAILED. The stop is asynchronous: a trial that reaches
     its last step before its actor ends finishes its run itself (FINISHED, tagged STOPPED)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str):
-        self._uri, self._experiment, self._name = tracking_uri, experiment, sweep_name
+    def __init__(self, space: SearchSpace, sweep: dict[str, Any]):
+        self._space, self._sweep = space, sweep
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        status = trial_status(False, trial.last_result or {})
+        last = trial.last_result or {}
+        status = trial_status(False, last.get("step"), last.get("total_steps"))
         self._record(trial, status, "KILLED" if status == "STOPPED" else "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._record(trial, "ERROR", "FAILED")
 
     def _record(self, trial, status: str, end_running_as: str) -> None:
-        run_name = trial_run_name(self._name, trial.trial_id)
+        params = {k: trial.config.get(k) for k in self._space.params}
+        run_name = trial_run_name(params, trial.trial_id, self._space.unique_labels)
+        sweep = self._sweep
         try:
-            ended = tracking.end_killed_runs(self._uri, self._experiment, run_name, end_running_as,
-                                             {"uta.trial_status": status})
+            ended = tracking.end_killed_runs(sweep["tracking_uri"], sweep["experiment"], run_name, end_running_as,
+                                             {"uta.trial_status": status}, parent_run_id=sweep["parent_run_id"])
         except Exception as err:  # bookkeeping must never end a sweep
             log.warning("could not update the MLflow run of trial %s: %s", trial.trial_id, err)
         else:
@@ -92,20 +95,16 @@ def tune_distribution(spec: ParamSpec) -> Any:
     }[spec.kind]()
 
 
-def trial_run_name(sweep_name: str, trial_id: str) -> str:
-    """A trial's run name, in Ray Train's storage and in MLflow: how the driver finds its run."""
-    return f"{sweep_name}-{trial_id}"
-
-
 def trial_config(base: dict[str, Any], params: dict[str, Any], sweep: dict[str, Any]) -> PretrainConfig:
-    """The pre-training config of one trial: base + this trial's parameters + its run identity."""
+    """The pre-training config of one trial: base + this trial's parameters + its run identity: its run folder
+    ``<sweep>-<trial id>`` under the sweep's trials, its MLflow run named by its parameters."""
     overrides = [f"{k}={_yaml(v)}" for k, v in params.items()]
     cfg = from_dict(PretrainConfig, apply_overrides(base, overrides))
-    name = trial_run_name(sweep["name"], tune.get_context().get_trial_id())
-    run = dataclasses.replace(cfg.run, name=name, storage_path=sweep["trials_path"])
+    trial_id = tune.get_context().get_trial_id()
+    run = dataclasses.replace(cfg.run, name=f"{sweep['name']}-{trial_id}", storage_path=sweep["trials_path"])
     # Children live in the parent's experiment: MLflow nests runs within one experiment only.
     trk = dataclasses.replace(cfg.tracking, parent_run_id=sweep["parent_run_id"], experiment=sweep["experiment"],
-                              run_name=name)
+                              run_name=trial_run_name(params, trial_id, sweep["unique_labels"]))
     return dataclasses.replace(cfg, run=run, tracking=trk)
 
 
@@ -122,6 +121,7 @@ def check_trials_fit(space: SearchSpace, base: dict[str, Any]) -> None:
     sources: dict[str, TargetSource] = {}  # one per teacher (a grid of 20 points shares one manifest read)
     for overrides in space.example_overrides():
         cfg = from_dict(PretrainConfig, apply_overrides(base, overrides))
+        check_metric(space, cfg)
         key = json.dumps([to_dict(cfg.data), to_dict(cfg.teacher), cfg.teacher_random_seed, to_dict(cfg.s3)])
         try:
             if key not in sources:
@@ -129,6 +129,40 @@ def check_trials_fit(space: SearchSpace, base: dict[str, Any]) -> None:
             check_fits(sources[key], cfg)
         except ValueError as err:
             raise ValueError(f"trial {' '.join(overrides)} does not fit its teacher: {err}") from None
+
+
+def check_metric(space: SearchSpace, cfg: PretrainConfig) -> None:
+    """The space's ``metric`` is one the trials report: a misspelt one would give a sweep of ``None``."""
+    reported = reported_metrics(cfg)
+    if space.metric in reported:
+        return
+    hint = ""
+    if space.metric.startswith(("zeroshot_", "retrieval_")) and not cfg.eval.enabled:
+        hint = " (zero-shot and retrieval metrics need eval.input / eval.retrieval_input: set them in fixed:)"
+    raise ValueError(f"metric: {space.metric!r} is not reported by the trials{hint}; they report "
+                     f"{', '.join(reported)}")
+
+
+def trial_cpus(cl) -> float:
+    """What one trial holds while it trains: its workers, its read tasks' CPUs, its driver function."""
+    return cl.num_workers * cl.cpus_per_worker + cl.data_cpus + TRIAL_DRIVER_CPU
+
+
+def check_room(cfg: PretrainConfig, local: bool) -> None:
+    """A trial whose read tasks cannot get a CPU beside its workers waits forever at 0 rows: on a Ray this sweep
+    started, that is an error now; on a cluster, a warning (an autoscaler may add nodes)."""
+    cl = cfg.cluster
+    need = cl.num_workers * cl.cpus_per_worker + cl.read_cpus + TRIAL_DRIVER_CPU
+    have = ray.cluster_resources().get("CPU", 0)
+    if need <= have or cl.use_gpu:
+        return
+    message = (f"one trial needs at least {need:g} CPUs (cluster.num_workers={cl.num_workers} x "
+               f"cluster.cpus_per_worker={cl.cpus_per_worker} + cluster.read_cpus={cl.read_cpus} for a read task + "
+               f"{TRIAL_DRIVER_CPU} for the trial itself) and this Ray has {have:g}: lower cluster.cpus_per_worker, "
+               "or give Ray more CPUs")
+    if local:
+        raise ValueError(message)
+    log.warning("%s; trials wait until the cluster grows", message)
 
 
 def concurrent_trials(cfg: PretrainConfig, space: SearchSpace, requested: int | None = None) -> int:
@@ -150,7 +184,7 @@ def concurrent_trials(cfg: PretrainConfig, space: SearchSpace, requested: int | 
                  "autoscaler add GPU nodes (cap it with max_concurrent_trials / --max-concurrent)",
                  resources.get("GPU", 0), cl.num_workers, space.num_trials)
         return space.num_trials
-    fits = resources.get("CPU", 0) / (cl.num_workers * cl.cpus_per_worker + cl.data_cpus)
+    fits = resources.get("CPU", 0) / trial_cpus(cl)
     if cl.use_gpu:
         fits = min(fits, resources.get("GPU", 0) / cl.num_workers)
     return max(1, math.floor(fits))
@@ -159,14 +193,13 @@ def concurrent_trials(cfg: PretrainConfig, space: SearchSpace, requested: int | 
 def make_tuner(space: SearchSpace, base: dict[str, Any], sweep: dict[str, Any], max_concurrent: int) -> tune.Tuner:
     trainable = tune.with_parameters(run_trial, base=base, sweep=sweep)
     # The trial function only drives Train's controller; the workers reserve their own resources.
-    # (Tune refuses an empty request, hence a token fraction of a CPU.)
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
     path = join(sweep["storage_path"], sweep["name"])
     if tune.Tuner.can_restore(path):  # Tune unpickles the folder's state: only a folder our sweep made
         check_restorable(path, sweep["name"], sweep["s3"])
         log.info("resuming sweep %s: finished trials are kept", path)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    claim_new_sweep(path, sweep["name"], sweep["s3"])
+    claim_new_sweep(path, sweep["name"], sweep["s3"], sweep["parent_run_id"])
     scheduler = None
     if space.scheduler.type == "asha":
         scheduler = tune.schedulers.ASHAScheduler(
@@ -175,7 +208,7 @@ def make_tuner(space: SearchSpace, base: dict[str, Any], sweep: dict[str, Any], 
         )
     callbacks = []
     if sweep["parent_run_id"]:
-        callbacks.append(CloseTrialRuns(base["tracking"]["tracking_uri"], sweep["experiment"], sweep["name"]))
+        callbacks.append(CloseTrialRuns(space, sweep))
     return tune.Tuner(
         trainable,
         param_space={key: tune_distribution(spec) for key, spec in space.params.items()},
@@ -183,35 +216,6 @@ def make_tuner(space: SearchSpace, base: dict[str, Any], sweep: dict[str, Any], 
                                     num_samples=space.num_samples, max_concurrent_trials=max_concurrent),
         run_config=tune.RunConfig(name=sweep["name"], storage_path=sweep["storage_path"], callbacks=callbacks),
     )
-
-
-def _trial_row(result: tune.Result) -> dict[str, Any]:
-    last = result.metrics or {}
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
-    return {"trial_id": last.get("trial_id", result.path.rsplit("/", 1)[-1]), "config": result.config,
-            "status": trial_status(bool(result.error), last), "last": last, "history": history}
-
-
-def log_results(results: tune.ResultGrid, space: SearchSpace, out_dir: Path) -> Path:
-    """Results CSV + metric-vs-ratio plot on the parent run; the best trial's config and checkpoint."""
-    import mlflow
-
-    trials = [_trial_row(r) for r in results]
-    table = results_table(trials, list(space.params), space.metric, space.mode)
-    csv = out_dir / "results.csv"
-    table.to_csv(csv, index=False)
-    print(table.to_string(index=False))
-    plot = plot_metric_vs_ratio(table, space.metric, out_dir / "metric_vs_mask_ratio.png")
-    best = results.get_best_result(metric=space.metric, mode=space.mode, filter_nan_and_inf=True)
-    if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(csv))
-        if plot:
-            mlflow.log_artifact(str(plot))
-        mlflow.log_dict(best.config, "best_trial_config.yaml")
-        mlflow.log_metric(f"best_{space.metric}", float(best.metrics.get(space.metric, float("nan"))))
-        if best.checkpoint is not None:
-            mlflow.set_tag("best_checkpoint", best.checkpoint.path)
-    return csv
 
 
 def _yaml(value: Any) -> str:
