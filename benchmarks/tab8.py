@@ -2,6 +2,7 @@
 
     ./uta bench tab8                               # both halves, 3 seeds each, 60 student steps
     ./uta bench tab8 --half type --seeds 5 --steps 120
+    ./uta bench tab8 --half objectives              # Tab. 6: uta, fd, uta_mim (tune_spaces/tab6_objectives.yaml)
 
 The miniature: scikit-learn's digits at 32 px with patch 4, an 8 x 8 token grid (blocks of at least 16
 patches are blocks, not the whole image); the demo's teacher (a small CLIP trained on the digits' captions,
@@ -40,9 +41,10 @@ from uta_core.config import to_dict  # noqa: E402
 from uta_core.data.digits import write_digits_splits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HALVES = {"ratio": "tab8_ratio.yaml", "type": "tab8_type.yaml"}
+HALVES = {"ratio": "tab8_ratio.yaml", "type": "tab8_type.yaml", "objectives": "tab6_objectives.yaml"}
 PAPER = {"ratio": {"r0": 74.7, "r0.4": 75.0, "r0.5": 74.8, "r0.7": 74.0},
-         "type": {"block": 74.2, "random": 74.7, "block_reversed": 74.8}}
+         "type": {"block": 74.2, "random": 74.7, "block_reversed": 74.8},
+         "objectives": {"uta": 75.0, "fd": 74.7, "uta_mim": 70.7}}
 RAY_CPUS = 4  # logical: a trial's 2 worker CPUs (torch threads on the 2 cores), 1 read task, Tune's own sliver
 MINIATURE = ["digits.size=32", "teacher.train.max_steps=200"]  # 8x8 grid; the teacher at 32 px needs more steps
 
@@ -79,7 +81,8 @@ def build_teacher(out: Path, student: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--half", choices=[*HALVES, "both"], default="both")
+    parser.add_argument("--half", choices=[*HALVES, "both"], default="both",
+                        help="ratio, type (Tab. 8's halves), objectives (Tab. 6), or both halves of Tab. 8")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=60, help="student steps per trial (default: %(default)s)")
     parser.add_argument("--out", default="outputs/bench_tab8")
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         base = build_teacher(out, student)
         teacher = json.loads((out / "teacher" / "ready.json").read_text())
         codes = {}
-        for half in HALVES if args.half == "both" else [args.half]:
+        for half in ["ratio", "type"] if args.half == "both" else [args.half]:
             print(f"\n[tab8] {half}: {HALVES[half]}, {args.seeds} seeds, {args.steps} steps", flush=True)
             codes[half] = sweep.main(["--config", str(base), "--space", str(ROOT / "tune_spaces" / HALVES[half]),
                                       "--name", f"tab8-{half}-{args.seeds}seeds-{args.steps}steps",
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     for half in codes:
         summary = out / "sweeps" / f"tab8-{half}-{args.seeds}seeds-{args.steps}steps" / "summary.md"
-        print(f"\nTab. 8 ({half}) in miniature; paper (ImageNet ZS): {PAPER[half]}\n")
+        table = "Tab. 6" if half == "objectives" else f"Tab. 8 ({half})"
+        print(f"\n{table} in miniature; paper (ImageNet ZS): {PAPER[half]}\n")
         print(summary.read_text() if summary.exists() else f"(no summary: the sweep exited {codes[half]})")
     print(f"teacher zero-shot top-1 {teacher['teacher_zeroshot_top1']:.1%} (chance 10%); all in "
           f"{time.perf_counter() - start:.0f} s; MLflow: sqlite:///{out / 'mlflow.db'}")

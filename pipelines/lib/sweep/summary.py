@@ -100,21 +100,26 @@ def summary_markdown(summary: pd.DataFrame, metric: str, words: list[str]) -> st
 
 
 def plot_summary(summary: pd.DataFrame, metric: str, path: str | Path) -> Path | None:
-    """Each arm's mean with its 95% interval as a bar chart; None without arms."""
+    """Each arm's mean (a dot) with its 95% interval (a bar), the baseline's mean as a dashed line; None without
+    arms. Dots, not bars: the axis starts where the values are, and a bar's length would suggest a ratio."""
     if summary.empty:
         return None
     fig, ax = new_figure()
     low = (summary["mean"] - summary["ci95_low"]).fillna(0).clip(lower=0)
     high = (summary["ci95_high"] - summary["mean"]).fillna(0).clip(lower=0)
-    ax.bar(range(len(summary)), summary["mean"], yerr=[low, high], capsize=4,
-           color=["grey"] + ["tab:blue"] * (len(summary) - 1))
-    ax.set_xticks(range(len(summary)), summary["arm"], rotation=20, ha="right", fontsize=8)
+    x = range(len(summary))
+    ax.errorbar(x, summary["mean"], yerr=[low, high], fmt="o", capsize=5, color="tab:blue")
+    ax.plot([0], [summary["mean"].iloc[0]], "o", color="grey")
+    ax.axhline(summary["mean"].iloc[0], color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(list(x), summary["arm"], rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.5, len(summary) - 0.5)
     finite = pd.concat([summary["ci95_low"], summary["mean"], summary["ci95_high"]]).dropna()
     if not finite.empty:
         pad = max(1e-6, 0.15 * float(finite.max() - finite.min()))
         ax.set_ylim(float(finite.min()) - pad, float(finite.max()) + pad)
     ax.set_ylabel(f"{metric} (mean, 95% CI over seeds)")
-    ax.set_title("grey: baseline", fontsize=8)
+    ax.set_title(f"dashed: the baseline {summary['arm'].iloc[0]}; n per arm: "
+                 f"{', '.join(str(n) for n in summary['n'])}", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
 
