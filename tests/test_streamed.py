@@ -230,6 +230,32 @@ def test_the_pool_grows_as_its_resource_appears_and_holds_the_seconds_of_tokens_
         stop_pool(pool)
 
 
+def test_a_pool_with_no_actor_running_says_what_it_waits_for_and_stops_after_wait_s(ws, ray_local, caplog,
+                                                                                     monkeypatch):
+    """Its actor's node gone, as the scheduler sees it: the actor waits for a resource no node offers. A rank
+    waiting for a block says so (what the actors ask for, for how long), then stops with one line."""
+    from pipelines.lib.train import stage_pool
+    from pipelines.lib.train.stage_pool import PoolLost, StageActor, StagePool
+
+    ray = ray_local
+    job, plan = planned(stream_config(ws, "pool-lost", "float16"))
+    work = job.stage(on_pool=True).work
+    block = ray.put(dict(next(iter(job.reader(0)(plan.sources.items[0], 0, 0)))))
+    actor = StageActor.options(num_cpus=0.5, resources={"uta_lost_node": 1}).remote(work)  # no node offers it
+    pool = StagePool([actor], [actor.ready.remote()], 1, name="teacher pool", wants="0.5 CPU + 1 uta_lost_node",
+                     wait_s=1.0)
+    monkeypatch.setattr(stage_pool._Waiter, "SLICE_S", 0.3)
+    start = time.monotonic()
+    try:
+        with pytest.raises(PoolLost, match=r"teacher pool: no actor ran for \d+ s \(stream.pool.wait_s=1\); their "
+                                           r"nodes are gone and none with \{0.5 CPU \+ 1 uta_lost_node\} joined"):
+            next(pool.through(iter([block]), rank=0))
+    finally:
+        ray.kill(actor, no_restart=True)
+    assert time.monotonic() - start < 30
+    assert "0 of 1 actors of the teacher pool: waiting for nodes with {0.5 CPU + 1 uta_lost_node}, 0 s" in caplog.text
+
+
 # --------------------------------------------------------------------- end to end on Ray Train
 @pytest.mark.ray
 @pytest.mark.timeout(600)

@@ -143,11 +143,17 @@ def build_trainer(job: TrainJob, plan: RunPlan, run: RunFolder, callbacks: list 
     )
 
 
-def log_pool_stats(stage: Stage, pool: StagePool) -> None:
-    stats = ray.get(pool.stats())
+def log_pool_stats(stage: Stage, pool: StagePool, timeout_s: float = 10.0) -> None:
+    """The pool's work since its actors (re)started. An actor whose node is gone (restarting, no node to take
+    it) does not answer: the run's summary waits ``timeout_s`` for it, not for ever."""
+    refs = pool.stats()
+    answered, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    stats = ray.get(answered)
     rows, busy = sum(s["rows"] for s in stats), sum(s["busy_s"] for s in stats)
-    log.info("%s: %d actor(s) processed %d rows in %.0f actor-seconds (%.1f rows/s per actor)", stage.name,
-             len(stats), rows, busy, rows / busy if busy else 0.0)
+    silent = len(refs) - len(answered)
+    missing = f"; {silent} did not answer (their nodes are gone)" if silent else ""
+    log.info("%s: %d actor(s) processed %d rows in %.0f actor-seconds since they started (%.1f rows/s per actor)%s",
+             stage.name, len(stats), rows, busy, rows / busy if busy else 0.0, missing)
 
 
 def local_num_cpus(cluster: ClusterConfig, pool: PoolConfig | None = None) -> int:

@@ -139,6 +139,9 @@ class PoolConfig:
     buffer_s: float | None = None  # per rank: seconds of training the blocks in flight may hold (None: no
     # bound but blocks_in_flight); the object store holds at most ranks x buffer_s seconds of tokens
     start_timeout_s: float = 600.0  # then: the actors' resources never appeared; fail with the fix
+    # A rank waits this long for a block while no actor runs (their nodes lost), saying so once a minute;
+    # then the run stops with one line and a rerun resumes from its last checkpoint. None: wait for ever.
+    wait_s: float | None = 1800.0
 
     def __post_init__(self) -> None:
         if self.actors < 1 or self.blocks_in_flight < 1:
@@ -147,6 +150,8 @@ class PoolConfig:
             raise ValueError(f"cpus_per_actor={self.cpus_per_actor} must be positive, gpus_per_actor >= 0")
         if self.max_actors is not None and self.max_actors < self.actors:
             raise ValueError(f"max_actors={self.max_actors} must be >= actors={self.actors} (or null: no growth)")
+        if self.wait_s is not None and not self.wait_s > 0:
+            raise ValueError(f"wait_s={self.wait_s} must be positive (or null: wait for nodes for ever)")
         if self.buffer_s is not None and not self.buffer_s > 0:
             raise ValueError(f"buffer_s={self.buffer_s} must be positive (or null: blocks_in_flight alone)")
 

@@ -43,6 +43,7 @@ import ray
 from pipelines.lib.progress import CONSOLE
 from pipelines.lib.train.config import PoolConfig
 from pipelines.lib.train.spec import BlockWork, Stage
+from uta_core.errors import RunCannotContinue
 
 log = logging.getLogger("uta.train")
 
@@ -115,6 +116,22 @@ class StagePool:
     started: list[Any]
     blocks_in_flight: int
     buffer_s: float | None = None
+    name: str = "stage"
+    wants: str = ""  # what each actor asks of a node, for the waiting line
+    wait_s: float | None = None  # a rank waits this long for a block while no actor runs, then the run stops
+
+    def alive(self) -> int:
+        """Actors running now, by Ray's state API (a lost node's actors are RESTARTING until a node takes them);
+        all of them when the state API cannot answer (a cluster without its dashboard): then a rank just waits."""
+        from ray.util.state import list_actors
+
+        ids = {a._actor_id.hex() for a in self.actors}
+        try:
+            states = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+        except Exception as err:  # the state API is a view: never a reason to stop training
+            log.debug("the state API did not answer: %s", err)
+            return len(self.actors)
+        return sum(1 for s in states if s.actor_id in ids)
 
     def running(self) -> list[Any]:
         if not self.started:
@@ -128,7 +145,7 @@ class StagePool:
         training hold fewer; ``meter`` counts what the trainer waited and found ready."""
         meter = meter if meter is not None else PoolMeter()
         window: collections.deque = collections.deque()
-        pace, running = _Pace(), self.running()
+        pace, running, waiter = _Pace(), self.running(), _Waiter(self, rank)
         try:
             for i, ref in enumerate(block_refs):
                 if i % 16 == 15 and len(running) < len(self.actors):
@@ -136,9 +153,9 @@ class StagePool:
                 actor = running[(rank + i) % len(running)]
                 window.append((ref, actor.apply.remote(ref)))
                 while len(window) >= self._limit(pace):
-                    yield _take(window, meter, pace)
+                    yield _take(window, meter, pace, waiter)
             while window:
-                yield _take(window, meter, pace)
+                yield _take(window, meter, pace, waiter)
         finally:
             for _, out in window:
                 ray.cancel(out)
@@ -152,18 +169,54 @@ class StagePool:
         return [a.stats.remote() for a in self.running()]
 
 
-def _take(window: collections.deque, meter: PoolMeter, pace: _Pace) -> dict:
+def _take(window: collections.deque, meter: PoolMeter, pace: _Pace, waiter: _Waiter) -> dict:
     outs = [out for _, out in window]
     meter.ready_ahead += len(ray.wait(outs, num_returns=len(outs), timeout=0)[0])
     block_ref, out_ref = window.popleft()
     start = time.perf_counter()
-    out = ray.get(out_ref)
+    out = waiter.get(out_ref)
     meter.wait_s += time.perf_counter() - start
     block = ray.get(block_ref)
     meter.blocks += 1
     meter.rows += len(next(iter(block.values()))) if block else 0
     pace.took()
     return {**block, **out}
+
+
+class PoolLost(RunCannotContinue):
+    """No actor of the pool ran for ``wait_s``: their nodes are gone and none with their resources joined."""
+
+
+class _Waiter:
+    """A rank's wait for its next block. While the pool's actors run, it just waits (the pool is slow, not
+    gone). While none runs (their nodes lost; Ray restarts them when a node with their resources joins and
+    sends their blocks again), rank 0 says so once a minute, on the console, and after ``wait_s`` the run
+    stops with one line; its last checkpoint stays, and a rerun resumes from it exactly."""
+
+    SLICE_S = 5.0  # how often a waiting rank looks at the pool
+    SAY_EVERY_S = 60.0
+
+    def __init__(self, pool: StagePool, rank: int) -> None:
+        self.pool, self.rank = pool, rank
+
+    def get(self, ref: Any) -> Any:
+        start, said = time.monotonic(), None
+        while not ray.wait([ref], timeout=self.SLICE_S)[0]:
+            if self.pool.alive():
+                continue
+            waited = time.monotonic() - start
+            if self.rank == 0 and (said is None or waited - said >= self.SAY_EVERY_S):
+                log.warning("0 of %d actors of the %s: waiting for nodes with {%s}, %.0f s", len(self.pool.actors),
+                            self.pool.name, self.pool.wants, waited, extra=CONSOLE)
+                said = waited
+            if self.pool.wait_s is not None and waited > self.pool.wait_s:
+                raise PoolLost(f"{self.pool.name}: no actor ran for {waited:.0f} s (stream.pool.wait_s="
+                               f"{self.pool.wait_s:g}); their nodes are gone and none with {{{self.pool.wants}}} "
+                               "joined. Add such nodes and rerun: the run resumes from its last checkpoint")
+        if said is not None and self.rank == 0:
+            log.info("%s: actors back after %.0f s; training goes on", self.pool.name, time.monotonic() - start,
+                     extra=CONSOLE)
+        return ray.get(ref)
 
 
 class PoolWatch:
@@ -240,7 +293,8 @@ def start_pool(stage: Stage) -> StagePool:
     actor = StageActor.options(**_options(cfg), max_restarts=-1, max_task_retries=-1)
     actors = [actor.remote(stage.work) for _ in range(cfg.most_actors)]
     started = [a.ready.remote() for a in actors]
-    pool = StagePool(actors, started, cfg.blocks_in_flight, cfg.buffer_s)
+    pool = StagePool(actors, started, cfg.blocks_in_flight, cfg.buffer_s, name=stage.name, wants=cfg.wants(),
+                     wait_s=cfg.wait_s)
     done, _ = ray.wait(started, num_returns=cfg.actors, timeout=cfg.start_timeout_s)
     if len(done) < cfg.actors:
         stop_pool(pool)
