@@ -103,5 +103,5 @@ def test_a_cluster_scaling_gpus_from_zero_waits_for_them_and_runs_every_trial(si
     assert out["trials_gpu"] == 6  # 2 grid points x 3 samples, all at once: the autoscaler's demand
     assert "letting the autoscaler add GPU nodes" in out["log"]
     assert out["trials_space"] == 5 and out["trials_cli"] == 2
-    assert out["trials_cpu"] == 4  # 8 CPUs / (1 worker CPU + 1 data CPU)
+    assert out["trials_cpu"] == 3  # 8 CPUs / (1 worker CPU + 1 data CPU + 0.01 for the trial itself)
     assert out["cpu_pool"][0] == 1

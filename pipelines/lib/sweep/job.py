@@ -42,14 +42,14 @@ def run_sweep(args: argparse.Namespace, overrides: list[str]) -> SweepOutcome:
     check_folder_name("--name", args.name)  # Tune's state, the trials and the results stay in --storage-path
     space = load_search_space(args.space, space_overrides(args))
     base = apply_overrides(read_yaml(args.config), space.fixed_overrides() + overrides)
-    check_trials_fit(space, base)
-    base_cfg = resolve_paths(from_dict(PretrainConfig, base))
+    base_cfg = resolve_paths(from_dict(PretrainConfig, base))  # where things go first: tracking, outputs
     check_output("--storage-path", args.storage_path)
     storage = args.storage_path if is_s3(args.storage_path) else str(Path(args.storage_path).resolve())
     parent_run_id = None
     if tune.Tuner.can_restore(join(storage, args.name)):  # before Ray starts: nothing of a foreign folder is loaded
         check_restorable(join(storage, args.name), args.name, base_cfg.s3)
         parent_run_id = _recorded_parent(join(storage, args.name), base_cfg)
+    check_trials_fit(space, base)  # every grid point, its teacher, the metric
     with Lease(join(storage, args.name), base_cfg.s3, "sweep", base_cfg.run.lease).held():  # one driver a sweep
         return _run_sweep(args, space, base, base_cfg, storage, parent_run_id)
 
