@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Remove a node that cluster/local/add_node.sh added, and only that one.
-#   cluster/local/remove_node.sh NAME          # SIGTERM: the node shuts down and leaves the cluster
+#   cluster/local/remove_node.sh NAME          # SIGTERM (cluster/local/stop.sh --node NAME): the node leaves
 #   cluster/local/remove_node.sh NAME --kill   # SIGKILL of the node's every process (its raylet, its
 #                                              # workers, its agents): what a lost machine looks like
 set -euo pipefail
@@ -30,9 +30,4 @@ if [ "$kill_it" = "--kill" ]; then
   exit 0
 fi
 [ -z "$kill_it" ] || die "unknown option '$kill_it' (use --kill)"
-kill -TERM "$pid"
-for _ in $(seq 1 60); do
-  kill -0 "$pid" 2>/dev/null || { rm -f "$pid_file"; echo "node '$name' (pid $pid) stopped"; exit 0; }
-  sleep 1
-done
-die "node '$name' (pid $pid) is still shutting down after 60 s (log: $state_dir/nodes/$name.log)"
+exec bash "$(dirname "$0")/stop.sh" --node "$name"  # SIGTERM, then wait for it: as the head is stopped
