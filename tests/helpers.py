@@ -199,6 +199,11 @@ def pretrain_config(ws, name: str, mode: str, *extra: str, storage: str | None =
     from pipelines.lib.pretrain.config import DEFAULT_CONFIG, PretrainConfig
     from uta_core.config import load_config
 
+    return load_config(PretrainConfig, DEFAULT_CONFIG, pretrain_overrides(ws, name, mode, storage) + list(extra))
+
+
+def pretrain_overrides(ws, name: str, mode: str, storage: str | None = None) -> list[str]:
+    """``pretrain_config``'s run as ``key=value`` overrides (for a job run as its own process)."""
     base = [
         f"run.name={name}", f"run.storage_path={storage or ws.root / 'runs'}", "run.log_every=1",
         "run.checkpoint_every=2", "run.record_samples=true", f"data.teacher_mode={mode}", "data.views.size=32",
@@ -212,7 +217,7 @@ def pretrain_config(ws, name: str, mode: str, *extra: str, storage: str | None =
                  "teacher.precision=fp32"]
     else:
         base += [f"data.cache={ws.cache}", "teacher.arch=no-such-open-clip-model"]  # cache mode never builds it
-    return load_config(PretrainConfig, DEFAULT_CONFIG, base + list(extra))
+    return base
 
 
 def samples_seen(storage: str, name: str, rank: int = 0, epoch: int = 0, s3=None) -> list[int]:

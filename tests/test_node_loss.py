@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import pretrain_config, samples_seen, train_ranks
+from helpers import pretrain_config, pretrain_overrides, samples_seen, train_ranks
 
 from pipelines.lib.ray_setup import free_port
 
@@ -83,8 +83,6 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists():
-        pytest.skip("the ray CLI is not installed")
     local = LocalCluster(tmp_path_factory.mktemp("two-nodes"))
     local.script("start.sh")
     try:
@@ -101,12 +99,12 @@ def test_the_teacher_node_killed_mid_epoch_and_replaced_loses_and_repeats_no_row
     ws = pretrain_ws
     cluster.add_node("teacher1")
     storage = tmp_path / "runs"
-    args = [f"run.storage_path={storage}", "run.name=nodes", f"cluster.address=127.0.0.1:{cluster.port}", *RUN]
-    base = pretrain_args(ws)
+    args = [*pretrain_overrides(ws, "nodes", "stream", str(storage)), f"cluster.address=127.0.0.1:{cluster.port}",
+            *RUN]
     log = tmp_path / "job.log"
     with log.open("w") as out:
         job = subprocess.Popen([sys.executable, "pipelines/pretrain.py", "--config", "configs/pretrain_local.yaml",
-                                *base, *args], cwd=ROOT, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
+                                *args], cwd=ROOT, env=cluster.env, stdout=out, stderr=subprocess.STDOUT)
         watch = NodeKiller(cluster, storage / "nodes" / "samples", log, job)
         try:
             code = job.wait(timeout=420)
@@ -135,18 +133,6 @@ def test_the_teacher_node_killed_mid_epoch_and_replaced_loses_and_repeats_no_row
         assert len(got) == len(set(got)) == 120
     print(f"\nnode loss (stream): lost 0, repeated 0; killed in epoch 0, the run said so in {watch.said_s:.0f} s, "
           f"the replacement joined in {watch.join_s:.0f} s")
-
-
-def pretrain_args(ws) -> list[str]:
-    """``helpers.pretrain_config``'s run as command-line overrides (the job runs as its own driver process)."""
-    return [
-        "run.log_every=1", "run.record_samples=true", "data.teacher_mode=stream", "data.views.size=32",
-        "student.variant=nano", "student.img_size=32", "student.patch_size=4", "student.out_dim=32",
-        "train.micro_batch=8", "train.warmup_steps=1", "optim.lr=2e-3", "cluster.num_workers=1",
-        f"eval.classifier_path={ws.classifier}", f"tracking.tracking_uri={ws.mlflow}",
-        f"data.input.paths={ws.train}", f"teacher.arch={ws.arch}", f"teacher.pretrained={ws.weights}",
-        "teacher.precision=fp32",
-    ]
 
 
 class NodeKiller:
