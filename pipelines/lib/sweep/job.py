@@ -62,7 +62,7 @@ def _recorded_parent(folder: str, cfg: PretrainConfig) -> str | None:
     if tracking.run_exists(cfg.tracking.tracking_uri, recorded):
         return recorded
     log.warning("the sweep's MLflow run %s is not in %s: this resumed sweep starts a new parent run", recorded,
-                tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
+                cfg.tracking.tracking_uri)
     return None
 
 
@@ -83,7 +83,7 @@ def _run_sweep(args: argparse.Namespace, space, base: dict, base_cfg: PretrainCo
             sweep = {"name": args.name, "experiment": experiment, "storage_path": storage,
                      "trials_path": join(storage, f"{args.name}-trials"), "metric": space.metric,
                      "parent_run_id": parent.info.run_id if parent else None, "s3": base_cfg.s3,
-                     "tracking_uri": tracking.resolve_tracking_uri(base_cfg.tracking.tracking_uri),
+                     "tracking_uri": base_cfg.tracking.tracking_uri,  # resolved by resolve_paths
                      "unique_labels": space.unique_labels}
             # Trials compare settings: no MLflow model per trial unless asked for (export the best one).
             base["tracking"] = {"log_model": False, **base.get("tracking", {}),

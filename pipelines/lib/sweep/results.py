@@ -77,7 +77,7 @@ def log_results(results: tune.ResultGrid, space: SearchSpace, out_dir: Path, swe
     metric = space.metric
     table = results_table(trials, list(space.params), metric, space.mode)
     csv = out_dir / "results.csv"
-    table.drop(columns=["run_id"], errors="ignore").to_csv(csv, index=False)
+    table.to_csv(csv, index=False)
     print(table.to_string(index=False))
     summary = summary_table(table, space.arm_keys, metric, space.baseline)
     left_out = int((table["status"] != "DONE").sum())
