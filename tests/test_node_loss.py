@@ -111,16 +111,19 @@ def test_the_teacher_node_killed_mid_epoch_and_replaced_loses_and_repeats_no_row
         except subprocess.TimeoutExpired:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             dump = subprocess.run([spy, "dump", "--pid", str(job.pid)], capture_output=True, text=True, timeout=60)
-            pytest.fail(f"the run hung; its driver:\n{dump.stdout[-6000:]}\nits console:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"the run hung ({watch.state()}); its driver:\n{dump.stdout[-5000:]}\nits console:\n"
+                        f"{log.read_text()[-3000:]}")
         finally:
             if job.poll() is None:
                 job.kill()
     text = log.read_text()
+    assert watch.error is None, f"{watch.error}; the console:\n{text[-3000:]}"
     assert code == 0, text[-4000:]
-    assert watch.error is None, watch.error
     # Placement, seen while the run trained: the teacher's actors on the teacher node only, the trainer on the head.
     assert {a["node"] for a in watch.placement if a["class"] == "StageActor"} == {"teacher1"}, watch.placement
     assert {a["node"] for a in watch.placement if a["class"] == "RayTrainWorker"} == {"head"}, watch.placement
+    # The console's board on the driver's node: on the teacher node, it went with it and the console fell silent.
+    assert {a["node"] for a in watch.placement if a["class"] == "ProgressBoard"} == {"head"}, watch.placement
     assert watch.killed_at_epoch == 0, "the node was not killed mid-epoch"
     assert "0 of 1 actors of the teacher pool: waiting for nodes with {1 CPU + 1 teacher}" in text, text[-3000:]
     # Every epoch's rows are those of the same run without Ray and without a fault, in the same order.
@@ -165,10 +168,18 @@ class NodeKiller:
             self.killed_at_epoch = 0
             killed = time.monotonic()
             while "waiting for nodes with" not in self.log.read_text():
-                if self.job.poll() is not None or time.monotonic() > deadline:
+                if self.job.poll() is not None:
+                    return
+                if time.monotonic() > killed + 150:
+                    self.error = "the console said nothing of the lost node in 150 s"
+                    self.job.kill()  # the run would wait for a node no one adds: fail now, with its console
                     return
                 time.sleep(0.5)
             self.said_s = time.monotonic() - killed
             self.join_s = self.cluster.add_node("teacher2")
         except Exception as err:  # the test reports it
             self.error = f"{type(err).__name__}: {err}"
+
+    def state(self) -> str:
+        return (f"killed in epoch {self.killed_at_epoch}, said after {self.said_s:.0f} s, replacement joined in "
+                f"{self.join_s:.0f} s, error: {self.error}")

@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 LINE_EVERY_S = 30.0  # without a terminal: one progress line this often
@@ -83,8 +84,10 @@ class DriverProgress:
         self._local = {"step": step, **state}
 
     def __enter__(self) -> DriverProgress:
-        if self._remote:
-            self._board = ProgressBoard.options(name=self.name).remote()
+        if self._remote:  # on the driver's node: a board on a node that is lost (a spot teacher node) takes
+            # the console with it, while the run goes on; the driver's own node outlives the run or ends it
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self._board = ProgressBoard.options(name=self.name, scheduling_strategy=here).remote()
         if self._tty and self._remote:  # the workers' start is a stage of its own, with its own clock
             self._bar = tqdm(desc=f"{self.desc}: starting the workers", bar_format="{desc} {elapsed}",
                              file=sys.stderr)
