@@ -21,6 +21,9 @@ class RayConfig:
     gpu_wait_s: float = 1800.0  # ray.device=cuda: how long to wait for the autoscaler's first GPU node
     actor_num_cpus: float | None = None  # None: 1 with GPUs; on CPU half the cores, >= 0.5
     actor_threads: int | None = None  # torch threads per actor; None: on CPU the node's cores / actors
+    # Custom resources per teacher actor, e.g. {teacher: 1} offered only by the teacher nodes, so that the
+    # actors run there and the decode and write tasks elsewhere.
+    actor_resources: dict[str, float] = field(default_factory=dict)
     read_num_cpus: float = 1.0  # per decode/view task
     write_num_cpus: float = 0.5  # per write task (compresses and uploads part files)
     batch_size: int | None = None  # views per teacher forward; None: 256 on a GPU, 64 on CPU
@@ -34,6 +37,9 @@ class RayConfig:
                 raise ValueError(f"{name} must be at least 1 (or null), got {value}")
         if self.actor_num_cpus is not None and self.actor_num_cpus <= 0:
             raise ValueError(f"actor_num_cpus must be positive, got {self.actor_num_cpus}")
+        bad = {k: v for k, v in self.actor_resources.items() if not (isinstance(v, (int, float)) and v > 0)}
+        if bad:
+            raise ValueError(f"actor_resources values must be positive numbers, got {bad}")
         if not self.gpu_wait_s >= 0:
             raise ValueError(f"gpu_wait_s must be >= 0 (seconds), got {self.gpu_wait_s}")
         if self.read_num_cpus <= 0 or self.write_num_cpus <= 0:

@@ -139,7 +139,7 @@ def build_dataset(plan: CachePlan, codec: TokenCodec, device: str, num_actors: i
         },
         batch_size=cfg.ray.batch_size or (256 if device == "cuda" else 64), batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors),
-        num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else None,
+        num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else None, resources=cfg.ray.actor_resources or None,
     )
     writer = PartWriter(root_uri=cfg.output.path, s3=cfg.s3, settings=plan.manifest.settings,
                         bytes_per_view=codec.bytes_per_view, compression=cfg.output.compression,
@@ -151,14 +151,17 @@ def build_dataset(plan: CachePlan, codec: TokenCodec, device: str, num_actors: i
 
 def prepare_codec(plan: CachePlan, device: str, actor_cpus: float, threads: int) -> TokenCodec:
     """The cache's codec; lowrank_int8 fits its basis once, on a teacher worker (resumes reuse it)."""
-    fit = ray.remote(fit_cache_basis).options(num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else 0)
+    fit = ray.remote(fit_cache_basis).options(num_cpus=actor_cpus, num_gpus=1 if device == "cuda" else 0,
+                                              resources=plan.cfg.ray.actor_resources)
     return cache_codec(plan, lambda *args: ray.get(fit.remote(*args, device=device, num_threads=threads)))
 
 
 def execute(plan: CachePlan) -> dict:
     """Run a validated plan on Ray; returns the run report (see ``print_report``)."""
     cfg = plan.cfg
-    started_ray = init_ray(cfg.ray.address, cfg.ray.num_cpus, cpus_setting="ray.num_cpus")
+    # a new local Ray offers the actors' custom resources (one node plays every group)
+    wanted = {k: v * (cfg.ray.num_actors or 1) for k, v in cfg.ray.actor_resources.items()} or None
+    started_ray = init_ray(cfg.ray.address, cfg.ray.num_cpus, wanted, cpus_setting="ray.num_cpus")
     device = None
     try:
         device = resolve_device(cfg)

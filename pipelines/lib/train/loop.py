@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipelines.lib.progress import CONSOLE
 from pipelines.lib.train.outputs import RunOutputs
 from pipelines.lib.train.plan import RunPlan
 from pipelines.lib.train.runtime import Runtime
@@ -157,6 +158,9 @@ class TrainLoop:
         pos, plan = self.pos, self.plan
         start_step = pos.step
         self.runtime.progress.step(pos.step, {})  # where the bar starts (a resumed run: at its checkpoint)
+        if 0 < start_step < plan.total_steps and self.rank == 0:  # a rerun, or a restart after a lost node
+            log.info("resumed from the checkpoint of step %d (epoch %d): the steps after it are trained again, on "
+                     "the same rows", start_step, pos.epoch, extra=CONSOLE)
         while pos.step < plan.total_steps:
             epoch_steps = self.stream.steps(pos.epoch)
             batches = self._next_epoch or self.stream.batches(pos.epoch, self._start_cursor())
