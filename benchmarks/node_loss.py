@@ -1,7 +1,8 @@
-"""Node loss on two real Ray nodes of this machine: the stream's teacher node, the Ray Train worker's node and
-the caching job's teacher node, each killed mid-job and replaced, as one table of what was lost.
+"""Node loss on real Ray nodes of this machine: the stream's teacher node, the Ray Train worker's node and
+the caching job's teacher node, each killed mid-job and replaced, and the teacher pool growing onto a node
+that joins and shrinking off one that is lost, as one table of what was lost.
 
-    ./uta bench node_loss              # the three trials (~5 min on 2 cores)
+    ./uta bench node_loss              # the four trials (~9 min on 2 cores)
     ./uta bench node_loss -k stream    # one of them (pytest's -k)
 
 Each trial is a test of ``tests/test_node_loss.py`` (run here with ``UTA_LONG_TESTS=1``; the stream trial
@@ -12,13 +13,13 @@ lost machine is (remove_node.sh --kill) once the job is under way; a replacement
 - rows lost / repeated: against the same run uninterrupted and without Ray (training: every epoch's rows,
   in order; cache: every (key, view) of the inputs, and no part a committed shard does not list);
 - said (s): from the kill to the job's console saying what it waits for ("-": the job does not wait on
-  the node; Ray restarts its work where it finds room);
-- join (s): the replacement node's ``ray start`` until it is up;
+  the node; Ray restarts its work where it finds room; pool: saying it goes on with the actors left);
+- join (s): the replacement node's ``ray start`` until it is up (pool: the node it grows onto);
 - back (s): from the join to the job's console saying it goes on (the pool's actors back; the trainers
-  resumed from their checkpoint; the cache's next committed shard);
+  resumed from their checkpoint; the cache's next committed shard; pool: the actor that joined taken on);
 - redone: training steps logged twice in MLflow (steps trained again after a restart from a checkpoint);
 - trial (s): the whole trial, with its uninterrupted reference run.
-The last line says ``node loss: lost 0, repeated 0 (stream, train, cache)`` when every trial held.
+The last line says ``node loss: lost 0, repeated 0 (stream, pool, train, cache)`` when every trial held.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ every row once:
 - stream (every CI): the streamed teacher's node. The run says what it waits for, the pool refills on the
   replacement, the trainers keep their state, and every epoch's rows are those of the same run
   uninterrupted and without Ray.
+- pool (``UTA_LONG_TESTS=1``): the streamed teacher's pool across two teacher nodes: it grows onto a node
+  that joins (``max_actors``) and shrinks off one that is lost, with no wait and every row once.
 - train (``UTA_LONG_TESTS=1``): the node of the Ray Train worker. Ray Train restarts the group from the
   newest checkpoint on the replacement; the rows are those of the uninterrupted run.
 - cache (``UTA_LONG_TESTS=1``): the node of the caching job's teacher actors. Ray Data restarts them on the
@@ -193,6 +195,29 @@ class NodeKiller:
                 f"back {self.back_s:.0f} s after it, error: {self.error}")
 
 
+class JoinThenLose(NodeKiller):
+    """Once ``due()``, add ``replacement`` and time until the console says ``back`` (the pool grew onto it);
+    then kill ``victim`` and time until it says ``said`` (the pool shrank onto the node that joined)."""
+
+    def _run(self) -> None:
+        try:
+            if not (self._wait(self._placed, 300, f"actors {sorted(self.placed)}") and
+                    self._wait(self.due, 300, "moment to add the node")):
+                return
+            self.join_s = self.cluster.add_node(*self.replacement)
+            joined = time.monotonic()
+            if not self._wait(lambda: self.back in self.log.read_text(), 300, f"console line {self.back!r}"):
+                return
+            self.back_s = time.monotonic() - joined
+            self.placement = self.cluster.actors()  # the pool on both nodes
+            self.cluster.kill_node(self.victim)
+            self.killed, killed = True, time.monotonic()
+            if self._wait(lambda: self.said in self.log.read_text(), 150, f"console line {self.said!r}"):
+                self.said_s = time.monotonic() - killed
+        except Exception as err:  # the test reports it
+            self.error = f"{type(err).__name__}: {err}"
+
+
 def finish(job: subprocess.Popen, watch: NodeKiller, log: Path, timeout: float = 420) -> str:
     """The job's console once it ended with 0 and its node killer without an error."""
     try:
@@ -223,14 +248,15 @@ def report(trial: str, lost: int, repeated: int, watch: NodeKiller, redone: str,
             out.write(json.dumps(row) + "\n")
 
 
-def rows_against_reference(ws, storage: Path, name: str, mode: str, tmp_path: Path, *extra: str) -> tuple[int, int]:
-    """(rows lost, rows repeated) over the run's 3 epochs against the same run without Ray and without a fault;
+def rows_against_reference(ws, storage: Path, name: str, mode: str, tmp_path: Path, *extra: str,
+                           steps: int = 45) -> tuple[int, int]:
+    """(rows lost, rows repeated) over the run's epochs against the same run without Ray and without a fault;
     asserts every epoch's rows are the reference's, in its order."""
-    reference = pretrain_config(ws, "reference", mode, *RUN[:2], *extra, "eval.input=null",
-                                "eval.retrieval_input=null", storage=str(tmp_path / "reference"))
+    reference = pretrain_config(ws, "reference", mode, f"train.max_steps={steps}", *RUN[1:2], *extra,
+                                "eval.input=null", "eval.retrieval_input=null", storage=str(tmp_path / "reference"))
     assert train_ranks(reference, 1, tmp_path) == [0]
     lost = repeated = 0
-    for epoch in range(3):
+    for epoch in range(steps // EPOCH_STEPS):
         got = samples_seen(str(storage), name, 0, epoch)
         want = samples_seen(str(tmp_path / "reference"), "reference", 0, epoch)
         lost += len(set(want) - set(got))
@@ -276,6 +302,32 @@ def test_the_teacher_node_killed_mid_epoch_and_replaced_loses_and_repeats_no_row
     redone = steps_redone(ws, storage, "nodes")
     assert redone == 0, "the trainers kept their state: no step is trained twice"
     report("stream", lost, repeated, watch, f"{redone} steps", time.monotonic() - start)
+
+
+POOL_STEPS = 150  # ~50 s of training on 2 cores: a node's join (~7 s), its actor's start, a loss seen (~15 s)
+
+
+@LONG
+@pytest.mark.timeout(900)
+def test_the_pool_grows_onto_a_node_that_joins_and_shrinks_off_one_lost_with_every_row_once(cluster, pretrain_ws,
+                                                                                           tmp_path):
+    ws, storage, log, start = pretrain_ws, tmp_path / "runs", tmp_path / "job.log", time.monotonic()
+    cluster.add_node("teacher1", TEACHER)
+    job = cluster.job("pretrain.py", "configs/pretrain_local.yaml",
+                      [*pretrain_overrides(ws, "pool", "stream", str(storage)), *RUN, *STREAM,
+                       "stream.pool.max_actors=2", f"train.max_steps={POOL_STEPS}"], log)
+    watch = JoinThenLose(cluster, job, log, victim="teacher1", placed={"StageActor", "RayTrainWorker"},
+                         due=first_record(storage, "pool"), replacement=("teacher2", TEACHER),
+                         back="2 of 2 actors running, were 1 (nodes joined)",
+                         said="1 of 2 actors running, were 2 (nodes lost: their blocks go to the others)")
+    text = finish(job, watch, log)
+    assert sorted(a["node"] for a in watch.placement if "StageActor" in a["class"]) == ["teacher1", "teacher2"]
+    assert "waiting for nodes with" not in text, "an actor ran all along: the rank never waited for a node"
+    lost, repeated = rows_against_reference(ws, storage, "pool", "stream", tmp_path, "stream.codec=float16",
+                                            steps=POOL_STEPS)
+    redone = steps_redone(ws, storage, "pool")
+    assert redone == 0, "the trainers kept their state: no step is trained twice"
+    report("pool", lost, repeated, watch, f"{redone} steps", time.monotonic() - start)
 
 
 @LONG

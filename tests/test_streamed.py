@@ -230,6 +230,65 @@ def test_the_pool_grows_as_its_resource_appears_and_holds_the_seconds_of_tokens_
         stop_pool(pool)
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_an_actor_down_while_another_runs_has_its_blocks_sent_to_that_one_and_is_taken_back(ws, ray_local, tmp_path,
+                                                                                            caplog, monkeypatch):
+    """One of two actors' nodes lost, as the scheduler sees it: the actor SIGKILLed, and its restart waits (its
+    work does not open) as it waits for a node with room. The blocks it held and those after go to the actor
+    that runs, every block once and in order; rank 0 says the pool shrank. When the restart completes (a node
+    joined), the next epoch uses both again and rank 0 says so."""
+    import logging
+
+    from pipelines.lib.train import stage_pool
+    from pipelines.lib.train.stage_pool import start_pool, stop_pool
+
+    ray = ray_local
+    monkeypatch.setattr(stage_pool._Waiter, "SLICE_S", 0.3)
+    caplog.set_level(logging.INFO, logger="uta.train")
+    job, plan = planned(stream_config(ws, "pool-shrinks", "float16"))
+    work = job.stage(on_pool=True).work
+    reference = work.open()
+    blocks = ([dict(b) for b in job.reader(0)(plan.sources.items[0], 0, 0)] * 12)[:12]
+    expected = [reference(b)["tokens"] for b in blocks]
+    lost = tmp_path / "node-lost"
+
+    class OpensOnceANodeJoins:  # defined here: Ray ships it by value (a test module is not importable on workers)
+        def __init__(self, inner, marker: str) -> None:
+            self.inner, self.marker = inner, marker
+
+        def open(self):
+            while os.path.exists(self.marker):  # a restart "waiting for a node"
+                time.sleep(0.05)
+            return self.inner.open()
+
+    cfg = PoolConfig(actors=2, cpus_per_actor=0.5, resources={"uta_test_teacher": 1}, blocks_in_flight=3)
+    pool = start_pool(Stage(OpensOnceANodeJoins(work, str(lost)), cfg, "teacher pool"))
+    try:
+        victim = ray.get(pool.actors[1].pid.remote())
+        got = []
+        for i, out in enumerate(pool.through((ray.put(b) for b in blocks), rank=0)):
+            if i == 1:  # the victim holds blocks in flight
+                lost.touch()
+                os.kill(victim, signal.SIGKILL)
+            got.append(out["tokens"])
+        assert len(got) == len(blocks) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+        assert "teacher pool: 1 of 2 actors running, were 2 (nodes lost: their blocks go to the others)" in caplog.text
+        lost.unlink()  # "a node joined": the restart completes
+        deadline = time.monotonic() + 60
+        while len(pool.alive() or []) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        before = [s["rows"] for s in ray.get(pool.stats())]
+        again = [out["tokens"] for out in pool.through((ray.put(b) for b in blocks), rank=0)]  # the next epoch
+        assert all(np.array_equal(a, b) for a, b in zip(again, expected)) and len(again) == len(blocks)
+        assert all(after > b for after, b in zip([s["rows"] for s in ray.get(pool.stats())], before))  # both work
+        assert "teacher pool: 2 of 2 actors running, were 1 (nodes joined)" in caplog.text
+        assert ray.get(pool.actors[1].pid.remote()) != victim
+    finally:
+        lost.unlink(missing_ok=True)
+        stop_pool(pool)
+
+
 def test_a_pool_with_no_actor_running_says_what_it_waits_for_and_stops_after_wait_s(ws, ray_local, caplog,
                                                                                      monkeypatch):
     """Its actor's node gone, as the scheduler sees it: the actor waits for a resource no node offers. A rank

@@ -15,9 +15,10 @@ order of its blocks, which is what exact resume needs.
 - Faults: an actor that dies is restarted by Ray (``max_restarts=-1``), and the blocks it held are
   sent again (``max_task_retries=-1``). A block's columns depend on the block only, so a block
   encoded twice gives the same bytes: no row is lost or trained twice.
-- Growth: the driver starts ``max_actors`` actors and waits for ``actors`` of them; the others wait
-  for nodes with their resources (a pending actor is the autoscaler's demand) and ranks take each
-  one on as it starts.
+- Growth and shrinking: the driver starts ``max_actors`` actors and waits for ``actors`` of them; the
+  others wait for nodes with their resources (a pending actor is the autoscaler's demand) and ranks
+  take each one on as it starts. An actor whose node is lost waits (RESTARTING) for a node with room;
+  while others run, a rank sends the blocks it held to them and no more to it, until it runs again.
 - Backpressure: a rank has at most ``blocks_in_flight`` blocks between its reads and its steps, and
   with ``buffer_s`` at most as many as ``buffer_s`` seconds of its training take (its pace, measured);
   a slow trainer stops taking blocks, its read tasks stop at their own bound, and the pool idles.
@@ -35,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -120,24 +121,31 @@ class StagePool:
     wants: str = ""  # what each actor asks of a node, for the waiting line
     wait_s: float | None = None  # a rank waits this long for a block while no actor runs, then the run stops
 
-    def alive(self) -> int:
-        """Actors running now, by Ray's state API (a lost node's actors are RESTARTING until a node takes them);
-        all of them when the state API cannot answer (a cluster without its dashboard): then a rank just waits."""
+    # This process's view, kept across epochs: the actors seen down while others ran, and how many ran as
+    # rank 0 last said.
+    lost: set[str] = field(default_factory=set, init=False, repr=False)
+    told: int | None = field(default=None, init=False, repr=False)
+
+    def alive(self) -> list[Any] | None:
+        """The actors running now, by Ray's state API (a lost node's actors are RESTARTING until a node takes
+        them); None when the state API cannot answer (a cluster without its dashboard): then a rank just waits."""
         from ray.util.state import list_actors
 
-        ids = {a._actor_id.hex() for a in self.actors}
         try:
             states = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
         except Exception as err:  # the state API is a view: never a reason to stop training
             log.debug("the state API did not answer: %s", err)
-            return len(self.actors)
-        return sum(1 for s in states if s.actor_id in ids)
+            return None
+        ids = {s.actor_id for s in states}
+        return [a for a in self.actors if _id(a) in ids]
 
     def running(self) -> list[Any]:
+        """The actors that started (their ``ready`` returned), less those seen down while others ran."""
         if not self.started:
             return list(self.actors)
         done = set(ray.wait(self.started, num_returns=len(self.started), timeout=0)[0])
-        return [a for a, ref in zip(self.actors, self.started) if ref in done] or [self.actors[0]]
+        up = [a for a, ref in zip(self.actors, self.started) if ref in done]
+        return [a for a in up if _id(a) not in self.lost] or up or [self.actors[0]]
 
     def through(self, block_refs: Iterator[Any], rank: int, meter: PoolMeter | None = None) -> Iterator[dict]:
         """Each block of ``block_refs`` (in order) with the stage's columns added. At most
@@ -145,19 +153,20 @@ class StagePool:
         training hold fewer; ``meter`` counts what the trainer waited and found ready."""
         meter = meter if meter is not None else PoolMeter()
         window: collections.deque = collections.deque()
-        pace, running, waiter = _Pace(), self.running(), _Waiter(self, rank)
+        pace, waiter = _Pace(), _Waiter(self, rank)
+        running, looked = waiter.look(), time.monotonic()
         try:
             for i, ref in enumerate(block_refs):
-                if i % 16 == 15 and len(running) < len(self.actors):
-                    running = self.running()  # nodes joined: more actors
+                if waiter.changed or (len(running) < len(self.actors) and time.monotonic() - looked > waiter.SLICE_S):
+                    running, looked = waiter.look(), time.monotonic()  # nodes joined or were lost
                 actor = running[(rank + i) % len(running)]
-                window.append((ref, actor.apply.remote(ref)))
+                window.append([ref, actor.apply.remote(ref), actor])
                 while len(window) >= self._limit(pace):
                     yield _take(window, meter, pace, waiter)
             while window:
                 yield _take(window, meter, pace, waiter)
         finally:
-            for _, out in window:
+            for _, out, _ in window:
                 ray.cancel(out)
 
     def _limit(self, pace: _Pace) -> int:
@@ -169,12 +178,16 @@ class StagePool:
         return [a.stats.remote() for a in self.running()]
 
 
+def _id(actor: Any) -> str:
+    return actor._actor_id.hex()
+
+
 def _take(window: collections.deque, meter: PoolMeter, pace: _Pace, waiter: _Waiter) -> dict:
-    outs = [out for _, out in window]
+    outs = [out for _, out, _ in window]
     meter.ready_ahead += len(ray.wait(outs, num_returns=len(outs), timeout=0)[0])
-    block_ref, out_ref = window.popleft()
+    block_ref, out_ref, actor = window.popleft()
     start = time.perf_counter()
-    out = waiter.get(out_ref)
+    out = waiter.get(block_ref, out_ref, actor)
     meter.wait_s += time.perf_counter() - start
     block = ray.get(block_ref)
     meter.blocks += 1
@@ -188,21 +201,46 @@ class PoolLost(RunCannotContinue):
 
 
 class _Waiter:
-    """A rank's wait for its next block. While the pool's actors run, it just waits (the pool is slow, not
-    gone). While none runs (their nodes lost; Ray restarts them when a node with their resources joins and
-    sends their blocks again), rank 0 says so once a minute, on the console, and after ``wait_s`` the run
-    stops with one line; its last checkpoint stays, and a rerun resumes from it exactly."""
+    """A rank's wait for its next block. While the block's actor runs, it just waits (the pool is slow, not
+    gone). When that actor is down (its node lost; Ray restarts it when a node with room joins) and others
+    run, the block goes to one of them and the rank sends no more to it until it runs again. While none
+    runs, rank 0 says so once a minute, on the console, and after ``wait_s`` the run stops with one line;
+    its last checkpoint stays, and a rerun resumes from it exactly."""
 
-    SLICE_S = 5.0  # how often a waiting rank looks at the pool
+    SLICE_S = 5.0  # how often a waiting rank looks at the pool, and a sending rank for actors that started
     SAY_EVERY_S = 60.0
 
     def __init__(self, pool: StagePool, rank: int) -> None:
         self.pool, self.rank = pool, rank
+        self.changed = False  # an actor was seen down: the sender looks again
+        self.moved = 0
 
-    def get(self, ref: Any) -> Any:
+    def look(self) -> list[Any]:
+        """The actors to send blocks to; rank 0 says when their number changed (nodes joined or were lost)."""
+        pool = self.pool
+        if pool.lost and (alive := pool.alive()) is not None:
+            pool.lost -= {_id(a) for a in alive}
+        self.changed = False
+        running = pool.running()
+        if self.rank == 0 and pool.told is not None and pool.told != len(running):
+            why = "nodes joined" if len(running) > pool.told else "nodes lost: their blocks go to the others"
+            log.info("%s: %d of %d actors running, were %d (%s)", pool.name, len(running), len(pool.actors),
+                     pool.told, why, extra=CONSOLE)
+        pool.told = len(running)
+        return running
+
+    def get(self, block_ref: Any, ref: Any, actor: Any) -> Any:
         start, said = time.monotonic(), None
         while not ray.wait([ref], timeout=self.SLICE_S)[0]:
-            if self.pool.alive():
+            alive = self.pool.alive()
+            if alive is None or _id(actor) in {_id(a) for a in alive}:
+                continue
+            if alive:  # the block's actor is down, others run: one of them encodes it (the same bytes)
+                self.pool.lost.add(_id(actor))
+                self.changed = True
+                _cancel(ref)
+                actor, self.moved = alive[self.moved % len(alive)], self.moved + 1
+                ref = actor.apply.remote(block_ref)
                 continue
             waited = time.monotonic() - start
             if self.rank == 0 and (said is None or waited - said >= self.SAY_EVERY_S):
@@ -217,6 +255,15 @@ class _Waiter:
             log.info("%s: actors back after %.0f s; training goes on", self.pool.name, time.monotonic() - start,
                      extra=CONSOLE)
         return ray.get(ref)
+
+
+def _cancel(ref: Any) -> None:
+    """Withdraw a block's call to an actor that is down (queued until it restarts); if Ray cannot, the
+    restarted actor encodes it once more and nobody reads it."""
+    try:
+        ray.cancel(ref)
+    except Exception as err:
+        log.debug("could not cancel a block's call: %s", err)
 
 
 class PoolWatch:
